@@ -1,0 +1,1 @@
+"""One declarative architecture map per model family; each module defines ARCH."""

@@ -1,0 +1,369 @@
+"""The hook engine: the one place that touches torch hooks. Run with caches, interventions, early stop, gradients.
+
+Every site maps to a *hook point* (a module input or output, or an attention/experts function
+registered through transformers' AttentionInterface/ExpertsInterface). All requests at one hook
+point share one hook; hooks live only inside a run and are removed in `finally`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from mechanic.model.interventions import Intervention
+from mechanic.model.select import index
+from mechanic.model.sites import Site
+
+
+class StopForward(Exception):
+    """Raised by a hook after the last layer anything needs (truncated forward)."""
+
+
+@dataclass
+class Run:
+    """What a run returns: logits (None when stopped early), cached values and their gradients by site name."""
+
+    logits: torch.Tensor | None
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    metric: float | None = None
+
+    def __getitem__(self, site) -> torch.Tensor:
+        return self.cache[str(site)]
+
+
+# ---------------------------------------------------------------- views
+def _view(site: Site, model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function from the hooked tensor to the site's tensor (a view, so writes go through)."""
+    d = model.dims
+    if site.kind == "head" and site.part == "z":
+        h = site.index
+
+        def z(t):
+            v = t.view(*t.shape[:-1], d.n_heads, d.d_head)
+            return v if h is None else v[..., h, :]
+        return z
+    if site.kind in ("neuron", "shared_expert_neuron") and site.index is not None:
+        j = site.index
+        return lambda t: t[..., j]
+    return lambda t: t
+
+
+class _Point:
+    """All requests at one hook point: interventions (in order), cached reads and gradient reads."""
+
+    def __init__(self):
+        self.ivs: list[tuple[Callable, Intervention]] = []
+        self.reads: list[tuple[str, Callable]] = []
+
+    def process(self, t: torch.Tensor, session: "_Session") -> torch.Tensor:
+        if self.ivs:
+            t = t.clone(memory_format=torch.contiguous_format)
+            for view, iv in self.ivs:
+                v = view(t)
+                idx = index(v.shape[0], v.shape[1], iv.rows, iv.pos, v.device)
+                v[idx] = iv.apply(v[idx])
+        if self.reads:
+            t = session.track(t)
+            for name, view in self.reads:
+                session.store(name, view(t), t, view)
+        return t
+
+
+class _Session:
+    """Hooks for one run or one generate call."""
+
+    def __init__(self, model, cache: Iterable[Site], interventions: Iterable[Intervention],
+                 pos=None, rows=None, grad: bool = False, stop_layer: int | None = None):
+        self.model = model
+        self.pos, self.rows, self.grad = pos, rows, grad
+        self.stop_layer = stop_layer
+        self.values: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+        self.resid_pre: dict[int, torch.Tensor] = {}
+        self.points: dict[tuple, _Point] = defaultdict(_Point)
+        self.heads: dict[int, _Point] = defaultdict(_Point)       # head contributions per layer
+        self.resid_mid: dict[int, _Point] = defaultdict(_Point)
+        self.attn_fn: dict[int, dict] = defaultdict(lambda: {"ivs": [], "reads": []})
+        self.experts: dict[int, dict] = defaultdict(lambda: {"ivs": [], "reads": []})
+        for iv in interventions:
+            self._add(model.check(iv.site), iv=iv)
+        for s in cache:
+            self._add(model.check(s))
+
+    # -- planning
+    def _add(self, s: Site, iv: Intervention | None = None) -> None:
+        a, L = self.model.arch, s.layer
+        if s.kind == "head" and s.part in ("q", "k", "v", "pattern"):
+            self._queue(self.attn_fn[L], s, iv)
+            return
+        if s.kind in ("expert", "expert_neuron", "router"):
+            self._queue(self.experts[L], s, iv)
+            return
+        if s.kind == "head" and s.part is None:
+            self._queue_point(self.heads[L], s, iv, lambda t: t)
+            return
+        if s.kind == "resid_mid":
+            self._queue_point(self.resid_mid[L], s, iv, lambda t: t)
+            self.points[("pre", L)]  # make sure resid_pre is recorded
+            return
+        key = {
+            "embed": ("fwd", a.embed, None),
+            "final": ("fwd", a.final_norm, None),
+            "logits": ("fwd", a.unembed, None),
+            "resid_pre": ("pre", L),
+            "resid_post": ("post", L),
+            "attn_out": ("attn", L),
+            "mlp_out": ("mlp", L),
+            "neuron": ("lpre", L, a.down_proj),
+            "shared_expert": ("lfwd", L, a.shared_expert),
+            "shared_expert_neuron": ("lpre", L, f"{a.shared_expert}.down_proj"),
+        }.get(s.kind)
+        if s.kind == "head":  # z
+            key = ("lpre", L, a.o_proj)
+        self._queue_point(self.points[key], s, iv, _view(s, self.model))
+
+    def _queue_point(self, point: _Point, s: Site, iv, view) -> None:
+        if iv is not None:
+            point.ivs.append((view, iv))
+        else:
+            point.reads.append((str(s), view))
+
+    def _queue(self, bucket: dict, s: Site, iv) -> None:
+        if iv is not None:
+            if s.part == "pattern":
+                raise ValueError(f"{s}: attention patterns can be read but not intervened on; intervene on "
+                                 "q, k or v, or on the head output instead.")
+            bucket["ivs"].append((s, iv))
+        else:
+            bucket["reads"].append(s)
+
+    # -- storing
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        """In gradient mode make `t` part of the graph (a leaf if nothing upstream needs grad)."""
+        if self.grad and not t.requires_grad:
+            t = t.detach().requires_grad_()
+        return t
+
+    def store(self, name: str, value: torch.Tensor, base: torch.Tensor | None = None, view=None) -> None:
+        idx = index(value.shape[0], value.shape[1], self.rows, self.pos, value.device)
+        self.values[name] = value[idx] if self.grad else value.detach()[idx]
+        if self.grad and base is not None and base.requires_grad:
+            def save(g, name=name, view=view, idx=idx):
+                self.grads[name] = view(g)[idx].detach()
+            base.register_hook(save)
+
+    # -- hooks
+    def __enter__(self):
+        try:
+            self._register()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for restore in getattr(self, "_restores", []):
+            restore()
+        self._restores = []
+        self.resid_pre.clear()
+
+    def _register(self) -> None:
+        m, a = self.model, self.model.arch
+        self._restores = []
+        need_pre = set(self.resid_mid)
+        for key, point in self.points.items():
+            kind = key[0]
+            if kind == "fwd":
+                self._fwd(m.module(key[1]), point)
+            elif kind == "pre":
+                need_pre.add(key[1])
+            elif kind == "post":
+                self._fwd(m.layers[key[1]], point)
+            elif kind == "attn":
+                pass  # merged with resid_mid below
+            elif kind == "mlp":
+                self._fwd(m.layer_module(key[1], a.mlp_write), point)
+            elif kind == "lpre":
+                self._pre(m.layer_module(key[1], key[2]), point)
+            elif kind == "lfwd":
+                self._fwd(m.layer_module(key[1], key[2]), point)
+        for L in need_pre:
+            self._layer_pre(L, self.points.get(("pre", L)) or _Point(), L in self.resid_mid)
+        for L in set(self.resid_mid) | {k[1] for k in self.points if k[0] == "attn"}:
+            self._attn_write(L, self.points.get(("attn", L)) or _Point(), self.resid_mid.get(L))
+        for L, point in self.heads.items():
+            self._heads(L, point)
+        if self.attn_fn:
+            from mechanic.model.attention import instrument_attention
+
+            self._restores.append(instrument_attention(self))
+        if self.experts:
+            from mechanic.model.moe import instrument_experts
+
+            self._restores.append(instrument_experts(self))
+        if self.stop_layer is not None:
+            def stop(mod, args, out):
+                raise StopForward
+            self.handles.append(m.layers[self.stop_layer].register_forward_hook(stop))
+
+    def _fwd(self, module, point: _Point) -> None:
+        def hook(mod, args, out):
+            if isinstance(out, tuple):
+                return (point.process(out[0], self),) + out[1:]
+            return point.process(out, self)
+        self.handles.append(module.register_forward_hook(hook))
+
+    def _pre(self, module, point: _Point) -> None:
+        def hook(mod, args, kwargs):
+            if args:
+                return (point.process(args[0], self),) + args[1:], kwargs
+            kwargs["hidden_states"] = point.process(kwargs["hidden_states"], self)
+            return args, kwargs
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _layer_pre(self, L: int, point: _Point, keep: bool) -> None:
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            x = point.process(x, self)
+            if keep:
+                self.resid_pre[L] = x
+            if args:
+                return (x,) + args[1:], kwargs
+            kwargs["hidden_states"] = x
+            return args, kwargs
+        self.handles.append(self.model.layers[L].register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _attn_write(self, L: int, point: _Point, mid: _Point | None) -> None:
+        """attn_out, and resid_mid = resid_pre + attn_out (changed through attn_out so the residual sees it)."""
+        def hook(mod, args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            t = point.process(t, self)
+            if mid is not None and (mid.ivs or mid.reads):
+                pre = self.resid_pre[L]
+                x = pre + t
+                if mid.ivs:
+                    x = mid.process(x, self)
+                    t = x - pre
+                else:
+                    mid.process(x, self)
+            return (t,) + out[1:] if isinstance(out, tuple) else t
+        module = self.model.layer_module(L, self.model.arch.attn_write)
+        self.handles.append(module.register_forward_hook(hook))
+
+    def _heads(self, L: int, point: _Point) -> None:
+        """Per-head contributions z_h @ W_O[:, h]^T, computed from the o_proj input; changes go back as a delta."""
+        model = self.model
+        o = model.layer_module(L, model.arch.o_proj)
+        H, dh = model.dims.n_heads, model.dims.d_head
+
+        def hook(mod, args, out):
+            z = args[0]
+            W = model.arch.o_weight(mod).view(-1, H, dh)
+            contrib = torch.einsum("bphk,dhk->bphd", z.view(*z.shape[:-1], H, dh), W)
+            if point.ivs:
+                new = contrib.clone()
+                for _, iv in point.ivs:
+                    h = iv.site.index
+                    v = new if h is None else new[:, :, h]
+                    idx = index(v.shape[0], v.shape[1], iv.rows, iv.pos, v.device)
+                    v[idx] = iv.apply(v[idx])
+                out = out + (new - contrib).sum(2)
+                contrib = new
+            if point.reads:
+                base = self.track(out)
+                if base is not out:
+                    out = base
+                for name, _ in point.reads:
+                    h = Site.parse(name).index
+                    val = contrib if h is None else contrib[:, :, h]
+                    gview = (lambda g: g[:, :, None, :].expand(*g.shape[:2], H, g.shape[-1])) if h is None else (lambda g: g)
+                    self.store(name, val, base, gview)
+            return out
+        self.handles.append(o.register_forward_hook(hook))
+
+
+# ---------------------------------------------------------------- public
+def _stop_layer(model, sites: list[Site], interventions: list[Intervention], stop_at) -> int | None:
+    if stop_at is None:
+        return None
+    if stop_at == "auto":
+        layers = [s.layer for s in sites + [iv.site for iv in interventions] if s.layer is not None]
+        if not layers or any(s.layer is None and s.kind != "embed" for s in sites):
+            return None
+        return max(layers)
+    if not 0 <= int(stop_at) < model.dims.n_layers:
+        raise ValueError(f"stop_at={stop_at} is out of range: layers are 0..{model.dims.n_layers - 1}.")
+    return int(stop_at)
+
+
+@contextmanager
+def _frozen(module: torch.nn.Module):
+    """Parameters without grad for the duration (gradients flow to site values only)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def run(model, inputs, cache: Iterable = (), interventions: Iterable[Intervention] = (),
+        stop_at: int | str | None = None, grad: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        pos=None, rows=None) -> Run:
+    """Run the model once.
+
+    cache: sites to record (at positions `pos` and rows `rows`, default all).
+    interventions: changes applied in order while running.
+    stop_at: a layer index, or "auto" to stop after the last layer any site needs (logits are None then).
+    grad: metric(logits) -> scalar; gradients of it w.r.t. every cached site land in `Run.grads`.
+    Parameters get no gradients and nothing upstream of the first cached site is kept for backward.
+    """
+    batch = model.inputs(inputs)
+    sites = [model.check(s) for s in (cache if not isinstance(cache, (str, Site)) else [cache])]
+    interventions = list(interventions) if not isinstance(interventions, Intervention) else [interventions]
+    if grad is not None and stop_at is not None:
+        raise ValueError("A gradient run needs the logits; do not combine grad= with stop_at=.")
+    stop_layer = _stop_layer(model, sites, interventions, stop_at)
+    session = _Session(model, sites, interventions, pos, rows, grad is not None, stop_layer)
+    logits, metric = None, None
+    with session:
+        if grad is None:
+            with torch.no_grad():
+                try:
+                    logits = model.hf(**batch, use_cache=False).logits
+                except StopForward:
+                    logits = None
+        else:
+            with _frozen(model.hf), torch.enable_grad():
+                logits = model.hf(**batch, use_cache=False).logits
+                value = grad(logits)
+                value.backward()
+                metric = float(value.detach())
+                logits = logits.detach()
+                session.values = {k: v.detach() for k, v in session.values.items()}
+    return Run(logits, session.values, session.grads, metric)
+
+
+def generate(model, inputs, interventions: Iterable[Intervention] = (), **kwargs) -> torch.Tensor:
+    """hf.generate with interventions active at every forward call (prompt and generated tokens)."""
+    batch = model.inputs(inputs)
+    batch.pop("position_ids")  # generate derives them from the attention mask
+    interventions = list(interventions) if not isinstance(interventions, Intervention) else [interventions]
+    kwargs.setdefault("pad_token_id", getattr(model.tokenizer, "pad_token_id", None))
+    with _Session(model, [], interventions), torch.no_grad():
+        return model.hf.generate(**batch, **kwargs)

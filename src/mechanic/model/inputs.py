@@ -1,0 +1,37 @@
+"""Turn prompts into model inputs: left padding, attention mask and matching position_ids."""
+
+from __future__ import annotations
+
+import torch
+
+
+def prepare(tokenizer, inputs, device=None) -> dict[str, torch.Tensor]:
+    """Tokenize str / list[str] (left padded), or complete a dict / id tensor with mask and position_ids.
+
+    position_ids count real tokens only, so a left-padded prompt sees the same positions as when
+    it runs alone (the batching bug class of nnsight issue 672).
+    """
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str):
+        if tokenizer is None:
+            raise ValueError("This model has no tokenizer; pass token ids (a LongTensor [batch, pos]) instead of text.")
+        enc = tokenizer(list(inputs), return_tensors="pt", padding=True)
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    elif isinstance(inputs, torch.Tensor):
+        ids = inputs if inputs.dim() == 2 else inputs[None]
+        batch = {"input_ids": ids}
+    elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
+        batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+    else:
+        raise TypeError(f"Inputs must be a string, a list of strings, a LongTensor of token ids or a dict "
+                        f"with input_ids; got {type(inputs).__name__}.")
+    ids = batch["input_ids"]
+    if "attention_mask" not in batch:
+        batch["attention_mask"] = torch.ones_like(ids)
+    if "position_ids" not in batch:
+        mask = batch["attention_mask"]
+        batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch

@@ -1,0 +1,222 @@
+"""Model: a Hugging Face causal LM as it is, plus its architecture map, sizes and site table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mechanic.model.arch import ArchMap, arch_for, get_module
+from mechanic.model.sites import GLOBAL_KINDS, Site, SiteError, as_site
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes read off the loaded modules (not guessed from config names)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int | None       # dense FFN width (None when every layer is MoE)
+    n_experts: int
+    d_expert: int | None
+    d_shared: int | None
+    vocab: int
+
+
+class Model:
+    """The wrapped model. Never re-implements the forward: every site is read or changed by hooks."""
+
+    def __init__(self, hf_model, tokenizer=None, name: str | None = None):
+        self.hf = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+        self.arch: ArchMap = arch_for(hf_model)
+        self.layers = get_module(hf_model, self.arch.layers)
+        self.dims = self._dims()
+
+    # ---- structure -------------------------------------------------------
+    def layer_module(self, layer: int, path: str) -> torch.nn.Module | None:
+        """A module inside decoder layer `layer` by layer-relative path, or None if absent."""
+        try:
+            return get_module(self.layers[layer], path)
+        except AttributeError:
+            return None
+
+    def module(self, path: str) -> torch.nn.Module:
+        return get_module(self.hf, path)
+
+    def is_moe(self, layer: int) -> bool:
+        return self.arch.experts is not None and self.layer_module(layer, self.arch.experts) is not None
+
+    @property
+    def parallel(self) -> bool:
+        a = self.arch.parallel_attr
+        return bool(a and getattr(self.hf.config, a, False))
+
+    def _dims(self) -> Dims:
+        cfg = self.hf.config.get_text_config() if hasattr(self.hf.config, "get_text_config") else self.hf.config
+        a = self.arch
+        n_heads = cfg.num_attention_heads
+        o = self.layer_module(0, a.o_proj)
+        z_width = a.o_weight(o).shape[1]
+        d_mlp = d_expert = d_shared = None
+        n_experts = 0
+        for i in range(len(self.layers)):
+            if self.is_moe(i):
+                ex = self.layer_module(i, a.experts)
+                n_experts, d_expert = ex.down_proj.shape[0], ex.down_proj.shape[-1]
+                if a.shared_expert:
+                    d_shared = self.layer_module(i, a.shared_expert).down_proj.in_features
+            elif d_mlp is None:
+                d_mlp = a.down_weight(self.layer_module(i, a.down_proj)).shape[1]
+        return Dims(
+            n_layers=len(self.layers),
+            d_model=a.o_weight(o).shape[0],
+            n_heads=n_heads,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+            d_head=z_width // n_heads,
+            d_mlp=d_mlp,
+            n_experts=n_experts,
+            d_expert=d_expert,
+            d_shared=d_shared,
+            vocab=self.module(a.unembed).weight.shape[0],
+        )
+
+    # ---- sites -------------------------------------------------------------
+    def check(self, site: str | Site) -> Site:
+        """Parse and validate a site against this model: layer, head, neuron, expert ranges."""
+        s = as_site(site)
+        d = self.dims
+        if s.kind in GLOBAL_KINDS:
+            return s
+        if not 0 <= s.layer < d.n_layers:
+            raise SiteError(f"Layer {s.layer} in {s} is out of range: this model has layers 0..{d.n_layers - 1}.")
+        moe = self.is_moe(s.layer)
+        if s.kind == "resid_mid" and self.parallel:
+            raise SiteError(f"{s}: this model uses a parallel residual (attention and MLP both read resid_pre), "
+                            "so there is no resid_mid. Use resid_pre, attn_out or mlp_out.")
+        if s.kind == "head":
+            _range(s, s.index, d.n_heads, "head")
+        elif s.kind == "neuron":
+            if moe:
+                raise SiteError(f"{s}: layer {s.layer} is a mixture-of-experts layer; name an expert's neuron, "
+                                f"e.g. L{s.layer}.expert0.neuron{s.index or 0}.")
+            _range(s, s.index, d.d_mlp, "neuron")
+        elif s.kind in ("expert", "expert_neuron", "router", "shared_expert", "shared_expert_neuron"):
+            if not moe:
+                raise SiteError(f"{s}: layer {s.layer} is not a mixture-of-experts layer.")
+            if s.kind.startswith("shared") and not self.arch.shared_expert:
+                raise SiteError(f"{s}: this architecture has no shared expert.")
+            if s.kind in ("expert", "expert_neuron"):
+                _range(s, s.index, d.n_experts, "expert")
+            if s.kind == "expert_neuron":
+                _range(s, s.neuron, d.d_expert, "neuron")
+            if s.kind == "shared_expert_neuron":
+                _range(s, s.index, d.d_shared, "neuron")
+        return s
+
+    def sites(self, kind: str | None = None) -> list[Site]:
+        """Every site of one kind (`resid_post`, `head`, `neuron`, `expert`, ...) or the layer-level table."""
+        d = self.dims
+        out: list[Site] = []
+        if kind in (None, "embed"):
+            out.append(Site("embed"))
+        for layer in range(d.n_layers):
+            moe = self.is_moe(layer)
+            if kind is None:
+                for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post"):
+                    if not (k == "resid_mid" and self.parallel):
+                        out.append(Site(k, layer))
+                out.append(Site("head", layer))
+                if moe:
+                    out += [Site("router", layer), Site("expert", layer)]
+                    if self.arch.shared_expert:
+                        out.append(Site("shared_expert", layer))
+                else:
+                    out.append(Site("neuron", layer))
+            elif kind == "head":
+                out += [Site("head", layer, h) for h in range(d.n_heads)]
+            elif kind == "neuron" and not moe:
+                out += [Site("neuron", layer, j) for j in range(d.d_mlp)]
+            elif kind == "expert" and moe:
+                out += [Site("expert", layer, e) for e in range(d.n_experts)]
+            elif kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+                if not (kind == "resid_mid" and self.parallel):
+                    out.append(Site(kind, layer))
+            elif kind in ("router", "shared_expert") and moe:
+                out.append(Site(kind, layer))
+        if kind in (None, "final"):
+            out.append(Site("final"))
+        if kind in (None, "logits"):
+            out.append(Site("logits"))
+        return out
+
+    def shape(self, site: str | Site, batch: int | str = "batch", seq: int | str = "pos") -> tuple:
+        """The tensor shape of a site for a batch, known before running."""
+        s = self.check(site)
+        d = self.dims
+        lead = (batch, seq)
+        if s.kind == "logits":
+            return lead + (d.vocab,)
+        if s.kind in GLOBAL_KINDS or s.kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
+                                                 "shared_expert"):
+            return lead + (d.d_model,)
+        if s.kind == "head":
+            per = {"q": (d.d_head,), "k": (d.d_head,), "v": (d.d_head,), "z": (d.d_head,),
+                   "pattern": ("key_pos",), None: (d.d_model,)}[s.part]
+            if s.part == "pattern":
+                return (batch, seq) + ((d.n_heads,) if s.index is None else ()) + (seq,)
+            return lead + ((d.n_heads,) if s.index is None else ()) + per
+        if s.kind == "neuron":
+            return lead + ((d.d_mlp,) if s.index is None else ())
+        if s.kind == "router":
+            return lead + (d.n_experts,)
+        if s.kind == "expert":
+            return lead + ((d.n_experts,) if s.index is None else ()) + (d.d_model,)
+        if s.kind == "expert_neuron":
+            return lead + ((d.n_experts,) if s.index is None else ()) + ((d.d_expert,) if s.neuron is None else ())
+        if s.kind == "shared_expert_neuron":
+            return lead + ((d.d_shared,) if s.index is None else ())
+        raise SiteError(f"No shape rule for {s}")
+
+    # ---- running -------------------------------------------------------
+    def inputs(self, inputs):
+        """Tokenized, left-padded inputs with position_ids (see mechanic.model.inputs.prepare)."""
+        from mechanic.model.inputs import prepare
+
+        return prepare(self.tokenizer, inputs, device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def run(self, inputs, **kwargs):
+        """Run the model with caches, interventions, early stop and gradients (see mechanic.model.hooks.run)."""
+        from mechanic.model.hooks import run
+
+        return run(self, inputs, **kwargs)
+
+    def generate(self, inputs, interventions=(), **kwargs):
+        """`generate` with interventions active (steering while sampling)."""
+        from mechanic.model.hooks import generate
+
+        return generate(self, inputs, interventions=interventions, **kwargs)
+
+    def hook_count(self) -> int:
+        """Number of torch hooks currently registered on the model (0 outside a run)."""
+        n = 0
+        for m in self.hf.modules():
+            n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            n += len(getattr(m, "_forward_hooks_with_kwargs", {}))
+        return n
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, arch={self.hf.config.model_type}, dims={self.dims})"
+
+
+def _range(site: Site, value: int | None, size: int | None, what: str) -> None:
+    if value is not None and not (size and 0 <= value < size):
+        raise SiteError(f"{what.capitalize()} {value} in {site} is out of range: valid {what}s are 0..{(size or 0) - 1}.")

@@ -1,0 +1,60 @@
+"""Row and position selection for caches and interventions: one indexing rule for every site."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+# None = all; int = one position (negative counts from the end); slice; list of positions;
+# LongTensor [batch] = one position per row; BoolTensor [batch, pos] = any cells.
+Pos = Union[None, int, slice, list, torch.Tensor]
+Rows = Union[None, int, list, torch.Tensor]
+
+
+def index(batch: int, seq: int, rows: Rows = None, pos: Pos = None, device=None) -> tuple:
+    """An index tuple into the leading [batch, pos] dims of a site tensor."""
+    if isinstance(pos, torch.Tensor) and pos.dtype == torch.bool:
+        mask = pos.to(device)
+        if mask.shape != (batch, seq):
+            raise ValueError(f"A boolean position mask must have shape [batch, pos] = [{batch}, {seq}], "
+                             f"got {list(mask.shape)}.")
+        if rows is not None:
+            keep = torch.zeros(batch, 1, dtype=torch.bool, device=mask.device)
+            keep[_rows(rows, batch, mask.device)] = True
+            mask = mask & keep
+        return (mask,)
+    if isinstance(pos, torch.Tensor) and pos.dim() == 1 and pos.numel() == batch and batch > 1 and pos.dtype != torch.bool:
+        r = _rows(rows, batch, pos.device)
+        return (r, pos.to(r.device)[r] % seq)
+    if isinstance(pos, int):
+        _check_pos(pos, seq)
+        return (slice(None) if rows is None else _rows(rows, batch, device), pos)
+    if pos is None:
+        pos = slice(None)
+    if isinstance(pos, (list, tuple)) or isinstance(pos, torch.Tensor):
+        p = torch.as_tensor(list(pos) if not isinstance(pos, torch.Tensor) else pos, dtype=torch.long, device=device)
+        for q in p.tolist():
+            _check_pos(q, seq)
+        p = p % seq
+    else:
+        p = pos
+    if rows is None:
+        return (slice(None), p)
+    r = _rows(rows, batch, device)
+    if isinstance(p, slice):
+        p = torch.arange(seq, device=device)[p]
+    return (r[:, None], p[None, :])
+
+
+def _rows(rows: Rows, batch: int, device) -> torch.Tensor:
+    r = torch.as_tensor([rows] if isinstance(rows, int) else rows, dtype=torch.long, device=device)
+    if r.numel() and (r.max() >= batch or r.min() < -batch):
+        raise ValueError(f"Row {r.tolist()} is out of range for a batch of {batch} prompts (valid: 0..{batch - 1}).")
+    return r % batch
+
+
+def _check_pos(p: int, seq: int) -> None:
+    if not -seq <= p < seq:
+        raise ValueError(f"Position {p} is out of range for a sequence of {seq} tokens "
+                         f"(valid: {-seq}..{seq - 1}; negative positions count from the end).")
