@@ -82,6 +82,7 @@ class _Session:
         self.model = model
         self.pos, self.rows, self.grad = pos, rows, grad
         self.stop_layer = stop_layer
+        self.batch_size: int | None = None
         self.values: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.handles: list = []
@@ -126,7 +127,11 @@ class _Session:
         }.get(s.kind)
         if s.kind == "head":  # z
             key = ("lpre", L, a.o_proj)
-        self._queue_point(self.points[key], s, iv, _view(s, self.model))
+        view = _view(s, self.model)
+        if s.kind.startswith("shared_expert"):  # the MoE block runs it on flattened [tokens, d] rows
+            inner = view
+            view = lambda t: inner(t.view(self.batch_size, -1, *t.shape[1:]) if t.dim() == 2 else t)  # noqa: E731
+        self._queue_point(self.points[key], s, iv, view)
 
     def _queue_point(self, point: _Point, s: Site, iv, view) -> None:
         if iv is not None:
@@ -340,6 +345,7 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
         raise ValueError("A gradient run needs the logits; do not combine grad= with stop_at=.")
     stop_layer = _stop_layer(model, sites, interventions, stop_at)
     session = _Session(model, sites, interventions, pos, rows, grad is not None, stop_layer)
+    session.batch_size = batch["input_ids"].shape[0]
     logits, metric = None, None
     with session:
         if grad is None:
@@ -365,5 +371,7 @@ def generate(model, inputs, interventions: Iterable[Intervention] = (), **kwargs
     batch.pop("position_ids")  # generate derives them from the attention mask
     interventions = list(interventions) if not isinstance(interventions, Intervention) else [interventions]
     kwargs.setdefault("pad_token_id", getattr(model.tokenizer, "pad_token_id", None))
-    with _Session(model, [], interventions), torch.no_grad():
+    session = _Session(model, [], interventions)
+    session.batch_size = batch["input_ids"].shape[0] * kwargs.get("num_beams", 1) * kwargs.get("num_return_sequences", 1)
+    with session, torch.no_grad():
         return model.hf.generate(**batch, **kwargs)

@@ -76,7 +76,7 @@ class Model:
             n_layers=len(self.layers),
             d_model=a.o_weight(o).shape[0],
             n_heads=n_heads,
-            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+            n_kv_heads=n_heads // getattr(self.layer_module(0, a.attn), "num_key_value_groups", 1),
             d_head=z_width // n_heads,
             d_mlp=d_mlp,
             n_experts=n_experts,

@@ -6,5 +6,6 @@ ARCH = ArchMap(
     model_types=("gemma2",),
     attn_write="post_attention_layernorm",
     mlp_write="post_feedforward_layernorm",
-    notes="heads sum to the o_proj output; attn_out is that after post_attention_layernorm",
+    notes=("heads sum to the o_proj output; attn_out is that after post_attention_layernorm; "
+           "the logits site is lm_head's output, before the final soft-capping"),
 )

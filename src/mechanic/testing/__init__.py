@@ -1,0 +1,1 @@
+"""Helpers shipped with the package so users can validate mechanic on their own models."""
