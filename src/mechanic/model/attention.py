@@ -89,4 +89,5 @@ def _pattern(module, query, key, attention_mask, kwargs) -> torch.Tensor:
         scores = scores.masked_fill(~attention_mask[..., :klen], float("-inf"))
     else:
         scores = scores + attention_mask[..., :klen]
-    return torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    # rows of padding queries see no key at all: report zeros there, not NaN
+    return torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(query.dtype)

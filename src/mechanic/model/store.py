@@ -195,7 +195,8 @@ def _write_safetensors(path: Path, parts: dict[str, list[torch.Tensor]]) -> None
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, pieces in parts.items():
         nbytes = sum(t.numel() * t.element_size() for t in pieces)
-        header[name] = {"dtype": _ST_DTYPES[pieces[0].dtype], "shape": [sum(len(t) for t in pieces), *pieces[0].shape[1:]],
+        rows = sum(len(t) for t in pieces)
+        header[name] = {"dtype": _ST_DTYPES[pieces[0].dtype], "shape": [rows, *pieces[0].shape[1:]],
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     head = json.dumps(header).encode()
@@ -244,8 +245,10 @@ class ActivationStore:
         if name not in self.manifest["shapes"]:
             if name in self.sites or name in ("token_index", "prompt_index"):
                 return torch.empty(0)
-            raise KeyError(f"{name} is not in this store; it holds {', '.join(self.manifest['shapes']) or 'nothing yet'}.")
-        out = torch.empty((len(self), *self.manifest["shapes"][name]), dtype=getattr(torch, self.manifest["dtype"][name]))
+            held = ", ".join(self.manifest["shapes"]) or "nothing yet"
+            raise KeyError(f"{name} is not in this store; it holds {held}.")
+        dtype = getattr(torch, self.manifest["dtype"][name])
+        out = torch.empty((len(self), *self.manifest["shapes"][name]), dtype=dtype)
         i = 0
         for shard in self.manifest["shards"]:
             with safe_open(str(self.dir / shard["file"]), framework="pt") as f:
