@@ -87,7 +87,10 @@ def test_gradient_run_keeps_no_graph_before_first_site():
     """Nothing upstream of the earliest site needs grad: the embedding output is never part of the graph."""
     m = mechanic.load(tiny_model("llama"))
     seen = {}
-    h = m.layers[0].register_forward_hook(lambda mod, a, out: seen.setdefault("L0", out.requires_grad))
+
+    def look(mod, args, out):
+        seen["L0"] = out.requires_grad
+    h = m.layers[0].register_forward_hook(look)
     try:
         m.run(BATCH, cache=["L2.resid_pre"], grad=metric)
     finally:

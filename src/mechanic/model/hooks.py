@@ -157,7 +157,11 @@ class _Session:
 
     def store(self, name: str, value: torch.Tensor, base: torch.Tensor | None = None, view=None) -> None:
         idx = index(value.shape[0], value.shape[1], self.rows, self.pos, value.device)
-        self.values[name] = value[idx] if self.grad else value.detach()[idx]
+        kept = value if self.grad else value.detach()
+        if self.rows is None and self.pos is None:
+            self.values[name] = kept
+        else:  # a copy, so a view does not keep the whole [batch, pos, ...] tensor alive
+            self.values[name] = kept[idx].clone()
         if self.grad and base is not None and base.requires_grad:
             def save(g, name=name, view=view, idx=idx):
                 self.grads[name] = view(g)[idx].detach()
