@@ -127,15 +127,26 @@ def load(spec=DEFAULT, *, dtype: torch.dtype = torch.float32, device: str = "cpu
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading takes about a second; a bar per load is noise
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
-        tok = tokenizer or AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+        tok = tokenizer
+        if tok is None and (not isinstance(where, Path) or _has_tokenizer(where)):
+            tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except OSError as e:
         raise LoadError(f"Could not load {spec!r}: {e}. Expected a Hugging Face causal LM with safetensors "
                         "weights (no hub is reachable from machines without internet: use a local directory, "
                         f"a .gguf file or '{DEFAULT}').") from e
     name = "SmolLM2-135M-Instruct" if spec == DEFAULT else str(spec)
-    return Model(hf.to(device).eval(), _ready(tok), name=name)
+    return Model(hf.to(device).eval(), _ready(tok) if tok is not None else None, name=name)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    """A local model directory may ship weights only; then the model runs on token ids."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    return any((path / n).is_file() for n in names)
 
 
 def _ready(tok):

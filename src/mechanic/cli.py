@@ -1,0 +1,134 @@
+"""The `mechanic` command line: inspect models, check parity on your own model, run the demo."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="mechanic: locate, steer and improve the behaviour of Hugging Face causal LMs.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+errors = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn user mistakes (bad model path, bad site, unknown architecture) into one clear paragraph, no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mechanic.model.arch import UnknownArchitecture
+        from mechanic.model.load import LoadError
+        from mechanic.model.sites import SiteError
+
+        try:
+            return fn(*args, **kwargs)
+        except (LoadError, SiteError, UnknownArchitecture, FileNotFoundError) as e:
+            errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def describe(model) -> dict:
+    """Architecture, sizes and the layer-level site table of a model, as plain data."""
+    d = model.dims
+    layer_sites = {}
+    for s in model.sites():
+        key = "global" if s.layer is None else f"L{s.layer}"
+        layer_sites.setdefault(key, []).append({"site": str(s), "shape": list(model.shape(s))})
+    params = sum(p.numel() for p in model.hf.parameters())
+    return {
+        "name": model.name,
+        "class": type(model.hf).__name__,
+        "model_type": model.hf.config.model_type,
+        "dtype": str(next(model.hf.parameters()).dtype).replace("torch.", ""),
+        "parameters": params,
+        "dims": d.__dict__,
+        "parallel_residual": model.parallel,
+        "moe_layers": [i for i in range(d.n_layers) if model.is_moe(i)],
+        "attn_implementation": model.hf.config._attn_implementation,
+        "sites": layer_sites,
+        "grammar": "L{layer}.{resid_pre|resid_mid|resid_post|attn_out|mlp_out|head[h][.q|k|v|z|pattern]"
+                   "|neuron[j]|expert[e][.neuron[j]]|shared_expert[.neuron[j]]|router} | embed | final | logits",
+    }
+
+
+@app.command()
+@user_errors
+def inspect(model: str = typer.Argument("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id"),
+            as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+            layers: int = typer.Option(2, help="How many layers to show in the site table (all in --json)."),
+            trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code (off by default).")):
+    """Print a model's architecture, sizes and site table."""
+    import mechanic
+
+    m = mechanic.load(model, trust_remote_code=trust_remote_code)
+    info = describe(m)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    d = m.dims
+    console.print(f"[bold]{info['name']}[/]  {info['class']} ({info['model_type']}), {info['parameters'] / 1e6:.1f}M "
+                  f"parameters, {info['dtype']}, attention: {info['attn_implementation']}")
+    sizes = Table(title="sizes", show_header=False)
+    for k, v in info["dims"].items():
+        if v not in (None, 0):
+            sizes.add_row(k, str(v))
+    sizes.add_row("parallel residual", str(info["parallel_residual"]))
+    if info["moe_layers"]:
+        sizes.add_row("MoE layers", ", ".join(map(str, info["moe_layers"])))
+    console.print(sizes)
+    table = Table(title=f"sites (shapes for batch x pos; first {layers} of {d.n_layers} layers)")
+    table.add_column("site")
+    table.add_column("shape")
+    for key, rows in info["sites"].items():
+        if key != "global" and int(key[1:]) >= layers:
+            continue
+        for row in rows:
+            table.add_row(row["site"], " x ".join(map(str, row["shape"])))
+    console.print(table)
+    console.print(f"grammar: {info['grammar']}", highlight=False, markup=False)
+
+
+@app.command()
+@user_errors
+def check(model: str = typer.Argument("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id"),
+          as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+          trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code (off by default).")):
+    """Validate mechanic on a model: exact parity with the HF forward, heads add up, batching is consistent."""
+    import mechanic
+    from mechanic.model.validate import validate
+
+    results = validate(mechanic.load(model, trust_remote_code=trust_remote_code))
+    if as_json:
+        sys.stdout.write(json.dumps(results, indent=2) + "\n")
+    else:
+        table = Table(title="mechanic check")
+        for col in ("check", "max abs diff", "tolerance", "ok"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(r["check"], f"{r['max_abs_diff']:.3g}", f"{r['tolerance']:.0e}",
+                          "[green]yes[/]" if r["ok"] else "[red]NO[/]")
+        console.print(table)
+    if not all(r["ok"] for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def demo(model: str = typer.Option("smollm2", help="Model to run the demo on.")):
+    """Load the default model, show its sites, and check parity (the full locate-steer-improve demo comes later)."""
+    inspect(model, as_json=False, layers=1, trust_remote_code=False)
+    check(model, as_json=False, trust_remote_code=False)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    app(argv)
+
+
+if __name__ == "__main__":
+    main()
