@@ -206,11 +206,11 @@ class Model:
         return generate(self, inputs, interventions=interventions, **kwargs)
 
     def hook_count(self) -> int:
-        """Number of torch hooks currently registered on the model (0 outside a run)."""
+        """Number of mechanic's torch hooks on the model (0 outside a run; HF's own capture hooks not counted)."""
         n = 0
         for m in self.hf.modules():
-            n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-            n += len(getattr(m, "_forward_hooks_with_kwargs", {}))
+            for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks):
+                n += sum(getattr(f, "__module__", "").startswith("mechanic.") for f in hooks.values())
         return n
 
     def __repr__(self) -> str:
