@@ -116,3 +116,43 @@ def test_generate_with_steering_equals_naive_hook():
     assert m.generate(BATCH, **kw).equal(m.hf.generate(**b, pad_token_id=0, **kw))
     assert not m.generate(BATCH, **kw).equal(steered)
     assert m.hook_count() == 0
+
+
+def naive_generate(m, fn, **kw):
+    """Greedy generate with one plain hook on layer 1's output: fn(out, is_prompt_call)."""
+    h = m.layers[1].register_forward_hook(lambda mod, a, out: fn(out.clone(), out.shape[1] > 1))
+    try:
+        b = m.inputs(BATCH)
+        b.pop("position_ids")
+        return m.hf.generate(**b, pad_token_id=0, **kw)
+    finally:
+        h.remove()
+
+
+def test_generate_positions_prompt_generated_and_absolute():
+    m = mechanic.load(tiny_model("llama"))
+    v = torch.randn(64) * 3
+    kw = dict(max_new_tokens=5, do_sample=False)
+
+    def prompt_only(x, first):
+        return x + v if first else x
+
+    def generated_only(x, first):
+        return x if first else x + v
+
+    def column_2_and_7(x, first):
+        if first:
+            x[:, 2] += v
+        elif x.shape[1] == 1 and column_2_and_7.step == 2:  # column 7 = second decode call (prompt has 6)
+            x[:, 0] += v
+        column_2_and_7.step += 1
+        return x
+    column_2_and_7.step = 0
+    cases = [("prompt", prompt_only), ("generated", generated_only), ([2, 7], column_2_and_7)]
+    outputs = []
+    for pos, fn in cases:
+        ours = m.generate(BATCH, interventions=[add("L1.resid_post", v, pos=pos)], **kw)
+        assert ours.equal(naive_generate(m, fn, **kw)), pos
+        outputs.append(ours)
+    assert not outputs[0].equal(outputs[1])
+    assert m.hook_count() == 0

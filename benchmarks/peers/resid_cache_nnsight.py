@@ -11,6 +11,7 @@ from _common import (
 def main() -> None:
     args = parse_args(__doc__)
     setup_torch()
+    import nnsight
     from nnsight import TransformersModel
 
     hf, tok = load_model(args.model)
@@ -25,7 +26,8 @@ def main() -> None:
 
     def tool():
         with model.trace(ids, **kw):
-            saved = [layer.output.save() for layer in layers]
+            # only .save()d objects leave the block; save the list of layer outputs
+            saved = nnsight.save([layer.output for layer in layers])
         return saved
 
     diff, meta = verify(tool(), plain, batch)
@@ -39,7 +41,7 @@ def main() -> None:
         "wrapped_hf_forward": lambda: plain_forward(hf, batch),
     }
     times = time_interleaved(times, args.repeats, args.warmup)
-    meta["tool_call"] = "with model.trace(ids, ...): [model.model.layers[i].output.save()]"
+    meta["tool_call"] = "with model.trace(ids, ...): nnsight.save([model.model.layers[i].output])"
     report("nnsight", "nnsight", times, diff, meta)
 
 

@@ -12,8 +12,6 @@ import sys
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mechanic.model.select import index
-
 
 def instrument_attention(session):
     """Install the wrapper for the layers in `session.attn_fn`; returns the undo."""
@@ -60,8 +58,9 @@ def _qkv(session, L, module, query, key, value):
         heads = range(t.shape[2]) if s.index is None else [s.index if s.part == "q" else s.index // group]
         for h in heads:
             v = t[:, :, h]
-            idx = index(v.shape[0], v.shape[1], iv.rows, iv.pos, v.device)
-            v[idx] = iv.apply(v[idx])
+            idx = session.where(v, iv)
+            if idx is not None:
+                v[idx] = iv.apply(v[idx])
         tensors[s.part] = t.transpose(1, 2)
     for s in bucket["reads"]:
         if s.part == "pattern":

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from mechanic.model.interventions import Intervention
-from mechanic.model.select import index
+from mechanic.model.select import SKIP, index, local
 from mechanic.model.sites import Site
 
 
@@ -65,8 +65,9 @@ class _Point:
             t = t.clone(memory_format=torch.contiguous_format)
             for view, iv in self.ivs:
                 v = view(t)
-                idx = index(v.shape[0], v.shape[1], iv.rows, iv.pos, v.device)
-                v[idx] = iv.apply(v[idx])
+                idx = session.where(v, iv)
+                if idx is not None:
+                    v[idx] = iv.apply(v[idx])
         if self.reads:
             t = session.track(t)
             for name, view in self.reads:
@@ -83,6 +84,8 @@ class _Session:
         self.pos, self.rows, self.grad = pos, rows, grad
         self.stop_layer = stop_layer
         self.batch_size: int | None = None
+        self.offset = 0          # absolute column of this forward call's first token (generate)
+        self.generating = False
         self.values: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.handles: list = []
@@ -147,6 +150,14 @@ class _Session:
             bucket["ivs"].append((s, iv))
         else:
             bucket["reads"].append(s)
+
+    # -- selecting
+    def where(self, v: torch.Tensor, iv: Intervention) -> tuple | None:
+        """The index of the cells an intervention changes in this forward call, or None if there are none."""
+        pos = local(iv.pos, v.shape[1], self.offset, self.generating)
+        if pos is SKIP:
+            return None
+        return index(v.shape[0], v.shape[1], iv.rows, pos, v.device)
 
     # -- storing
     def track(self, t: torch.Tensor) -> torch.Tensor:
@@ -287,8 +298,9 @@ class _Session:
                 for _, iv in point.ivs:
                     h = iv.site.index
                     v = new if h is None else new[:, :, h]
-                    idx = index(v.shape[0], v.shape[1], iv.rows, iv.pos, v.device)
-                    v[idx] = iv.apply(v[idx])
+                    idx = self.where(v, iv)
+                    if idx is not None:
+                        v[idx] = iv.apply(v[idx])
                 out = out + (new - contrib).sum(2)
                 contrib = new
             if point.reads:
@@ -370,12 +382,24 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
 
 
 def generate(model, inputs, interventions: Iterable[Intervention] = (), **kwargs) -> torch.Tensor:
-    """hf.generate with interventions active at every forward call (prompt and generated tokens)."""
+    """hf.generate with interventions active on the prompt and on every generated token.
+
+    Positions: None = every token; "prompt" / "generated" = only those; a non-negative int or list =
+    absolute columns of the (left-padded) sequence; -1 = the newest token of each step.
+    """
     batch = model.inputs(inputs)
     batch.pop("position_ids")  # generate derives them from the attention mask
     interventions = list(interventions) if not isinstance(interventions, Intervention) else [interventions]
     kwargs.setdefault("pad_token_id", getattr(model.tokenizer, "pad_token_id", None))
     session = _Session(model, [], interventions)
     session.batch_size = batch["input_ids"].shape[0] * kwargs.get("num_beams", 1) * kwargs.get("num_return_sequences", 1)
+    seen = {"tokens": 0}
+    session.generating = True
+
+    def count(mod, args, kwargs_):
+        ids = args[0] if args else kwargs_.get("input_ids")
+        session.offset = seen["tokens"]
+        seen["tokens"] += ids.shape[1]
     with session, torch.no_grad():
+        session.handles.append(model.module(model.arch.embed).register_forward_pre_hook(count, with_kwargs=True))
         return model.hf.generate(**batch, **kwargs)

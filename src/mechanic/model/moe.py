@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from mechanic.model.select import index
 
 
 def _expert_forward(module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +67,7 @@ def _dense(module, hidden_states, top_k_index, top_k_weights):
     return out
 
 
-def _apply(ivs, kind, t, e=None):
+def _apply(session, ivs, kind, t, e=None):
     """Apply the interventions of one kind (and expert) to a [batch, pos, ...] tensor, returning a new one."""
     todo = [(s, iv) for s, iv in ivs if s.kind == kind and (e is None or s.index in (None, e))]
     if not todo:
@@ -78,8 +77,9 @@ def _apply(ivs, kind, t, e=None):
         v = t
         if kind == "expert_neuron" and s.neuron is not None:
             v = t[..., s.neuron]
-        idx = index(v.shape[0], v.shape[1], iv.rows, iv.pos, v.device)
-        v[idx] = iv.apply(v[idx])
+        idx = session.where(v, iv)
+        if idx is not None:
+            v[idx] = iv.apply(v[idx])
     return t
 
 
@@ -92,7 +92,7 @@ def _instrumented(session, L, module, hidden_states, top_k_index, top_k_weights)
     E = module.num_experts
     w = torch.zeros(N, E, dtype=top_k_weights.dtype, device=hidden_states.device)
     w.scatter_(1, top_k_index, top_k_weights)
-    w = _apply(ivs, "router", w.view(B, P, E)).reshape(N, E)
+    w = _apply(session, ivs, "router", w.view(B, P, E)).reshape(N, E)
     want = {s.kind for s in reads} | {s.kind for s, _ in ivs}
     outs, acts = [], []
     final = torch.zeros_like(hidden_states)
@@ -106,14 +106,14 @@ def _instrumented(session, L, module, hidden_states, top_k_index, top_k_weights)
             if "expert_neuron" in want:
                 a_full = torch.zeros(N, act.shape[-1], dtype=act.dtype, device=act.device)
                 a_full[rows] = act
-                new = _apply(ivs, "expert_neuron", a_full.view(B, P, -1), e).reshape(N, -1)
+                new = _apply(session, ivs, "expert_neuron", a_full.view(B, P, -1), e).reshape(N, -1)
                 if new is not a_full:
                     a_full = new
                     y = torch.nn.functional.linear(a_full[rows], module.down_proj[e])
             y_full[rows] = y
         elif "expert_neuron" in want:
             a_full = torch.zeros(N, module.down_proj.shape[-1], dtype=hidden_states.dtype, device=hidden_states.device)
-        y_full = _apply(ivs, "expert", y_full.view(B, P, d), e).reshape(N, d)
+        y_full = _apply(session, ivs, "expert", y_full.view(B, P, d), e).reshape(N, d)
         final = final + y_full * w[:, e, None].to(y_full.dtype)
         outs.append(y_full)
         acts.append(a_full)

@@ -7,7 +7,8 @@ from typing import Union
 import torch
 
 # None = all; int = one position (negative counts from the end); slice; list of positions;
-# LongTensor [batch] = one position per row; BoolTensor [batch, pos] = any cells.
+# LongTensor [batch] = one position per row; BoolTensor [batch, pos] = any cells;
+# "prompt" / "generated" = the prompt's tokens / the tokens generated after it (generate).
 Pos = Union[None, int, slice, list, torch.Tensor]
 Rows = Union[None, int, list, torch.Tensor]
 
@@ -58,3 +59,31 @@ def _check_pos(p: int, seq: int) -> None:
     if not -seq <= p < seq:
         raise ValueError(f"Position {p} is out of range for a sequence of {seq} tokens "
                          f"(valid: {-seq}..{seq - 1}; negative positions count from the end).")
+
+
+SKIP = object()  # this forward call holds none of the selected positions
+
+
+def local(pos: Pos, seq: int, offset: int, generating: bool = False):
+    """Translate a position spec to one forward call that covers absolute columns offset..offset+seq-1.
+
+    A plain run has offset 0 and sees everything at once. During generate, the prompt is one call and
+    each new token another: non-negative positions are absolute columns, negative ones count from the
+    newest token of the call, masks and per-row tensors apply to the prompt call only.
+    """
+    if pos is None or (isinstance(pos, int) and pos < 0):
+        return pos
+    if isinstance(pos, str) and pos == "prompt":
+        return None if offset == 0 else SKIP
+    if isinstance(pos, str) and pos == "generated":
+        return SKIP if offset == 0 else None
+    if not generating:
+        return pos
+    if offset > 0 and not isinstance(pos, (int, list, tuple)):
+        return SKIP
+    if isinstance(pos, int):
+        return pos - offset if offset <= pos < offset + seq else SKIP
+    if isinstance(pos, (list, tuple)):
+        kept = [p - offset for p in pos if offset <= p < offset + seq]
+        return kept or SKIP
+    return pos

@@ -1,0 +1,136 @@
+"""Run every benchmark side by side (mechanic and each peer, each in its own process on the same weights) and
+write docs/BENCHMARKS.md with median ratios to the plain HF forward measured in the same process."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PEERS_PY = HERE / ".venv-peers" / "bin" / "python"
+PEERS = ["nnsight", "transformer_lens", "pyvene"]
+
+
+def machine() -> dict:
+    """CPU model, cores and memory of this machine."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
+        mem = f"{kb / 2**20:.0f} GiB"
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat()}
+
+
+def run_script(python: Path, script: Path, model_dir: Path, prompts: Path, repeats: int, warmup: int) -> dict:
+    """One benchmark process; its last stdout line is the JSON result."""
+    cmd = [str(python), str(script), "--model", str(model_dir), "--prompts", str(prompts),
+           "--repeats", str(repeats), "--warmup", str(warmup)]
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"peer": script.stem, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratio(result: dict, key: str = "tool_s") -> float:
+    return statistics.median(result[key]) / statistics.median(result["plain_s"])
+
+
+def load_time(repeats: int = 3) -> float:
+    """Median seconds of a second (cached) load of the default model, in a fresh process each time."""
+    times = []
+    for _ in range(repeats):
+        code = "import time; t=time.perf_counter(); import mechanic; mechanic.load('smollm2'); print(time.perf_counter()-t)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        times.append(float(out.stdout.strip().splitlines()[-1]))
+    return statistics.median(times)
+
+
+def write_markdown(results: list[dict], info: dict, load_s: float, out: Path) -> None:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (benchmarks/run.py); do not edit by hand. Each tool runs in its own process on",
+        "the same SmolLM2-135M-Instruct weights (fp32, CPU, 2 threads); each ratio is the median time of the",
+        "tool over the median time of the plain Hugging Face forward measured in the same process, runs",
+        "interleaved (plain, tool, plain, tool, ...). Lower is better; 1.00x is no overhead.",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; Python {info['python']}; {info['date']}.",
+        "",
+        "## Cache every layer's residual output (8 prompts, ~15 tokens, left padded)",
+        "",
+        "Goal: mechanic <= 1.02x the plain forward.",
+        "",
+        "| tool | version | transformers | torch | plain forward (ms) | cache all 30 resid_post | other | max abs diff vs HF |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['peer']} | failed: {' '.join(r['error'])[:120]} | | | | | | |")
+            continue
+        extra = ", ".join(f"{k} {ratio(r, k) if k in r else statistics.median(v) / statistics.median(r['plain_s']):.2f}x"
+                          for k, v in r.get("extra", {}).items() if isinstance(v, list))
+        lines.append(f"| {r['peer']} | {r['version']} | {r['transformers']} | {r['torch'].split('+')[0]} | "
+                     f"{statistics.median(r['plain_s']) * 1e3:.0f} | **{ratio(r):.2f}x** | {extra} | "
+                     f"{r['max_abs_diff']:.1e} |")
+    lines += ["", "Notes: `tool_truncated` (mechanic) caches layers 0-14 and stops the forward there",
+              "(`stop_at=\"auto\"`). TransformerLens `plain_bridge` is the bridge's own forward without a cache.",
+              "", "## Loading", "",
+              f"Second load of the default model (cached safetensors, fresh process incl. imports): {load_s:.2f} s.",
+              ""]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peers", default=",".join(PEERS))
+    p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    args = p.parse_args()
+    from mechanic.model.load import resolve
+
+    model_dir = resolve("smollm2")  # converts the packaged GGUF once
+    prompts = HERE / "data" / "prompts_resid.json"
+    results = [run_script(Path(sys.executable), HERE / "resid_cache_mechanic.py", model_dir, prompts,
+                          args.repeats, args.warmup)]
+    for peer in [x for x in args.peers.split(",") if x]:
+        script = HERE / "peers" / f"resid_cache_{peer}.py"
+        if not PEERS_PY.exists():
+            results.append({"peer": peer, "error": ["peers environment missing: run benchmarks/setup_peers.sh"]})
+            continue
+        results.append(run_script(PEERS_PY, script, model_dir, prompts, args.repeats, args.warmup))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "resid_cache.json").write_text(json.dumps(results, indent=1))
+    write_markdown(results, machine(), load_time(), out)
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    t = time.perf_counter()
+    main()
+    print(f"bench took {time.perf_counter() - t:.0f} s", file=sys.stderr)
