@@ -105,17 +105,24 @@ def test_batch_equals_prompts_alone(tiny):
 
 
 def test_hooks_removed_after_exception_and_interrupt(tiny):
-    batch = left_padded(LENGTHS)
+    """After a failing run: no hooks, and transformers' attention/experts registries are as before."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     from mechanic import apply_fn
+
+    batch = left_padded(LENGTHS)
+    registries = dict(ALL_ATTENTION_FUNCTIONS._local_mapping), dict(ALL_EXPERTS_FUNCTIONS._local_mapping)
 
     for exc in (RuntimeError("boom"), KeyboardInterrupt()):
         def explode(x, exc=exc):
             raise exc
 
         with pytest.raises(type(exc)):
-            tiny.run(batch, cache=["L0.resid_post", "L1.head", "L1.head.q"],
+            tiny.run(batch, cache=["L0.resid_post", "L1.head", "L1.head.q"] + (["L0.expert"] if tiny.is_moe(0) else []),
                      interventions=[apply_fn("L1.neuron3" if not tiny.is_moe(1) else "L1.mlp_out", explode)])
         assert tiny.hook_count() == 0
+        assert (dict(ALL_ATTENTION_FUNCTIONS._local_mapping), dict(ALL_EXPERTS_FUNCTIONS._local_mapping)) == registries
     assert (tiny.run(batch).logits - plain(tiny, batch)).abs().max().item() == 0.0
 
 

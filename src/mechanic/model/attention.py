@@ -12,14 +12,14 @@ import sys
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from mechanic.model.interfaces import override
+
 
 def instrument_attention(session):
     """Install the wrapper for the layers in `session.attn_fn`; returns the undo."""
     model = session.model
     by_module = {id(model.layer_module(L, model.arch.attn)): L for L in session.attn_fn}
     impl = model.hf.config._attn_implementation
-    had = impl in ALL_ATTENTION_FUNCTIONS._local_mapping
-    previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get(impl)
     registered = ALL_ATTENTION_FUNCTIONS.get(impl, None) if impl != "eager" else None
 
     def attention(module, query, key, value, attention_mask, **kwargs):
@@ -37,14 +37,7 @@ def instrument_attention(session):
                 session.store(str(s), v if s.index is None else v[:, :, s.index])
         return out, weights
 
-    ALL_ATTENTION_FUNCTIONS[impl] = attention
-
-    def undo():
-        if had:
-            ALL_ATTENTION_FUNCTIONS[impl] = previous
-        else:
-            del ALL_ATTENTION_FUNCTIONS[impl]
-    return undo
+    return override(ALL_ATTENTION_FUNCTIONS, impl, attention)
 
 
 def _qkv(session, L, module, query, key, value):

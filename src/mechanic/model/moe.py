@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from mechanic.model.interfaces import override
+
 
 
 def _expert_forward(module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +35,6 @@ def instrument_experts(session):
     model = session.model
     by_module = {id(model.layer_module(L, model.arch.experts)): L for L in session.experts}
     impl = model.hf.config._experts_implementation or "eager"
-    had = impl in ALL_EXPERTS_FUNCTIONS._local_mapping
-    previous = ALL_EXPERTS_FUNCTIONS._local_mapping.get(impl)
     original = ALL_EXPERTS_FUNCTIONS.get(impl, None)
 
     def experts(module, hidden_states, top_k_index, top_k_weights):
@@ -45,14 +45,7 @@ def instrument_experts(session):
             return original(module, hidden_states, top_k_index, top_k_weights)
         return _instrumented(session, L, module, hidden_states, top_k_index, top_k_weights)
 
-    ALL_EXPERTS_FUNCTIONS[impl] = experts
-
-    def undo():
-        if had:
-            ALL_EXPERTS_FUNCTIONS[impl] = previous
-        else:
-            del ALL_EXPERTS_FUNCTIONS[impl]
-    return undo
+    return override(ALL_EXPERTS_FUNCTIONS, impl, experts)
 
 
 def _dense(module, hidden_states, top_k_index, top_k_weights):
