@@ -38,7 +38,7 @@ def main() -> None:
         "plain": lambda: plain_forward(plain, batch),
         "tool": tool,
         # the bridge's own forward, no hooks attached
-        "bridge_forward": lambda: bridge(ids, **kw),
+        "plain_bridge": lambda: bridge(ids, **kw),
         # the HF module the bridge wraps, called directly (bridge components in its tree)
         "wrapped_hf_forward": lambda: plain_forward(hf, batch),
     }
