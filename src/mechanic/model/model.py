@@ -182,6 +182,18 @@ class Model:
             return lead + ((d.d_shared,) if s.index is None else ())
         raise SiteError(f"No shape rule for {s}")
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the config and weights (names, shapes, dtypes, sampled values): ties outputs to a model."""
+        import hashlib
+
+        h = hashlib.sha256(self.hf.config.to_json_string(use_diff=False).encode())
+        for name, p in self.hf.state_dict().items():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     # ---- running -------------------------------------------------------
     def inputs(self, inputs):
         """Tokenized, left-padded inputs with position_ids (see mechanic.model.inputs.prepare)."""

@@ -1,0 +1,54 @@
+"""Metrics on last-position logits: logit difference (raw and normalised), probability, log-probability,
+accuracy and KL to the clean run. Each returns one value per example."""
+
+from __future__ import annotations
+
+import torch
+
+from mechanic.tasks.task import TaskBatch, TaskError
+
+
+def logit_diff(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """logit(answer) - logit(wrong) at the last position; logits are [n, vocab]."""
+    if batch.wrong is None:
+        raise TaskError("The logit difference needs a wrong answer for every example.")
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, batch.answer] - logits[rows, batch.wrong]
+
+
+def prob(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return torch.softmax(logits.float(), -1)[rows, batch.answer]
+
+
+def logprob(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return torch.log_softmax(logits.float(), -1)[rows, batch.answer]
+
+
+def accuracy(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """1 where the answer is the top token, else 0."""
+    return (logits.argmax(-1) == batch.answer).float()
+
+
+def kl(logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
+    """KL(clean || run) over the vocabulary, per example."""
+    p = torch.log_softmax(clean_logits.float(), -1)
+    q = torch.log_softmax(logits.float(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def normalise(value: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
+    """(m - m_corrupted) / (m_clean - m_corrupted): 1 = clean behaviour, 0 = corrupted behaviour."""
+    return (value - corrupted) / (clean - corrupted)
+
+
+METRICS = {"logit_diff": logit_diff, "prob": prob, "logprob": logprob, "accuracy": accuracy}
+
+
+def get(name: str):
+    """A metric function by name, or a clear error listing the names."""
+    if name not in METRICS:
+        raise TaskError(f"Unknown metric {name!r}; choose one of {', '.join(METRICS)} "
+                        "(normalised logit difference and KL are computed from these against clean/corrupted runs).")
+    return METRICS[name]
