@@ -58,10 +58,14 @@ def _qkv(session, L, module, query, key, value):
     for s in bucket["reads"]:
         if s.part == "pattern":
             continue
-        t = tensors[s.part].transpose(1, 2)  # [batch, pos, heads(kv), d]
-        if s.part != "q":
-            t = t.repeat_interleave(group, dim=2)
-        session.store(str(s), t if s.index is None else t[:, :, s.index])
+        tensors[s.part] = base = session.track(tensors[s.part])
+
+        def view(t, part=s.part, h=s.index):
+            t = t.transpose(1, 2)  # [batch, pos, heads (kv heads for k, v), d]
+            if part != "q":
+                t = t.repeat_interleave(group, dim=2)
+            return t if h is None else t[:, :, h]
+        session.store(str(s), view(base), base, view)
     return tensors["q"], tensors["k"], tensors["v"]
 
 

@@ -178,6 +178,29 @@ class _Session:
                 self.grads[name] = view(g)[idx].detach()
             base.register_hook(save)
 
+    def store_stack(self, name: str, parts: list[torch.Tensor], select) -> None:
+        """Store select(stack(parts, dim=1)) for flat [tokens, ...] parts computed in the forward (experts).
+
+        In gradient mode the gradient is assembled from each part's own gradient (zeros for parts that
+        are not in the graph), since the stack itself is not part of the forward.
+        """
+        value = select(torch.stack(parts, 1))
+        self.store(name, value)
+        if not self.grad:
+            return
+        grads: list[torch.Tensor | None] = [None if p.requires_grad else torch.zeros_like(p) for p in parts]
+        pending = [sum(p.requires_grad for p in parts)]
+        idx = index(value.shape[0], value.shape[1], self.rows, self.pos, value.device)
+
+        def save(g, i):
+            grads[i] = g
+            pending[0] -= 1
+            if pending[0] == 0:
+                self.grads[name] = select(torch.stack(grads, 1))[idx].detach()
+        for i, p in enumerate(parts):
+            if p.requires_grad:
+                p.register_hook(lambda g, i=i: save(g, i))
+
     # -- hooks
     def __enter__(self):
         try:

@@ -85,7 +85,7 @@ def _instrumented(session, L, module, hidden_states, top_k_index, top_k_weights)
     E = module.num_experts
     w = torch.zeros(N, E, dtype=top_k_weights.dtype, device=hidden_states.device)
     w.scatter_(1, top_k_index, top_k_weights)
-    w = _apply(session, ivs, "router", w.view(B, P, E)).reshape(N, E)
+    w = session.track(_apply(session, ivs, "router", w.view(B, P, E)).reshape(N, E))
     want = {s.kind for s in reads} | {s.kind for s, _ in ivs}
     outs, acts = [], []
     final = torch.zeros_like(hidden_states)
@@ -94,32 +94,31 @@ def _instrumented(session, L, module, hidden_states, top_k_index, top_k_weights)
         rows = routed.nonzero().squeeze(-1)
         y_full = torch.zeros(N, d, dtype=hidden_states.dtype, device=hidden_states.device)
         a_full = None
+        if "expert_neuron" in want:
+            a_full = torch.zeros(N, module.down_proj.shape[-1], dtype=hidden_states.dtype, device=hidden_states.device)
         if rows.numel():
             act, y = _expert_forward(module, e, hidden_states[rows])
-            if "expert_neuron" in want:
-                a_full = torch.zeros(N, act.shape[-1], dtype=act.dtype, device=act.device)
+            if a_full is not None:  # neurons are a site: the output is recomputed from them (so changes count)
                 a_full[rows] = act
-                new = _apply(session, ivs, "expert_neuron", a_full.view(B, P, -1), e).reshape(N, -1)
-                if new is not a_full:
-                    a_full = new
-                    y = torch.nn.functional.linear(a_full[rows], module.down_proj[e])
+                a_full = session.track(_apply(session, ivs, "expert_neuron", a_full.view(B, P, -1), e).reshape(N, -1))
+                y = torch.nn.functional.linear(a_full[rows], module.down_proj[e])
             y_full[rows] = y
-        elif "expert_neuron" in want:
-            a_full = torch.zeros(N, module.down_proj.shape[-1], dtype=hidden_states.dtype, device=hidden_states.device)
-        y_full = _apply(session, ivs, "expert", y_full.view(B, P, d), e).reshape(N, d)
+        y_full = session.track(_apply(session, ivs, "expert", y_full.view(B, P, d), e).reshape(N, d))
         final = final + y_full * w[:, e, None].to(y_full.dtype)
         outs.append(y_full)
         acts.append(a_full)
     for s in reads:
         if s.kind == "router":
-            session.store(str(s), w.view(B, P, E))
+            session.store(str(s), w.view(B, P, E), w, lambda g: g.view(B, P, E))
         elif s.kind == "expert":
-            val = torch.stack(outs, 1).view(B, P, E, d) if s.index is None else outs[s.index].view(B, P, d)
-            session.store(str(s), val)
+            def pick(t, e=s.index):  # [tokens, experts, d] -> [batch, pos, (experts,) d]
+                t = t.view(B, P, *t.shape[1:])
+                return t if e is None else t[:, :, e]
+            session.store_stack(str(s), outs, pick)
         elif s.kind == "expert_neuron":
-            if s.index is None:
-                val = torch.stack(acts, 1).view(B, P, E, -1)
-            else:
-                val = acts[s.index].view(B, P, -1)
-            session.store(str(s), val if s.neuron is None else val[..., s.neuron])
+            def pick(t, e=s.index, j=s.neuron):
+                t = t.view(B, P, *t.shape[1:])
+                t = t if e is None else t[:, :, e]
+                return t if j is None else t[..., j]
+            session.store_stack(str(s), acts, pick)
     return final.to(hidden_states.dtype)
