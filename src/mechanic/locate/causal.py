@@ -1,0 +1,201 @@
+"""Activation patching at every granularity (residual x position, attn/mlp outputs, heads, neurons, experts),
+denoising or noising, with mean- and resample-ablation variants.
+
+Fast by construction: many patched runs share one forward (one batch row each), and each forward
+computes only what its patches can change (see mechanic.model.reuse): positions from the patched
+column on, layers from the lowest patched layer on, logits at the last position only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from mechanic.locate.scores import Scores
+from mechanic.model.interventions import replace
+from mechanic.model.reuse import prefix, suffix_logits
+from mechanic.tasks import metrics as M
+from mechanic.tasks.task import Task, TaskBatch, TaskError
+
+RESID_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+KINDS = RESID_KINDS + ("head", "neuron", "expert")
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One patch: a site (one head, neuron, layer output...) at one column, or at every column (pos None)."""
+
+    site: str
+    layer: int
+    row: int            # row of the output Scores
+    pos: int | None
+
+
+def _units(model, kind: str, positions, seq: int) -> tuple[list[_Unit], list[str], list[int] | None]:
+    d = model.dims
+    if kind in RESID_KINDS:
+        names = [str(s) for s in model.sites(kind)]
+    elif kind == "head":
+        names = [str(s) for s in model.sites("head")]
+    elif kind == "neuron":
+        names = [str(s) for s in model.sites("neuron")]
+    elif kind == "expert":
+        names = [str(s) for s in model.sites("expert")]
+    else:
+        raise TaskError(f"Unknown patching granularity {kind!r}; choose one of {', '.join(KINDS)}.")
+    if not names:
+        raise TaskError(f"This model has no {kind} sites (e.g. experts need a mixture-of-experts model).")
+    if positions == "all":
+        cols = list(range(seq))
+    elif positions is None:
+        cols = None
+    else:
+        cols = [p % seq for p in ([positions] if isinstance(positions, int) else positions)]
+    layer = lambda n: int(n.split(".")[0][1:])  # noqa: E731
+    units = []
+    for r, n in enumerate(names):
+        for p in (cols if cols is not None else [None]):
+            units.append(_Unit(n, layer(n), r, p))
+    _ = d
+    return units, names, cols
+
+
+def _source_values(model, inputs, names: list[str], kind: str) -> dict[str, torch.Tensor]:
+    """Each unit's value in the source run, [batch, pos, ...] per site name (layer-level caches sliced)."""
+    layer_sites = sorted({n.split(".")[0] + "." + (kind if kind in RESID_KINDS else kind) for n in names})
+    run = model.run(inputs, cache=layer_sites)
+    out = {}
+    for n in names:
+        base = n.split(".")[0] + "." + kind
+        full = run[base]
+        if kind in RESID_KINDS:
+            out[n] = full
+        else:  # head{h}, neuron{j}, expert{e}: index the layer-level tensor
+            idx = int(n.split(".")[1][len(kind):])
+            out[n] = full[:, :, idx]
+    return out
+
+
+def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all", direction: str = "denoise",
+          metric: str | None = None, ablation: str | None = None, normalise: bool = True, batch_size: int = 64,
+          layer_span: int | None = None, seed: int = 0, progress: bool = True) -> Scores:
+    """Patch every site of one granularity and score the metric at the last position.
+
+    direction: "denoise" patches clean values into the corrupted run (how much does this site restore?),
+    "noise" patches corrupted values into the clean run (how much does it break?).
+    ablation: "mean" (mean over the task's clean prompts) or "resample" (another prompt's value), into the
+    clean run; no corrupted prompts needed.
+    positions: "all" (layer x position grid), None (all positions at once), or column indices.
+    Scores are the mean over examples, normalised to (m - m_corrupted) / (m_clean - m_corrupted).
+    """
+    batch = task.tokenize(model) if isinstance(task, Task) else task
+    name = task.name if isinstance(task, Task) else None
+    metric = metric or (task.metric if isinstance(task, Task) else "logit_diff")
+    fn = M.get(metric)
+    if ablation is None and batch.corrupted is None:
+        raise TaskError("Patching needs a corrupted prompt for every example (or use ablation='mean'/'resample').")
+    if direction not in ("denoise", "noise"):
+        raise TaskError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
+    if ablation not in (None, "mean", "resample"):
+        raise TaskError(f"ablation must be None, 'mean' or 'resample', not {ablation!r}.")
+    clean_base = prefix(model, batch.clean)
+    corr_base = prefix(model, batch.corrupted) if batch.corrupted is not None else None
+    m_clean = fn(clean_base.logits, batch).mean()
+    m_corr = fn(corr_base.logits, batch).mean() if corr_base is not None else torch.tensor(0.0)
+    if ablation is not None or direction == "noise":
+        target, source_inputs = clean_base, (batch.corrupted if ablation is None else batch.clean)
+    else:
+        target, source_inputs = corr_base, batch.clean
+    units, names, cols = _units(model, kind, positions, batch.seq)
+    src = _source_values(model, source_inputs, names, kind)
+    if ablation == "mean":
+        real = batch.clean["attention_mask"].bool()
+        w = real.float() / real.float().sum(0).clamp(min=1)
+        src = {k: (v * w.view(*w.shape, *([1] * (v.dim() - 2)))).sum(0, keepdim=True).expand_as(v)
+               for k, v in src.items()}
+    elif ablation == "resample":
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(batch.n, generator=g)
+        perm = torch.where(perm == torch.arange(batch.n), (perm + 1) % batch.n, perm)
+        src = {k: v[perm] for k, v in src.items()}
+    totals = torch.zeros(len(names), len(cols) if cols is not None else 1)
+    span = layer_span or max(1, model.dims.n_layers // 5)
+    plan = _plan(units, batch.n, batch_size, span)
+    for start_pos, chunk in tqdm(plan, desc=f"patch {kind}", disable=not progress, leave=False):
+        start_layer = min(u.layer for u, _ in chunk)
+        rows = torch.tensor([e for _, e in chunk])
+        ivs = []
+        by_site: dict[str, list[int]] = {}
+        for i, (u, _) in enumerate(chunk):
+            by_site.setdefault(u.site, []).append(i)
+        for site, idx in by_site.items():
+            u0 = chunk[idx[0]][0]
+            ex = rows[idx]
+            if u0.pos is None:
+                ivs.append(replace(site, src[site][ex], pos=None, rows=idx))
+            else:
+                ivs.append(replace(site, src[site][ex, u0.pos], pos=u0.pos - start_pos, rows=idx))
+        logits = suffix_logits(model, target, rows, start_pos, start_layer, ivs)
+        sub = TaskBatch(batch.clean, batch.corrupted, batch.answer[rows],
+                        batch.wrong[rows] if batch.wrong is not None else None, [])
+        vals = fn(logits, sub)
+        for (u, _), v in zip(chunk, vals):
+            totals[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(v)
+    mean = totals / batch.n
+    if normalise:
+        mean = M.normalise(mean, m_clean, m_corr)
+    values = mean if cols is not None else mean[:, 0]
+    labels = [batch.tokens[0][c] for c in cols] if cols is not None else None
+    return Scores(values, names, f"patch/{kind}", positions=labels, task=name, metric=metric,
+                  model=model.name, fingerprint=model.fingerprint,
+                  settings={"direction": direction, "ablation": ablation, "normalise": normalise,
+                            "metric_clean": float(m_clean), "metric_corrupted": float(m_corr),
+                            "examples": batch.n, "columns": cols, "seed": seed})
+
+
+def _plan(units: list[_Unit], n_examples: int, batch_size: int, span: int):
+    """Group (unit, example) rows into forwards: one start column each, a few layers wide, at most batch_size."""
+    by_col: dict[int, list[_Unit]] = {}
+    for u in units:
+        by_col.setdefault(u.pos or 0, []).append(u)
+    plan = []
+    for col in sorted(by_col):
+        us = sorted(by_col[col], key=lambda u: u.layer)
+        chunk: list[tuple[_Unit, int]] = []
+        low = None
+        for u in us:
+            for e in range(n_examples):
+                if chunk and (len(chunk) >= batch_size or u.layer - low >= span):
+                    plan.append((col, chunk))
+                    chunk = []
+                if not chunk:
+                    low = u.layer
+                chunk.append((u, e))
+        if chunk:
+            plan.append((col, chunk))
+    return plan
+
+
+def patch_naive(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all", direction: str = "denoise",
+                metric: str | None = None) -> torch.Tensor:
+    """Reference implementation: one full forward per patch and example (for tests and benchmarks)."""
+    batch = task.tokenize(model) if isinstance(task, Task) else task
+    fn = M.get(metric or (task.metric if isinstance(task, Task) else "logit_diff"))
+    target, source = (batch.corrupted, batch.clean) if direction == "denoise" else (batch.clean, batch.corrupted)
+    units, names, cols = _units(model, kind, positions, batch.seq)
+    src = _source_values(model, source, names, kind)
+    clean = fn(model.run(batch.clean).logits[:, -1], batch).mean()
+    corr = fn(model.run(batch.corrupted).logits[:, -1], batch).mean()
+    out = torch.zeros(len(names), len(cols) if cols is not None else 1)
+    for u in units:
+        for e in range(batch.n):
+            one = {k: v[e:e + 1] for k, v in target.items()}
+            value = src[u.site][e] if u.pos is None else src[u.site][e, u.pos]
+            logits = model.run(one, interventions=[replace(u.site, value, pos=u.pos)]).logits[:, -1]
+            sub = TaskBatch(one, None, batch.answer[e:e + 1],
+                            batch.wrong[e:e + 1] if batch.wrong is not None else None, [])
+            out[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(fn(logits, sub)[0])
+    out = M.normalise(out / batch.n, clean, corr)
+    return out if cols is not None else out[:, 0]

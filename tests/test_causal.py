@@ -1,0 +1,105 @@
+"""Activation patching: the fast batched, cache-reusing implementation equals the one-run-per-patch reference."""
+
+import pytest
+import torch
+
+import mechanic
+from mechanic.locate import Scores
+from mechanic.locate.causal import patch, patch_naive
+from mechanic.tasks import Example, Task, TaskBatch
+from mechanic.testing.tiny import left_padded, tiny_model
+
+
+def tiny_batch(model, n=2):
+    """Clean/corrupted token ids with the same padding, and random answer/wrong tokens."""
+    clean = model.inputs(left_padded([6, 5, 6][:n], seed=1))
+    corr = model.inputs(left_padded([6, 5, 6][:n], seed=2))
+    g = torch.Generator().manual_seed(3)
+    ans, wrong = torch.randint(3, 100, (n,), generator=g), torch.randint(3, 100, (n,), generator=g)
+    return TaskBatch(clean, corr, ans, wrong, [[f"t{i}" for i in range(6)]] * n)
+
+
+CASES = [("llama", k, p) for k, p in [("resid_pre", "all"), ("attn_out", [-1, 2]), ("head", None),
+                                      ("resid_mid", [4]), ("mlp_out", None)]]
+CASES += [("qwen2_moe", "head", [3]), ("gemma2", "resid_pre", "all"), ("gpt2", "resid_post", [1, -1])]
+
+
+@pytest.mark.parametrize("arch,kind,positions", CASES)
+def test_fast_patching_equals_naive(arch, kind, positions):
+    m = mechanic.load(tiny_model(arch))
+    b = tiny_batch(m)
+    fast = patch(m, b, kind, positions=positions, batch_size=5, layer_span=1, progress=False)
+    ref = patch_naive(m, b, kind, positions=positions)
+    assert (fast.values - ref).abs().max().item() < 1e-4
+    noise = patch(m, b, kind, positions=positions, direction="noise", progress=False)
+    ref = patch_naive(m, b, kind, positions=positions, direction="noise")
+    assert (noise.values - ref).abs().max().item() < 1e-4
+
+
+def test_neurons_and_experts():
+    m = mechanic.load(tiny_model("llama"))
+    b = tiny_batch(m, 1)
+    fast = patch(m, b, "neuron", positions=None, progress=False)
+    assert fast.values.shape == (3 * 96,)
+    assert (fast.values - patch_naive(m, b, "neuron", positions=None)).abs().max().item() < 1e-4
+    moe = mechanic.load(tiny_model("mixtral"))
+    b = tiny_batch(moe)
+    fast = patch(moe, b, "expert", positions=[-1], progress=False)
+    assert (fast.values - patch_naive(moe, b, "expert", positions=[-1])).abs().max().item() < 1e-4
+
+
+def test_patching_the_whole_last_layer_restores_everything():
+    """Denoising resid_post of the last layer at every position gives back the clean metric exactly (1.0)."""
+    m = mechanic.load(tiny_model("llama"))
+    b = tiny_batch(m)
+    s = patch(m, b, "resid_post", positions=None, progress=False)
+    assert s.values[-1].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mean_and_resample_ablation_equal_manual_runs():
+    m = mechanic.load(tiny_model("llama"))
+    b = tiny_batch(m, 3)
+    s = patch(m, b, "attn_out", positions=[-1], ablation="mean", normalise=False, progress=False)
+    mean = m.run(b.clean, cache=["L1.attn_out"])["L1.attn_out"][:, -1].mean(0)
+    logits = m.run(b.clean, interventions=[mechanic.replace("L1.attn_out", mean, pos=-1)]).logits[:, -1]
+    from mechanic.tasks.metrics import logit_diff
+    assert s.values[1, 0].item() == pytest.approx(logit_diff(logits, b).mean().item(), abs=1e-4)
+    r = patch(m, b, "attn_out", positions=[-1], ablation="resample", normalise=False, seed=4, progress=False)
+    assert r.settings["ablation"] == "resample" and r.values.shape == (3, 1)
+
+
+def test_errors_are_clear():
+    m = mechanic.load(tiny_model("llama"))
+    b = tiny_batch(m)
+    with pytest.raises(ValueError, match="choose one of"):
+        patch(m, b, "heads", progress=False)
+    no_corr = TaskBatch(b.clean, None, b.answer, b.wrong, b.tokens)
+    with pytest.raises(ValueError, match="corrupted prompt"):
+        patch(m, no_corr, "resid_pre", progress=False)
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        patch(m, b, "expert", progress=False)
+
+
+def test_scores_round_trip(tmp_path):
+    m = mechanic.load(tiny_model("llama"))
+    s = patch(m, tiny_batch(m), "resid_pre", progress=False)
+    for name in ("s.json", "s.safetensors"):
+        back = Scores.load(s.save(tmp_path / name))
+        assert back.values.equal(s.values) and back.sites == s.sites and back.positions == s.positions
+        assert back.settings == s.settings and back.fingerprint == m.fingerprint
+    top = s.top(3)
+    assert len(top) == 3 and abs(top[0][2]) >= abs(top[1][2]) >= abs(top[2][2])
+    assert all(abs(v) >= 0.1 for _, _, v in s.threshold(0.1))
+
+
+@pytest.mark.real
+def test_ioi_resid_patching_on_smollm2(smollm2):
+    task = Task("ioi-one", [Example("When Mary and John went to the store, John gave a drink to", " Mary", " John",
+                                    "When Mary and John went to the store, Paul gave a drink to")])
+    s = patch(smollm2, task, "resid_pre", positions="all", progress=False)
+    assert s.values.shape == (30, 14)
+    ref = patch_naive(smollm2, task, "resid_pre", positions=[-1, 9])
+    fast = patch(smollm2, task, "resid_pre", positions=[-1, 9], progress=False)
+    assert (fast.values - ref).abs().max().item() < 1e-4
+    # the corrupted token (S2, column 9) carries the signal early, the last position late
+    assert s.values[2, 9] > 0.5 and s.values[29, 13] > 0.9 and s.values[2, 13] < 0.1
