@@ -1,36 +1,11 @@
-"""The `mechanic` command line: inspect models, check parity on your own model, run the demo."""
+"""Model commands: inspect a model's sites, check parity on it, run the demo."""
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
-from typing import Optional
-
 import typer
-from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="mechanic: locate, steer and improve the behaviour of Hugging Face causal LMs.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
-errors = Console(stderr=True)
-
-
-def user_errors(fn):
-    """Turn user mistakes (bad model path, bad site, unknown architecture) into one clear paragraph, no traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from mechanic.model.arch import UnknownArchitecture
-        from mechanic.model.load import LoadError
-        from mechanic.model.sites import SiteError
-
-        try:
-            return fn(*args, **kwargs)
-        except (LoadError, SiteError, UnknownArchitecture, FileNotFoundError) as e:
-            errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-    return wrapper
+from mechanic.cli.common import app, console, emit_json, user_errors
 
 
 def describe(model) -> dict:
@@ -69,7 +44,7 @@ def inspect(model: str = typer.Argument("smollm2", help="smollm2, a model direct
     m = mechanic.load(model, trust_remote_code=trust_remote_code)
     info = describe(m)
     if as_json:
-        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        emit_json(info)
         return
     d = m.dims
     console.print(f"[bold]{info['name']}[/]  {info['class']} ({info['model_type']}), {info['parameters'] / 1e6:.1f}M "
@@ -105,7 +80,7 @@ def check(model: str = typer.Argument("smollm2", help="smollm2, a model director
 
     results = validate(mechanic.load(model, trust_remote_code=trust_remote_code))
     if as_json:
-        sys.stdout.write(json.dumps(results, indent=2) + "\n")
+        emit_json(results)
     else:
         table = Table(title="mechanic check")
         for col in ("check", "max abs diff", "tolerance", "ok"):
@@ -124,11 +99,3 @@ def demo(model: str = typer.Option("smollm2", help="Model to run the demo on."))
     """Load the default model, show its sites, and check parity (the full locate-steer-improve demo comes later)."""
     inspect(model, as_json=False, layers=1, trust_remote_code=False)
     check(model, as_json=False, trust_remote_code=False)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    app(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,15 @@
+"""The `mechanic` command line: one typer app, one module per command group."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from mechanic.cli.common import app
+from mechanic.cli import locate as _locate  # noqa: F401  (registers the `locate` group)
+from mechanic.cli import model as _model  # noqa: F401  (registers inspect, check, demo)
+
+__all__ = ["app", "main"]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    app(argv)

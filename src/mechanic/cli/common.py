@@ -1,0 +1,37 @@
+"""What every command shares: the typer app, consoles, and turning user mistakes into one clear paragraph."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="mechanic: locate, steer and improve the behaviour of Hugging Face causal LMs.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+errors = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn user mistakes (bad model path, site, task, architecture) into one paragraph and exit 2, no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mechanic.model.arch import UnknownArchitecture
+        from mechanic.model.load import LoadError
+        from mechanic.model.sites import SiteError
+        from mechanic.tasks.task import TaskError
+
+        try:
+            return fn(*args, **kwargs)
+        except (LoadError, SiteError, UnknownArchitecture, TaskError, FileNotFoundError) as e:
+            errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def emit_json(data) -> None:
+    """Machine output on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,91 @@
+"""`mechanic locate ...`: run a locate method on a task and write Scores, a heatmap and a top-k table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from mechanic.cli.common import app, console, emit_json, user_errors
+
+locate_app = typer.Typer(help="Find the components behind a behaviour; every method writes Scores.",
+                         no_args_is_help=True)
+app.add_typer(locate_app, name="locate")
+
+
+def load_task_spec(spec: str, n: int | None):
+    """A built-in suite by name, or a user task file (.jsonl / .csv)."""
+    path = Path(spec)
+    if path.suffix in (".jsonl", ".csv"):
+        from mechanic.tasks import io
+
+        if not path.is_file():
+            raise FileNotFoundError(f"No task file at {path}. Expected a .jsonl or .csv file of examples "
+                                    "(fields: prompt, answer, wrong, corrupted), or a built-in task name.")
+        task = io.from_jsonl(path) if path.suffix == ".jsonl" else io.from_csv(path)
+    else:
+        from mechanic.tasks.builtin import load_task
+
+        task = load_task(spec)
+    return task.subset(n) if n else task
+
+
+def positions_option(text: str):
+    """'all' = layer x position grid, 'none' = all positions at once, or comma-separated columns (-1 = last)."""
+    if text == "all":
+        return "all"
+    if text == "none":
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: use 'all', 'none' or comma-separated integers like '-1,5'.")
+
+
+def write_outputs(scores, out: Path, k: int, as_json: bool) -> None:
+    """scores.json + scores.safetensors + heatmap.html in `out`, then a top-k table (or JSON)."""
+    from mechanic.locate.plot import heatmap
+
+    out.mkdir(parents=True, exist_ok=True)
+    scores.save(out / "scores.json")
+    scores.save(out / "scores.safetensors")
+    heatmap(scores, out / "heatmap.html")
+    top = scores.top(k)
+    if as_json:
+        emit_json({"out": str(out), "method": scores.method, "task": scores.task, "metric": scores.metric,
+                   "settings": scores.settings,
+                   "top": [{"site": s, "pos": p, "value": v} for s, p, v in top]})
+        return
+    table = Table(title=f"{scores.method}: top {k} ({scores.task}, {scores.metric})")
+    for col in ("site", "position", "score"):
+        table.add_column(col)
+    for s, p, v in top:
+        label = "all" if p is None else f"{p}:{scores.positions[p]}" if scores.positions else str(p)
+        table.add_row(s, label, f"{v:+.4f}")
+    console.print(table)
+    console.print(f"wrote {out}/scores.json, scores.safetensors, heatmap.html")
+
+
+@locate_app.command()
+@user_errors
+def patch(task: str = typer.Option(..., help="Built-in task name (ioi, facts, ...) or a .jsonl/.csv file."),
+          model: str = typer.Option("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id."),
+          kind: str = typer.Option("resid_pre", help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|head|neuron|expert"),
+          positions: str = typer.Option("all", help="'all' (grid), 'none' (all at once) or columns like '-1,5'."),
+          direction: str = typer.Option("denoise", help="denoise (clean into corrupted) or noise."),
+          ablation: str = typer.Option(None, help="mean or resample (instead of a corrupted run)."),
+          metric: str = typer.Option(None, help="logit_diff, prob, logprob, accuracy (default: the task's)."),
+          n: int = typer.Option(None, help="Use only the first n examples."),
+          out: Path = typer.Option(Path("out/patch"), "-o", "--out", help="Output directory."),
+          top: int = typer.Option(10, help="How many top sites to print."),
+          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Activation patching: how much each site restores (denoise) or breaks (noise) the behaviour."""
+    import mechanic
+    from mechanic.locate.causal import patch as run_patch
+
+    m = mechanic.load(model)
+    t = load_task_spec(task, n)
+    scores = run_patch(m, t, kind, positions=positions_option(positions), direction=direction, metric=metric,
+                       ablation=ablation, progress=not as_json)
+    write_outputs(scores, out, top, as_json)

@@ -1,0 +1,52 @@
+"""Heatmaps of Scores as self-contained interactive HTML (plotly inlined: opens with no network)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mechanic.model.sites import Site
+
+
+def grid(scores) -> tuple[torch.Tensor, list[str], list[str]]:
+    """A 2-D view of scores: layer x position, or layer x head/neuron/expert for per-component scores."""
+    v = scores.values
+    if v.dim() == 2:
+        return v, scores.sites, list(scores.positions or [str(i) for i in range(v.shape[1])])
+    sites = [Site.parse(s) for s in scores.sites]
+    if all(s.index is not None and s.layer is not None for s in sites):
+        layers = sorted({s.layer for s in sites})
+        width = max(s.index for s in sites) + 1
+        g = torch.full((len(layers), width), float("nan"))
+        for s, x in zip(sites, v.tolist()):
+            g[layers.index(s.layer), s.index] = x
+        kind = sites[0].kind
+        return g, [f"L{layer}" for layer in layers], [f"{kind}{i}" for i in range(width)]
+    return v[:, None], scores.sites, ["value"]
+
+
+def heatmap(scores, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Write an interactive heatmap of `scores` to an .html file (atomically)."""
+    import plotly.graph_objects as go
+
+    g, rows, cols = grid(scores)
+    lim = float(g.nan_to_num(0).abs().max()) or 1.0
+    fig = go.Figure(go.Heatmap(z=g.tolist(), x=[f"{i}:{c}" for i, c in enumerate(cols)], y=rows,
+                               colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
+                               hovertemplate="%{y} %{x}<br>%{z:.4f}<extra></extra>"))
+    fig.update_layout(title=title or f"{scores.method} — {scores.task or ''} ({scores.metric or ''})",
+                      yaxis={"autorange": "reversed"}, height=max(400, 18 * len(rows) + 150))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".html")
+    os.close(fd)
+    try:
+        fig.write_html(tmp, include_plotlyjs=True, full_html=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
