@@ -40,10 +40,9 @@ def machine() -> dict:
             "date": datetime.date.today().isoformat()}
 
 
-def run_script(python: Path, script: Path, model_dir: Path, prompts: Path, repeats: int, warmup: int) -> dict:
+def run_script(python: Path, script: Path, model_dir: Path, *args: str) -> dict:
     """One benchmark process; its last stdout line is the JSON result."""
-    cmd = [str(python), str(script), "--model", str(model_dir), "--prompts", str(prompts),
-           "--repeats", str(repeats), "--warmup", str(warmup)]
+    cmd = [str(python), str(script), "--model", str(model_dir), *args]
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -78,7 +77,39 @@ def load_time(repeats: int = 3) -> dict:
     return result
 
 
-def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path) -> None:
+def patching_lines(patching: list[dict]) -> list[str]:
+    """The patching table: seconds, speed-up over each alternative, max abs diff to the naive loop."""
+    import torch
+
+    ours = patching[0]
+    if "error" in ours:
+        return ["", f"Patching benchmark failed: {' '.join(ours['error'])}"]
+    t = statistics.median(ours["tool_s"])
+    ref = torch.tensor(ours.get("naive_values", ours["batched64_values"]))
+    rows = [("mechanic `locate.causal.patch`", ours["version"], t, torch.tensor(ours["values"]))]
+    if "naive_s" in ours:
+        rows.append(("naive loop, one plain hook per run", "", ours["naive_s"], ref))
+    rows.append(("simple batching, 64 runs a forward (plain hooks)", "", ours["batched64_s"],
+                 torch.tensor(ours["batched64_values"])))
+    for r in patching[1:]:
+        if "error" in r:
+            rows.append((f"{r['peer']} (failed: {' '.join(r['error'])[:80]})", "", float("nan"), None))
+        else:
+            rows.append(("TransformerLens `patching.get_act_patch_resid_pre` (TransformerBridge)",
+                         f"{r['version']} / transformers {r['transformers']}", statistics.median(r["tool_s"]),
+                         torch.tensor(r["values"])))
+    lines = ["", "## Activation patching: resid_pre, every layer x position, one IOI pair (30 x 14 = 420 runs)", "",
+             "Goal: >= 20x faster than TransformerLens, equal to the naive loop to 1e-4.", "",
+             "| method | version | seconds | mechanic is faster by | max abs diff vs naive loop |",
+             "|---|---|---|---|---|"]
+    for name, ver, secs, vals in rows:
+        diff = f"{(vals - ref).abs().max().item():.1e}" if vals is not None else ""
+        speed = f"{secs / t:.1f}x" if secs == secs and name != rows[0][0] else ""
+        lines.append(f"| {name} | {ver} | {secs:.2f} | {speed} | {diff} |")
+    return lines
+
+
+def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path, patching: list[dict]) -> None:
     lines = [
         "# Benchmarks",
         "",
@@ -121,6 +152,7 @@ def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path) -> 
               f"A repeat load in the same process takes {load_s['repeat']:.2f} s. The first load ever converts the",
               "packaged GGUF (about 30 s) and caches it.",
               ""]
+    lines += patching_lines(patching)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(out)
@@ -137,19 +169,26 @@ def main() -> None:
 
     model_dir = resolve("smollm2")  # converts the packaged GGUF once
     prompts = HERE / "data" / "prompts_resid.json"
-    results = [run_script(Path(sys.executable), HERE / "resid_cache_mechanic.py", model_dir, prompts,
-                          args.repeats, args.warmup)]
+    timing = ["--prompts", str(prompts), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    results = [run_script(Path(sys.executable), HERE / "resid_cache_mechanic.py", model_dir, *timing)]
     for peer in [x for x in args.peers.split(",") if x]:
         script = HERE / "peers" / f"resid_cache_{peer}.py"
         if not PEERS_PY.exists():
             results.append({"peer": peer, "error": ["peers environment missing: run benchmarks/setup_peers.sh"]})
             continue
-        results.append(run_script(PEERS_PY, script, model_dir, prompts, args.repeats, args.warmup))
+        results.append(run_script(PEERS_PY, script, model_dir, *timing))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "resid_cache.json").write_text(json.dumps(results, indent=1))
-    write_markdown(results, machine(), load_time(), out)
+    pair = HERE / "data" / "ioi_pair.json"
+    patching = [run_script(Path(sys.executable), HERE / "patch_resid_mechanic.py", model_dir, "--pair", str(pair),
+                           "--naive")]
+    if "transformer_lens" in args.peers and PEERS_PY.exists():
+        patching.append(run_script(PEERS_PY, HERE / "peers" / "patch_resid_transformer_lens.py", model_dir,
+                                   "--pair", str(pair)))
+    (HERE / "results" / "patching.json").write_text(json.dumps(patching, indent=1))
+    write_markdown(results, machine(), load_time(), out, patching)
     print(out.read_text())
 
 
