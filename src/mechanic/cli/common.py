@@ -22,11 +22,12 @@ def user_errors(fn):
         from mechanic.model.arch import UnknownArchitecture
         from mechanic.model.load import LoadError
         from mechanic.model.sites import SiteError
+        from mechanic.locate.trace import TraceError
         from mechanic.tasks.task import TaskError
 
         try:
             return fn(*args, **kwargs)
-        except (LoadError, SiteError, UnknownArchitecture, TaskError, FileNotFoundError) as e:
+        except (LoadError, SiteError, UnknownArchitecture, TaskError, TraceError, FileNotFoundError) as e:
             errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(2)
     return wrapper

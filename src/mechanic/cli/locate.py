@@ -89,3 +89,27 @@ def patch(task: str = typer.Option(..., help="Built-in task name (ioi, facts, ..
     scores = run_patch(m, t, kind, positions=positions_option(positions), direction=direction, metric=metric,
                        ablation=ablation, progress=not as_json)
     write_outputs(scores, out, top, as_json)
+
+
+@locate_app.command()
+@user_errors
+def trace(prompt: str = typer.Option(..., help="The prompt, e.g. 'The Eiffel Tower is located in the city of'."),
+          answer: str = typer.Option(..., help="The answer whose probability is traced, e.g. ' Paris'."),
+          subject: str = typer.Option(..., help="The subject: a substring of the prompt, e.g. 'The Eiffel Tower'."),
+          model: str = typer.Option("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id."),
+          kind: str = typer.Option("hidden", help="hidden (resid_post), mlp or attn (a window of layers)."),
+          samples: int = typer.Option(10, help="Noise samples per restoration."),
+          noise: float = typer.Option(3.0, help="Noise std as a multiple of the embedding std."),
+          window: int = typer.Option(10, help="Layers restored together for mlp/attn."),
+          seed: int = typer.Option(0),
+          out: Path = typer.Option(Path("out/trace"), "-o", "--out", help="Output directory."),
+          top: int = typer.Option(10, help="How many top cells to print."),
+          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Causal tracing (ROME): noise the subject, restore one clean state at a time, measure P(answer)."""
+    import mechanic
+    from mechanic.locate.trace import causal_trace
+
+    m = mechanic.load(model)
+    scores = causal_trace(m, prompt, answer, subject, kind, samples=samples, noise=noise, window=window,
+                          seed=seed, progress=not as_json)
+    write_outputs(scores, out, top, as_json)
