@@ -31,6 +31,7 @@ class Run:
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     metric: float | None = None
+    calls: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)  # see capture_calls in run()
 
     def __getitem__(self, site) -> torch.Tensor:
         return self.cache[str(site)]
@@ -339,6 +340,40 @@ class _Session:
         self.handles.append(o.register_forward_hook(hook))
 
 
+# ---------------------------------------------------------------- captured calls
+def _detached(obj):
+    """obj with every tensor inside (tuples, lists, dicts) detached from the graph."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detached(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj
+
+
+@contextmanager
+def _capture(model, paths: list[str]):
+    """Record (args, kwargs) of every call of the modules at `paths` (dotted paths from the HF model root)."""
+    calls: dict[str, list[tuple[tuple, dict]]] = {p: [] for p in paths}
+    handles = []
+    try:
+        for p in paths:
+            try:
+                module = model.module(p)
+            except AttributeError:
+                raise ValueError(f"capture_calls: the model has no module at {p!r}; give dotted paths from the "
+                                 f"Hugging Face model root, e.g. '{model.arch.layers}.0'.") from None
+
+            def hook(mod, args, kwargs, p=p):
+                calls[p].append((tuple(args), dict(kwargs)))
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ---------------------------------------------------------------- public
 def _stop_layer(model, sites: list[Site], interventions: list[Intervention], stop_at) -> int | None:
     if stop_at is None:
@@ -368,7 +403,7 @@ def _frozen(module: torch.nn.Module):
 
 def run(model, inputs, cache: Iterable = (), interventions: Iterable[Intervention] = (),
         stop_at: int | str | None = None, grad: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        pos=None, rows=None) -> Run:
+        pos=None, rows=None, capture_calls: Iterable[str] = ()) -> Run:
     """Run the model once.
 
     cache: sites to record (at positions `pos` and rows `rows`, default all).
@@ -376,6 +411,8 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
     stop_at: a layer index, or "auto" to stop after the last layer any site needs (logits are None then).
     grad: metric(logits) -> scalar; gradients of it w.r.t. every cached site land in `Run.grads`.
     Parameters get no gradients and nothing upstream of the first cached site is kept for backward.
+    capture_calls: dotted module paths (e.g. "model.layers.3"); `Run.calls[path]` lists the (args, kwargs)
+    of each call of that module (tensors detached), so a module can be called again exactly as the model did.
     """
     batch = model.inputs(inputs)
     sites = [model.check(s) for s in (cache if not isinstance(cache, (str, Site)) else [cache])]
@@ -386,7 +423,8 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
     session = _Session(model, sites, interventions, pos, rows, grad is not None, stop_layer)
     session.batch_size = batch["input_ids"].shape[0]
     logits, metric = None, None
-    with session:
+    paths = [capture_calls] if isinstance(capture_calls, str) else list(capture_calls)
+    with session, _capture(model, paths) as calls:
         if grad is None:
             with torch.no_grad():
                 try:
@@ -401,7 +439,7 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
                 metric = float(value.detach())
                 logits = logits.detach()
                 session.values = {k: v.detach() for k, v in session.values.items()}
-    return Run(logits, session.values, session.grads, metric)
+    return Run(logits, session.values, session.grads, metric, {p: _detached(c) for p, c in calls.items()})
 
 
 def generate(model, inputs, interventions: Iterable[Intervention] = (), **kwargs) -> torch.Tensor:
