@@ -185,3 +185,11 @@ def test_expert_router_and_qkv_gradients_match_finite_differences():
         fd = (nudge(eps) - nudge(-eps)) / (2 * eps)
         assert abs(run.grads[site][cell].item() - fd) < 1e-3 * max(1.0, abs(fd)), site
     assert run.grads["L1.expert"][:, :, 2].equal(run.grads["L1.expert2"])
+
+
+def test_last_only_logits_equal_the_last_column():
+    m = mechanic.load(tiny_model("gemma2"))  # final soft-capping included
+    full = m.run(BATCH).logits
+    last = m.run(BATCH, last_only=True)
+    assert last.logits.shape == (2, 1, full.shape[-1])
+    assert (last.logits[:, -1] - full[:, -1]).abs().max().item() < 1e-6

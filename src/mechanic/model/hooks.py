@@ -403,7 +403,7 @@ def _frozen(module: torch.nn.Module):
 
 def run(model, inputs, cache: Iterable = (), interventions: Iterable[Intervention] = (),
         stop_at: int | str | None = None, grad: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        pos=None, rows=None, capture_calls: Iterable[str] = ()) -> Run:
+        pos=None, rows=None, capture_calls: Iterable[str] = (), last_only: bool = False) -> Run:
     """Run the model once.
 
     cache: sites to record (at positions `pos` and rows `rows`, default all).
@@ -411,6 +411,8 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
     stop_at: a layer index, or "auto" to stop after the last layer any site needs (logits are None then).
     grad: metric(logits) -> scalar; gradients of it w.r.t. every cached site land in `Run.grads`.
     Parameters get no gradients and nothing upstream of the first cached site is kept for backward.
+    last_only: compute logits at the last position only (shape [batch, 1, vocab]); the unembedding is
+    often the largest matmul of a short prompt, and most metrics read only the last position.
     capture_calls: dotted module paths (e.g. "model.layers.3"); `Run.calls[path]` lists the (args, kwargs)
     of each call of that module (tensors detached), so a module can be called again exactly as the model did.
     """
@@ -423,17 +425,18 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
     session = _Session(model, sites, interventions, pos, rows, grad is not None, stop_layer)
     session.batch_size = batch["input_ids"].shape[0]
     logits, metric = None, None
+    keep = {"logits_to_keep": 1} if last_only else {}
     paths = [capture_calls] if isinstance(capture_calls, str) else list(capture_calls)
     with session, _capture(model, paths) as calls:
         if grad is None:
             with torch.no_grad():
                 try:
-                    logits = model.hf(**batch, use_cache=False).logits
+                    logits = model.hf(**batch, use_cache=False, **keep).logits
                 except StopForward:
                     logits = None
         else:
             with _frozen(model.hf), torch.enable_grad():
-                logits = model.hf(**batch, use_cache=False).logits
+                logits = model.hf(**batch, use_cache=False, **keep).logits
                 value = grad(logits)
                 value.backward()
                 metric = float(value.detach())
