@@ -135,32 +135,9 @@ def embedding_std(model) -> float:
 
 
 # ---------------------------------------------------------------- last-position logits
-def _final_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """Logits from final residual states [B, d] through the model's own final norm and unembedding."""
-    x = model.module(model.arch.final_norm)(h[:, None])
-    logits = model.module(model.arch.unembed)(x)[:, 0]
-    cap = getattr(model.hf.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def last_logits(model, inputs, interventions: Sequence = (), full: bool = False) -> torch.Tensor:
-    """Last-position logits [B, vocab] of a run with interventions, computing the unembedding at that position only."""
-    if full:
-        return model.run(inputs, interventions=list(interventions)).logits[:, -1]
-    last = f"L{model.dims.n_layers - 1}.resid_post"
-    run = model.run(inputs, cache=[last], interventions=list(interventions), pos=-1,
-                    stop_at=model.dims.n_layers - 1)
-    with torch.no_grad():
-        return _final_logits(model, run[last])
-
-
-def _shortcut_ok(model, ids: torch.Tensor) -> bool:
-    """Whether final norm + unembedding at the last position reproduce the model's own logits here."""
-    full = model.run(ids).logits[:, -1].float()
-    fast = last_logits(model, ids).float()
-    return bool((full - fast).abs().max() <= 1e-4 * max(1.0, float(full.abs().max())))
+def last_logits(model, inputs, interventions: Sequence = ()) -> torch.Tensor:
+    """Last-position logits [B, vocab] of a run with interventions (the unembedding runs at that position only)."""
+    return model.run(inputs, interventions=list(interventions), last_only=True).logits[:, -1]
 
 
 # ---------------------------------------------------------------- tracing
@@ -219,7 +196,6 @@ def causal_trace(model, prompt, answer, subject, kind: str = "hidden", *, sample
     need = sorted({j for l in layer_list for j in _window(l, win, n_layers)})
     clean = model.run(ids, cache=[f"L{j}.{part}" for j in need])
     p_clean = float(torch.softmax(clean.logits[0, -1].float(), -1)[ans])
-    full = not _shortcut_ok(model, ids)
 
     # one unit per (layer, position) worth running; the noised baseline is unit None
     first = min(subj)
@@ -245,7 +221,7 @@ def causal_trace(model, prompt, answer, subject, kind: str = "hidden", *, sample
         for j, m in sorted(masks.items()):
             cols = m.nonzero()[:, 1]  # row-major order, as m selects
             ivs.append(replace(f"L{j}.{part}", clean[f"L{j}.{part}"][0, cols], pos=m))
-        logits = last_logits(model, ids.expand(B, T), ivs, full=full)
+        logits = last_logits(model, ids.expand(B, T), ivs)
         p = torch.softmax(logits.float(), -1)[:, ans].view(len(chunk), samples).mean(1)
         for unit, v in zip(chunk, p.tolist()):
             probs[unit] = v
