@@ -113,3 +113,52 @@ def trace(prompt: str = typer.Option(..., help="The prompt, e.g. 'The Eiffel Tow
     scores = causal_trace(m, prompt, answer, subject, kind, samples=samples, noise=noise, window=window,
                           seed=seed, progress=not as_json)
     write_outputs(scores, out, top, as_json)
+
+
+@locate_app.command()
+@user_errors
+def atp(task: str = typer.Option(..., help="Built-in task name (ioi, facts, ...) or a .jsonl/.csv file."),
+        model: str = typer.Option("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id."),
+        kind: str = typer.Option("head", help="head|neuron|expert|embed|resid_pre|resid_post|attn_out|mlp_out"),
+        metric: str = typer.Option(None, help="logit_diff, prob, logprob (default: the task's)."),
+        n: int = typer.Option(None, help="Use only the first n examples."),
+        out: Path = typer.Option(Path("out/atp"), "-o", "--out", help="Output directory."),
+        top: int = typer.Option(10, help="How many top sites to print."),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Attribution patching: a first-order estimate of every site's patching effect from 2 forwards + 1 backward."""
+    import mechanic
+    from mechanic.locate.gradient import atp as run_atp
+
+    m = mechanic.load(model)
+    write_outputs(run_atp(m, load_task_spec(task, n), kind, metric=metric), out, top, as_json)
+
+
+@locate_app.command()
+@user_errors
+def eap(task: str = typer.Option(..., help="Built-in task name (ioi, facts, ...) or a .jsonl/.csv file."),
+        model: str = typer.Option("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id."),
+        ig_steps: int = typer.Option(5, help="Integrated-gradient steps (EAP-IG); 0 for plain EAP."),
+        edges: str = typer.Option("100,1000,5000", help="Circuit sizes (top edges) to measure faithfulness for."),
+        metric: str = typer.Option(None, help="logit_diff, prob, logprob (default: the task's)."),
+        n: int = typer.Option(None, help="Use only the first n examples."),
+        out: Path = typer.Option(Path("out/eap"), "-o", "--out", help="Output directory."),
+        top: int = typer.Option(10, help="How many top edges to print."),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """EAP / EAP-IG edge scores, top-n circuits and their faithfulness (fraction of the metric they keep)."""
+    import mechanic
+    from mechanic.locate.circuit import faithfulness_curve
+    from mechanic.locate.gradient import eap as run_eap
+
+    m = mechanic.load(model)
+    t = load_task_spec(task, n)
+    scores = run_eap(m, t, ig_steps=ig_steps or None, metric=metric)
+    curve = faithfulness_curve(m, t, scores, [int(x) for x in edges.split(",")], metric=metric)
+    scores.settings["faithfulness"] = curve
+    write_outputs(scores, out, top, as_json)
+    if not as_json:
+        table = Table(title="faithfulness of the top-n circuits")
+        for col in curve[0]:
+            table.add_column(str(col))
+        for row in curve:
+            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()])
+        console.print(table)

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import torch
 
 from mechanic.locate.scores import Scores
+from mechanic.model.hooks import frozen_parameters
 from mechanic.tasks import metrics as _metrics
 from mechanic.tasks.task import Task, TaskBatch, TaskError
 
@@ -378,22 +379,6 @@ class ComponentGraph:
         return (outs if outs is not None else torch.stack(parts)), logits
 
 
-class _frozen:
-    """Parameters without requires_grad for the duration (gradients go to inputs only, none accumulate on weights)."""
-
-    def __init__(self, module):
-        self.flags = [(p, p.requires_grad) for p in module.parameters()]
-
-    def __enter__(self):
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p, f in self.flags:
-            p.requires_grad_(f)
-        return False
-
-
 def prepare_graph_inputs(model, graph: ComponentGraph, batch: TaskBatch):
     """(clean x0, corrupted x0, captured layer calls, clean and corrupted last-position logits) for one chunk."""
     for key in ("attention_mask", "position_ids"):
@@ -408,7 +393,7 @@ def prepare_graph_inputs(model, graph: ComponentGraph, batch: TaskBatch):
 
 def receiver_grads(graph: ComponentGraph, x0: torch.Tensor, calls, value_fn) -> tuple:
     """(sender outputs [U, b, p, d], d value / d (each receiver's input) [V, b, p, d], value) for a run from x0."""
-    with _frozen(graph.model.hf), torch.enable_grad():
+    with frozen_parameters(graph.model.hf), torch.enable_grad():
         x = x0.detach().requires_grad_()
         inputs: list[torch.Tensor] = []
         senders, logits = graph.execute(x, calls, inputs=inputs)

@@ -389,7 +389,7 @@ def _stop_layer(model, sites: list[Site], interventions: list[Intervention], sto
 
 
 @contextmanager
-def _frozen(module: torch.nn.Module):
+def frozen_parameters(module: torch.nn.Module):
     """Parameters without grad for the duration (gradients flow to site values only)."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
     try:
@@ -435,7 +435,7 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
                 except StopForward:
                     logits = None
         else:
-            with _frozen(model.hf), torch.enable_grad():
+            with frozen_parameters(model.hf), torch.enable_grad():
                 logits = model.hf(**batch, use_cache=False, **keep).logits
                 value = grad(logits)
                 value.backward()
