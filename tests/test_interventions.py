@@ -6,6 +6,7 @@ import torch
 import mechanic
 from mechanic import add, apply_fn, mean_ablate, project_out, replace, scale, zero
 from mechanic.testing.tiny import left_padded, tiny_model
+from naive import logits_with_hook
 
 BATCH = left_padded([6, 4])
 
@@ -16,16 +17,7 @@ def llama():
 
 
 def naive(model, module, fn, pre=False):
-    """Logits with one plain torch hook that applies fn to the module's input (pre) or output."""
-    if pre:
-        h = module.register_forward_pre_hook(lambda m, args: (fn(args[0].clone()),) + args[1:])
-    else:
-        h = module.register_forward_hook(lambda m, args, out: fn(out.clone()))
-    try:
-        with torch.no_grad():
-            return model.hf(**model.inputs(BATCH), use_cache=False).logits
-    finally:
-        h.remove()
+    return logits_with_hook(model, BATCH, module, fn, pre)
 
 
 def close(a, b, tol=1e-5):

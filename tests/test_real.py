@@ -4,21 +4,14 @@ import pytest
 import torch
 
 from mechanic import add, scale, zero
+from naive import logits_with_hook
 
 pytestmark = pytest.mark.real
 PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to"]
 
 
 def plain_with_hook(model, module, fn, pre=False):
-    if pre:
-        h = module.register_forward_pre_hook(lambda m, args: (fn(args[0].clone()),) + args[1:])
-    else:
-        h = module.register_forward_hook(lambda m, args, out: fn(out.clone()))
-    try:
-        with torch.no_grad():
-            return model.hf(**model.inputs(PROMPTS), use_cache=False).logits
-    finally:
-        h.remove()
+    return logits_with_hook(model, PROMPTS, module, fn, pre)
 
 
 def test_head_ablation_and_steering_equal_naive_hooks(smollm2):

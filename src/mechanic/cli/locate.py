@@ -9,6 +9,13 @@ from rich.table import Table
 
 from mechanic.cli.common import app, console, emit_json, user_errors
 
+# options shared by the locate commands
+TASK = typer.Option(..., help="Built-in task name (ioi, facts, ...) or a .jsonl/.csv file.")
+MODEL = typer.Option("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id.")
+FIRST_N = typer.Option(None, help="Use only the first n examples.")
+METRIC = typer.Option(None, help="logit_diff, prob, logprob, accuracy (default: the task's).")
+JSON = typer.Option(False, "--json", help="Machine-readable output.")
+
 locate_app = typer.Typer(help="Find the components behind a behaviour; every method writes Scores.",
                          no_args_is_help=True)
 app.add_typer(locate_app, name="locate")
@@ -69,17 +76,17 @@ def write_outputs(scores, out: Path, k: int, as_json: bool) -> None:
 
 @locate_app.command()
 @user_errors
-def patch(task: str = typer.Option(..., help="Built-in task name (ioi, facts, ...) or a .jsonl/.csv file."),
-          model: str = typer.Option("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id."),
+def patch(task: str = TASK,
+          model: str = MODEL,
           kind: str = typer.Option("resid_pre", help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|head|neuron|expert"),
           positions: str = typer.Option("all", help="'all' (grid), 'none' (all at once) or columns like '-1,5'."),
           direction: str = typer.Option("denoise", help="denoise (clean into corrupted) or noise."),
           ablation: str = typer.Option(None, help="mean or resample (instead of a corrupted run)."),
-          metric: str = typer.Option(None, help="logit_diff, prob, logprob, accuracy (default: the task's)."),
-          n: int = typer.Option(None, help="Use only the first n examples."),
+          metric: str = METRIC,
+          n: int = FIRST_N,
           out: Path = typer.Option(Path("out/patch"), "-o", "--out", help="Output directory."),
           top: int = typer.Option(10, help="How many top sites to print."),
-          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+          as_json: bool = JSON):
     """Activation patching: how much each site restores (denoise) or breaks (noise) the behaviour."""
     import mechanic
     from mechanic.locate.causal import patch as run_patch
@@ -96,7 +103,7 @@ def patch(task: str = typer.Option(..., help="Built-in task name (ioi, facts, ..
 def trace(prompt: str = typer.Option(..., help="The prompt, e.g. 'The Eiffel Tower is located in the city of'."),
           answer: str = typer.Option(..., help="The answer whose probability is traced, e.g. ' Paris'."),
           subject: str = typer.Option(..., help="The subject: a substring of the prompt, e.g. 'The Eiffel Tower'."),
-          model: str = typer.Option("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id."),
+          model: str = MODEL,
           kind: str = typer.Option("hidden", help="hidden (resid_post), mlp or attn (a window of layers)."),
           samples: int = typer.Option(10, help="Noise samples per restoration."),
           noise: float = typer.Option(3.0, help="Noise std as a multiple of the embedding std."),
@@ -104,7 +111,7 @@ def trace(prompt: str = typer.Option(..., help="The prompt, e.g. 'The Eiffel Tow
           seed: int = typer.Option(0),
           out: Path = typer.Option(Path("out/trace"), "-o", "--out", help="Output directory."),
           top: int = typer.Option(10, help="How many top cells to print."),
-          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+          as_json: bool = JSON):
     """Causal tracing (ROME): noise the subject, restore one clean state at a time, measure P(answer)."""
     import mechanic
     from mechanic.locate.trace import causal_trace
@@ -117,14 +124,14 @@ def trace(prompt: str = typer.Option(..., help="The prompt, e.g. 'The Eiffel Tow
 
 @locate_app.command()
 @user_errors
-def atp(task: str = typer.Option(..., help="Built-in task name (ioi, facts, ...) or a .jsonl/.csv file."),
-        model: str = typer.Option("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id."),
+def atp(task: str = TASK,
+        model: str = MODEL,
         kind: str = typer.Option("head", help="head|neuron|expert|embed|resid_pre|resid_post|attn_out|mlp_out"),
-        metric: str = typer.Option(None, help="logit_diff, prob, logprob (default: the task's)."),
-        n: int = typer.Option(None, help="Use only the first n examples."),
+        metric: str = METRIC,
+        n: int = FIRST_N,
         out: Path = typer.Option(Path("out/atp"), "-o", "--out", help="Output directory."),
         top: int = typer.Option(10, help="How many top sites to print."),
-        as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+        as_json: bool = JSON):
     """Attribution patching: a first-order estimate of every site's patching effect from 2 forwards + 1 backward."""
     import mechanic
     from mechanic.locate.gradient import atp as run_atp
@@ -135,15 +142,15 @@ def atp(task: str = typer.Option(..., help="Built-in task name (ioi, facts, ...)
 
 @locate_app.command()
 @user_errors
-def eap(task: str = typer.Option(..., help="Built-in task name (ioi, facts, ...) or a .jsonl/.csv file."),
-        model: str = typer.Option("smollm2", help="smollm2, a model directory, a .gguf file or a Hub id."),
+def eap(task: str = TASK,
+        model: str = MODEL,
         ig_steps: int = typer.Option(5, help="Integrated-gradient steps (EAP-IG); 0 for plain EAP."),
         edges: str = typer.Option("100,1000,5000", help="Circuit sizes (top edges) to measure faithfulness for."),
-        metric: str = typer.Option(None, help="logit_diff, prob, logprob (default: the task's)."),
-        n: int = typer.Option(None, help="Use only the first n examples."),
+        metric: str = METRIC,
+        n: int = FIRST_N,
         out: Path = typer.Option(Path("out/eap"), "-o", "--out", help="Output directory."),
         top: int = typer.Option(10, help="How many top edges to print."),
-        as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+        as_json: bool = JSON):
     """EAP / EAP-IG edge scores, top-n circuits and their faithfulness (fraction of the metric they keep)."""
     import mechanic
     from mechanic.locate.circuit import faithfulness_curve
