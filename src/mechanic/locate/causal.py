@@ -138,9 +138,7 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
             else:
                 ivs.append(replace(site, src[site][ex, u0.pos], pos=u0.pos - start_pos, rows=idx))
         logits = suffix_logits(model, target, rows, start_pos, start_layer, ivs)
-        sub = TaskBatch(batch.clean, batch.corrupted, batch.answer[rows],
-                        batch.wrong[rows] if batch.wrong is not None else None, [])
-        vals = fn(logits, sub)
+        vals = fn(logits, batch.select(rows))
         for (u, _), v in zip(chunk, vals):
             totals[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(v)
     mean = totals / batch.n
@@ -194,8 +192,6 @@ def patch_naive(model, task: Task | TaskBatch, kind: str = "resid_pre", position
             one = {k: v[e:e + 1] for k, v in target.items()}
             value = src[u.site][e] if u.pos is None else src[u.site][e, u.pos]
             logits = model.run(one, interventions=[replace(u.site, value, pos=u.pos)]).logits[:, -1]
-            sub = TaskBatch(one, None, batch.answer[e:e + 1],
-                            batch.wrong[e:e + 1] if batch.wrong is not None else None, [])
-            out[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(fn(logits, sub)[0])
+            out[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(fn(logits, batch.select([e]))[0])
     out = M.normalise(out / batch.n, clean, corr)
     return out if cols is not None else out[:, 0]

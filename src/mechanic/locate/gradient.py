@@ -64,10 +64,8 @@ def need_corrupted(batch: TaskBatch, method: str) -> None:
 
 
 def rows(batch: TaskBatch, sl: slice) -> TaskBatch:
-    """The examples `sl` of a TaskBatch (inputs, answers and tokens)."""
-    pick = lambda d: None if d is None else {k: v[sl] for k, v in d.items()}  # noqa: E731
-    return TaskBatch(pick(batch.clean), pick(batch.corrupted), batch.answer[sl],
-                     None if batch.wrong is None else batch.wrong[sl], batch.tokens[sl])
+    """The examples `sl` of a TaskBatch (see TaskBatch.select)."""
+    return batch.select(sl)
 
 
 def position_labels(batch: TaskBatch) -> list[str]:

@@ -1,5 +1,5 @@
 """Metrics on last-position logits: logit difference (raw and normalised), probability, log-probability,
-accuracy and KL to the clean run. Each returns one value per example."""
+accuracy, probability difference over answer sets and KL to the clean run. Each returns one value per example."""
 
 from __future__ import annotations
 
@@ -27,8 +27,29 @@ def logprob(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
 
 
 def accuracy(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
-    """1 where the answer is the top token, else 0."""
-    return (logits.argmax(-1) == batch.answer).float()
+    """1 where the answer is the top token (or, when the task gives answer sets, any acceptable one), else 0."""
+    top = logits.argmax(-1)
+    if batch.answer_sets is not None:
+        return (batch.answer_sets == top[:, None]).any(-1).float()
+    return (top == batch.answer).float()
+
+
+def prob_diff(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """Probability mass on the acceptable answers minus mass on the unacceptable ones (Hanna et al. 2023's
+    greater-than metric). The sets come from meta["answers"] / meta["wrongs"]; without them, {answer} and
+    {wrong}. In [-1, 1]; differentiable."""
+    p = torch.softmax(logits.float(), -1)
+
+    def mass(sets, single):
+        if sets is None:
+            if single is None:
+                return torch.zeros(p.shape[0], device=p.device)
+            sets = single[:, None]
+        return (p.gather(-1, sets.clamp(min=0)) * (sets >= 0)).sum(-1)
+
+    if batch.answer_sets is None and batch.wrong is None:
+        raise TaskError("prob_diff needs a wrong answer (or meta['wrongs']) for every example.")
+    return mass(batch.answer_sets, batch.answer) - mass(batch.wrong_sets, batch.wrong)
 
 
 def kl(logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
@@ -43,7 +64,7 @@ def normalise(value: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor)
     return (value - corrupted) / (clean - corrupted)
 
 
-METRICS = {"logit_diff": logit_diff, "prob": prob, "logprob": logprob, "accuracy": accuracy}
+METRICS = {"logit_diff": logit_diff, "prob": prob, "logprob": logprob, "accuracy": accuracy, "prob_diff": prob_diff}
 
 
 def get(name: str):

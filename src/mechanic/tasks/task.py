@@ -14,7 +14,8 @@ class TaskError(ValueError):
 @dataclass(frozen=True)
 class Example:
     """One example: the clean prompt, its answer (first token counts), and optionally a wrong answer
-    and a corrupted prompt with the same token length (for patching)."""
+    and a corrupted prompt with the same token length (for patching). meta["answers"] / meta["wrongs"]
+    (lists of strings), when given, are the full sets of acceptable / unacceptable answers (prob_diff)."""
 
     prompt: str
     answer: str
@@ -32,6 +33,8 @@ class TaskBatch:
     answer: torch.Tensor            # [n] token id of each correct answer
     wrong: torch.Tensor | None      # [n] token id of each incorrect answer
     tokens: list[list[str]]         # clean tokens per example (padding included, for plot labels)
+    answer_sets: torch.Tensor | None = None  # [n, k] ids of every acceptable answer (-1 pads), from meta["answers"]
+    wrong_sets: torch.Tensor | None = None   # [n, k] ids of every unacceptable answer (-1 pads), from meta["wrongs"]
 
     @property
     def n(self) -> int:
@@ -40,6 +43,18 @@ class TaskBatch:
     @property
     def seq(self) -> int:
         return int(self.clean["input_ids"].shape[1])
+
+    def select(self, rows) -> TaskBatch:
+        """The examples `rows` (a slice, list or LongTensor) with every per-example field, answer sets included."""
+        if isinstance(rows, slice):
+            toks = self.tokens[rows]
+        else:
+            rows = torch.as_tensor(rows, dtype=torch.long)
+            toks = [self.tokens[i] for i in rows.tolist()] if self.tokens else []
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        pick_in = lambda d: None if d is None else {k: v[rows] for k, v in d.items()}  # noqa: E731
+        return TaskBatch(pick_in(self.clean), pick_in(self.corrupted), self.answer[rows], pick(self.wrong), toks,
+                         pick(self.answer_sets), pick(self.wrong_sets))
 
 
 @dataclass
@@ -91,8 +106,15 @@ class Task:
         clean_in = _pad_left(clean, width, tok.pad_token_id, model.device)
         corr_in = _pad_left(corr, width, tok.pad_token_id, model.device) if corr is not None else None
         tokens = [tok.convert_ids_to_tokens(row.tolist()) for row in clean_in["input_ids"]]
+        answer_sets = wrong_sets = None
+        if any("answers" in e.meta or "wrongs" in e.meta for e in self.examples):
+            answer_sets = _id_sets(tok, [e.meta.get("answers", [e.answer]) for e in self.examples], self.name)
+            wrong_sets = _id_sets(tok, [e.meta.get("wrongs", [e.wrong] if e.wrong is not None else [])
+                                        for e in self.examples], self.name)
         return TaskBatch(clean_in, corr_in, answer.to(model.device),
-                         wrong.to(model.device) if wrong is not None else None, tokens)
+                         wrong.to(model.device) if wrong is not None else None, tokens,
+                         answer_sets.to(model.device) if answer_sets is not None else None,
+                         wrong_sets.to(model.device) if wrong_sets is not None else None)
 
 
 def _first_token(tok, text: str, task: str, i: int) -> int:
@@ -100,6 +122,15 @@ def _first_token(tok, text: str, task: str, i: int) -> int:
     if not ids:
         raise TaskError(f"Task {task!r}, example {i}: the answer {text!r} is empty after tokenization.")
     return ids[0]
+
+
+def _id_sets(tok, sets: list[list[str]], task: str) -> torch.Tensor:
+    """First-token ids of each example's answer set, right-padded with -1 to [n, k]."""
+    ids = [sorted({_first_token(tok, t, task, i) for t in texts}) for i, texts in enumerate(sets)]
+    out = torch.full((len(ids), max(1, max(len(r) for r in ids))), -1, dtype=torch.long)
+    for i, r in enumerate(ids):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
 
 
 def _pad_left(rows: list[list[int]], width: int, pad: int, device) -> dict[str, torch.Tensor]:

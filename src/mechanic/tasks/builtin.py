@@ -1,0 +1,58 @@
+"""The built-in task suites shipped as JSONL under mechanic/tasks/suites (see docs/TASKS.md)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from mechanic.tasks.io import from_jsonl, load_file
+from mechanic.tasks.task import Task, TaskError
+
+# name: (default metric, one-line description)
+SUITES: dict[str, tuple[str, str]] = {
+    "ioi": ("logit_diff", "Indirect object identification: 'When Mary and John went to the store, John gave a "
+                          "drink to' -> ' Mary' vs ' John'; ABBA and BABA; corrupted = S2 replaced by a third name."),
+    "facts": ("logit_diff", "Factual recall in CounterFact form: true target vs a counterfactual target, with "
+                            "paraphrases and neighbourhood prompts in meta."),
+    "greater_than": ("prob_diff", "Greater-than: 'from the year 1732 to the year 173' -> a digit > 2 "
+                                  "(probability mass above minus at-or-below), plus few-shot one-digit sums."),
+    "gender": ("logit_diff", "Profession -> pronoun: logit(stereotyped pronoun) - logit(other); a bias score, "
+                             "not an accuracy task."),
+    "sentiment": ("logit_diff", "Positive review -> ' great' vs ' terrible'; corrupted = the negative version "
+                                "with the same token length."),
+    "icl_labels": ("logit_diff", "In-context label learning with arbitrary labels foo/bar; corrupted = label "
+                                 "mapping swapped in the demonstrations."),
+}
+
+
+def list_tasks() -> list[str]:
+    """Names of the built-in suites."""
+    return list(SUITES)
+
+
+def suite_path(name: str) -> Path:
+    """The JSONL file of a built-in suite."""
+    _check(name)
+    return Path(str(resources.files("mechanic.tasks") / "suites" / f"{name}.jsonl"))
+
+
+def load_task(name: str, n: int | None = None, metric: str | None = None) -> Task:
+    """A built-in suite by name (first n examples if given), or a task file (.jsonl/.csv) by path."""
+    if name not in SUITES and Path(name).suffix.lower() in (".jsonl", ".json", ".ndjson", ".csv", ".tsv"):
+        task = load_file(name, **({"metric": metric} if metric else {}))
+        return task.subset(n) if n is not None else task
+    _check(name)
+    default, description = SUITES[name]
+    path = suite_path(name)
+    if not path.is_file():
+        raise TaskError(f"The data file of the built-in task {name!r} is missing ({path}); the package was "
+                        "installed without its suites/*.jsonl files. Reinstall mechanic, or rebuild them with "
+                        "`python -m mechanic.tasks.build_suites`.")
+    task = from_jsonl(path, name=name, metric=metric or default, description=description)
+    return task.subset(n) if n is not None else task
+
+
+def _check(name: str) -> None:
+    if name not in SUITES:
+        raise TaskError(f"Unknown task {name!r}. Built-in tasks: {', '.join(SUITES)}. To use your own, pass a "
+                        ".jsonl or .csv path, or load it with mechanic.tasks.from_jsonl / from_csv.")

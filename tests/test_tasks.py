@@ -1,0 +1,282 @@
+"""Built-in task suites, user task files (JSONL/CSV) and their errors, tokenization and the set metrics."""
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mechanic.tasks import (Example, Task, TaskError, from_csv, from_jsonl, list_tasks, load_task, to_jsonl)
+from mechanic.tasks import metrics as M
+from mechanic.tasks.task import TaskBatch
+
+SUITES = ["ioi", "facts", "greater_than", "gender", "sentiment", "icl_labels"]
+# Accuracy claimed in docs/TASKS.md (measured: IOI 98.4% logit_diff > 0; facts 100% top-1 by construction).
+CLAIMED = {"ioi": 0.95, "facts": 0.97}
+
+
+# ---- a word-level tokenizer, so tokenization tests need no model --------------------------------
+
+class WordTok:
+    pad_token_id = 0
+
+    def __init__(self):
+        self.vocab = {"<pad>": 0}
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in re.findall(r" ?\S+", text)]}
+
+    def convert_ids_to_tokens(self, ids):
+        inv = {v: k for k, v in self.vocab.items()}
+        return [inv[i] for i in ids]
+
+
+def word_model():
+    return SimpleNamespace(tokenizer=WordTok(), device=torch.device("cpu"))
+
+
+# ---- the shipped suites ---------------------------------------------------------------------------
+
+def test_list_and_unknown_name():
+    assert list_tasks() == SUITES
+    with pytest.raises(TaskError, match=r"Unknown task 'iio'.*ioi, facts, greater_than"):
+        load_task("iio")
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_suite_fields(name):
+    task = load_task(name)
+    assert task.name == name and task.description
+    M.get(task.metric)
+    assert len(task) >= 100
+    for e in task.examples:
+        assert e.prompt and e.answer and e.wrong and e.answer != e.wrong
+        assert e.corrupted and e.corrupted != e.prompt
+        assert isinstance(e.meta, dict)
+    assert len(load_task(name, n=5)) == 5
+
+
+def test_ioi_orders_and_corruption():
+    task = load_task("ioi")
+    assert len(task) >= 100 and task.metric == "logit_diff"
+    orders = {e.meta["order"] for e in task.examples}
+    assert orders == {"ABBA", "BABA"}
+    for e in task.examples:
+        io, s, c = e.meta["IO"], e.meta["S"], e.meta["C"]
+        assert e.answer == " " + io and e.wrong == " " + s and len({io, s, c}) == 3
+        assert e.prompt.count(" " + s) == 2 and e.prompt.count(" " + io) == 1
+        assert e.corrupted.count(" " + s) == 1 and e.corrupted.count(" " + c) == 1   # ABC: S2 -> C
+        first = e.prompt.index(" " + io) < e.prompt.index(" " + s)
+        assert first == (e.meta["order"] == "ABBA")
+        assert {"template", "order", "IO", "S"} <= set(e.meta)
+
+
+def test_facts_counterfact_fields():
+    task = load_task("facts")
+    assert len(task) >= 60
+    for e in task.examples:
+        m = e.meta
+        assert {"subject", "relation", "target_true", "target_new", "paraphrases", "neighborhood"} <= set(m)
+        assert e.answer == " " + m["target_true"] and e.wrong == " " + m["target_new"]
+        assert m["subject"] in e.prompt and len(m["paraphrases"]) >= 2 and len(m["neighborhood"]) >= 2
+        assert all(m["subject"] not in p for p in m["neighborhood"])
+        assert all(m["subject"] in p for p in m["paraphrases"])
+    assert len({e.meta["relation"] for e in task.examples}) >= 5
+
+
+def test_greater_than_sets_and_gender_meta():
+    gt = load_task("greater_than")
+    assert gt.metric == "prob_diff"
+    kinds = {e.meta["kind"] for e in gt.examples}
+    assert kinds == {"year", "arithmetic"}
+    for e in gt.examples:
+        ans, wr = set(e.meta["answers"]), set(e.meta["wrongs"])
+        assert e.answer in ans and e.wrong in wr and not ans & wr and ans | wr <= set("0123456789")
+        if e.meta["kind"] == "year":
+            assert ans == {str(d) for d in range(e.meta["start_digit"] + 1, 10)}
+            assert e.prompt.endswith(str(e.meta["start"])[:3])
+    gender = load_task("gender")
+    assert len({e.meta["profession"] for e in gender.examples}) >= 40
+    for e in gender.examples:
+        assert {e.answer, e.wrong} == {" he", " she"}
+        assert e.answer == (" she" if e.meta["stereotype"] == "female" else " he")
+
+
+def test_icl_corruption_swaps_labels():
+    for e in load_task("icl_labels").examples:
+        assert {e.answer, e.wrong} == {" foo", " bar"}
+        swapped = e.prompt.replace(" foo", " X").replace(" bar", " foo").replace(" X", " bar")
+        assert swapped == e.corrupted
+
+
+# ---- tokenization ---------------------------------------------------------------------------------
+
+def test_length_mismatch_error_and_align():
+    task = Task("mine", [Example("When Mary and John left, John waved to", " Mary", " John",
+                                 corrupted="When Mary and John left, Bob waved at him")])
+    model = word_model()
+    with pytest.raises(TaskError, match=r"'mine', example 0.*8 tokens.*9.*align=True"):
+        task.tokenize(model)
+    b = task.tokenize(model, align=True)
+    assert b.clean["input_ids"].shape == b.corrupted["input_ids"].shape == (1, 9)
+    assert b.clean["attention_mask"].tolist() == [[0] + [1] * 8]
+    assert b.clean["position_ids"][0, 1:].tolist() == list(range(8))
+    assert b.corrupted["attention_mask"].tolist() == [[1] * 9]
+    tok = model.tokenizer
+    assert tok.convert_ids_to_tokens([int(b.clean["input_ids"][0, -1])]) == [" to"]
+    assert tok.convert_ids_to_tokens([int(b.corrupted["input_ids"][0, -1])]) == [" him"]
+    assert b.tokens[0][0] == "<pad>" and b.answer_sets is None
+
+
+def test_mixed_corrupted_is_refused():
+    task = Task("mix", [Example("a b", " c", " d", corrupted="a e"), Example("a b", " c", " d")])
+    with pytest.raises(TaskError, match="some examples have a corrupted prompt"):
+        task.tokenize(word_model())
+
+
+def test_answer_sets_and_set_metrics():
+    task = Task("gt", [Example("x y", " 5", " 1", meta={"answers": [" 5", " 6"], "wrongs": [" 1"]}),
+                       Example("x z", " 6", " 2")])     # no sets: falls back to {answer} / {wrong}
+    model = word_model()
+    b = task.tokenize(model)
+    ids = {w: model.tokenizer(w)["input_ids"][0] for w in (" 5", " 6", " 1", " 2")}
+    assert b.answer_sets.shape == (2, 2) and b.answer_sets[1].tolist() == [ids[" 6"], -1]
+    logits = torch.full((2, len(model.tokenizer.vocab)), -1e9)
+    logits[0, ids[" 6"]] = 0.0          # all mass on " 6": acceptable for row 0
+    logits[1, ids[" 2"]] = 0.0          # all mass on the wrong answer for row 1
+    assert M.prob_diff(logits, b).tolist() == pytest.approx([1.0, -1.0])
+    assert M.accuracy(logits, b).tolist() == [1.0, 0.0]
+    logits[1, ids[" 6"]] = 0.0          # half and half
+    assert M.prob_diff(logits, b)[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert "prob_diff" in M.METRICS
+    one = b.select([1])                 # row selection keeps the sets with their rows
+    assert one.n == 1 and one.answer_sets.tolist() == [[ids[" 6"], -1]] and one.wrong.tolist() == [ids[" 2"]]
+    assert M.prob_diff(logits[1:], one).item() == pytest.approx(M.prob_diff(logits, b)[1].item())
+    assert b.select(slice(0, 1)).clean["input_ids"].shape == (1, 2) and len(b.select(slice(0, 1)).tokens) == 1
+    nowrong = TaskBatch(b.clean, None, b.answer, None, b.tokens)
+    with pytest.raises(TaskError, match="wrong answer"):
+        M.prob_diff(logits, nowrong)
+
+
+# ---- user task files ------------------------------------------------------------------------------
+
+def test_jsonl_roundtrip_and_extra_keys(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    p.write_text('{"prompt": "The capital of France is", "answer": " Paris", "wrong": " Rome", "level": 1}\n'
+                 "\n"
+                 '{"prompt": "2 + 2 =", "answer": " 4", "corrupted": null, "meta": {"kind": "math"}}\n')
+    task = from_jsonl(p, metric="prob")
+    assert task.name == "mine" and task.metric == "prob" and len(task) == 2
+    assert task.examples[0].meta == {"level": 1} and task.examples[1].wrong is None
+    out = to_jsonl(task, tmp_path / "again.jsonl")
+    again = from_jsonl(out, name="again")
+    assert [(e.prompt, e.answer, e.wrong, e.corrupted, e.meta) for e in again.examples] == \
+           [(e.prompt, e.answer, e.wrong, e.corrupted, e.meta) for e in task.examples]
+    assert len(load_task(str(p))) == 2      # a path works where a suite name does
+
+
+@pytest.mark.parametrize("line, expect", [
+    ('{"prompt": "a", "answer": " b"', "line 2: this line is not valid JSON"),
+    ('["a", "b"]', "line 2: this line is a JSON list, not an object"),
+    ('{"prompt": "a"}', 'line 2: "answer" is missing'),
+    ('{"prompt": "", "answer": " b"}', 'line 2: "prompt" is \'\''),
+    ('{"prompt": "a", "answer": " b", "wrong": 3}', 'line 2: "wrong" is a int'),
+    ('{"prompt": "a", "answer": " b", "meta": [1]}', 'line 2: "meta" is a list'),
+])
+def test_jsonl_errors(tmp_path, line, expect):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "ok", "answer": " fine"}\n' + line + "\n")
+    with pytest.raises(TaskError) as err:
+        from_jsonl(p)
+    msg = str(err.value)
+    assert str(p) in msg and expect in msg and '"prompt" and "answer"' in msg
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(TaskError, match="no such task file"):
+        from_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(TaskError, match="has no examples"):
+        from_jsonl(tmp_path / "empty.jsonl")
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "answer": " b"}\n')
+    with pytest.raises(TaskError, match="Unknown metric 'nope'"):
+        from_jsonl(tmp_path / "t.jsonl", metric="nope")
+
+
+def test_csv_loading(tmp_path):
+    p = tmp_path / "mine.csv"
+    p.write_text('prompt,answer,wrong,corrupted,source,meta\n'
+                 '"When Mary and John left, John waved to", Mary, John,"When Mary and John left, Bob waved to",'
+                 'hand,"{""order"": ""ABBA""}"\n'
+                 '"The capital of France is", Paris,,,hand,\n')
+    task = from_csv(p)
+    assert task.name == "mine" and len(task) == 2
+    e0, e1 = task.examples
+    assert e0.prompt == "When Mary and John left, John waved to" and e0.answer == " Mary"
+    assert e0.corrupted.endswith("Bob waved to") and e0.meta == {"source": "hand", "order": "ABBA"}
+    assert e1.wrong is None and e1.corrupted is None and e1.meta == {"source": "hand"}
+    tsv = tmp_path / "mine.tsv"
+    tsv.write_text("prompt\tanswer\nThe sky is\t blue\n")
+    assert load_task(str(tsv)).examples[0].answer == " blue"
+
+
+@pytest.mark.parametrize("body, expect", [
+    ("question,answer\nx, y\n", "line 1: the header row has columns ['question', 'answer'] but is missing prompt"),
+    ("prompt,answer\na, b\nc, d, e\n", "line 3: this row has 3 cells but the header has 2 columns"),
+    ("prompt,answer,wrong\na, b, c\nc\n", "line 3: this row has fewer cells"),
+    ('prompt,answer\n"multi\nline", b\n,x\n', 'line 4: "prompt" is \'\''),
+    ("prompt,answer,meta\na, b,{oops\n", "line 2: the meta cell is not valid JSON"),
+])
+def test_csv_errors(tmp_path, body, expect):
+    p = tmp_path / "bad.csv"
+    p.write_text(body)
+    with pytest.raises(TaskError) as err:
+        from_csv(p)
+    assert str(p) in str(err.value) and expect in str(err.value)
+
+
+# ---- on SmolLM2 -------------------------------------------------------------------------------------
+
+@pytest.mark.real
+def test_suites_tokenize_aligned_on_smollm2(smollm2):
+    """Clean and corrupted prompts have the same token length (no align needed); answers differ in the first token."""
+    tok = smollm2.tokenizer
+    for name in SUITES:
+        task = load_task(name)
+        b = task.tokenize(smollm2)            # raises if any pair differs in length
+        assert (b.answer != b.wrong).all(), name
+        lens = [len(tok(e.prompt)["input_ids"]) for e in task.examples]
+        assert lens == [len(tok(e.corrupted)["input_ids"]) for e in task.examples], name
+    for e in load_task("ioi").examples:
+        assert all(len(tok(" " + e.meta[k], add_special_tokens=False)["input_ids"]) == 1 for k in ("IO", "S", "C"))
+    assert load_task("greater_than").tokenize(smollm2).answer_sets is not None
+
+
+def plain_logit_diffs(model, task, rows):
+    """The logit difference computed one prompt at a time with the plain HF model (no mechanic)."""
+    tok = model.tokenizer
+    out = []
+    for i in rows:
+        e = task.examples[i]
+        ids = tok(e.prompt, return_tensors="pt")
+        with torch.no_grad():
+            logits = model.hf(**ids).logits[0, -1]
+        a = tok(e.answer, add_special_tokens=False)["input_ids"][0]
+        w = tok(e.wrong, add_special_tokens=False)["input_ids"][0]
+        out.append(float(logits[a] - logits[w]))
+    return torch.tensor(out)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["ioi", "facts"])
+def test_claimed_accuracy_on_smollm2(smollm2, name):
+    task = load_task(name)
+    b = task.tokenize(smollm2)
+    logits = smollm2.run(b.clean).logits[:, -1].float()        # one batched run, left padded
+    ld = M.logit_diff(logits, b)
+    acc = (ld > 0).float().mean().item() if name == "ioi" else M.accuracy(logits, b).mean().item()
+    assert acc >= CLAIMED[name], f"{name}: {acc:.3f} < claimed {CLAIMED[name]}"
+    rows = [0, len(task) // 3, len(task) // 2, len(task) - 1]
+    ref = plain_logit_diffs(smollm2, task, rows)
+    assert (ld[rows] - ref).abs().max().item() < 1e-3
