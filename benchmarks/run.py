@@ -109,7 +109,28 @@ def patching_lines(patching: list[dict]) -> list[str]:
     return lines
 
 
-def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path, patching: list[dict]) -> None:
+def ioi_lines(r: dict) -> list[str]:
+    """AtP vs exact patching and the EAP-IG faithfulness curve on the IOI suite."""
+    if "error" in r:
+        return ["", f"IOI locate benchmark failed: {' '.join(r['error'])}"]
+    lines = ["", f"## Locate on the IOI suite ({r['examples']} examples, SmolLM2)", "",
+             f"Logit difference clean {r['metric_clean']:.2f}, corrupted {r['metric_corrupted']:.2f}.", "",
+             "| measure | value | goal |", "|---|---|---|",
+             f"| Spearman, head AtP vs exact head patching ({r['heads']} heads) | {r['spearman_atp_vs_exact']:.3f} | >= 0.8 |",
+             f"| AtP for all heads / one forward+backward | {r['atp_s'] / r['fwd_bwd_s']:.2f}x "
+             f"({r['atp_s']:.2f} s / {r['fwd_bwd_s']:.2f} s) | <= 3x |",
+             f"| exact head patching, all heads (fast patching) | {r['exact_head_patching_s']:.1f} s | |",
+             f"| EAP-IG edge scores (5 steps, {r['edges_total']} edges) | {r['eap_ig_s']:.1f} s | |",
+             "", "EAP-IG circuit faithfulness (every edge outside the circuit carries its corrupted value;",
+             "1.0 = the clean behaviour, 0.0 = the corrupted one):", "",
+             "| top edges requested | edges kept (connected) | nodes | faithfulness |", "|---|---|---|---|"]
+    for c in r["faithfulness"]:
+        lines.append(f"| {c['requested']} | {c['edges']} | {c['nodes']} | {c['faithfulness']:.3f} |")
+    return lines
+
+
+def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path, patching: list[dict],
+                   ioi: dict) -> None:
     lines = [
         "# Benchmarks",
         "",
@@ -152,7 +173,7 @@ def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path, pat
               f"A repeat load in the same process takes {load_s['repeat']:.2f} s. The first load ever converts the",
               "packaged GGUF (about 30 s) and caches it.",
               ""]
-    lines += patching_lines(patching)
+    lines += patching_lines(patching) + ioi_lines(ioi)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(out)
@@ -188,7 +209,9 @@ def main() -> None:
         patching.append(run_script(PEERS_PY, HERE / "peers" / "patch_resid_transformer_lens.py", model_dir,
                                    "--pair", str(pair)))
     (HERE / "results" / "patching.json").write_text(json.dumps(patching, indent=1))
-    write_markdown(results, machine(), load_time(), out, patching)
+    ioi = run_script(Path(sys.executable), HERE / "locate_ioi_mechanic.py", model_dir)
+    (HERE / "results" / "locate_ioi.json").write_text(json.dumps(ioi, indent=1))
+    write_markdown(results, machine(), load_time(), out, patching, ioi)
     print(out.read_text())
 
 
