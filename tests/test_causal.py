@@ -103,3 +103,12 @@ def test_ioi_resid_patching_on_smollm2(smollm2):
     assert (fast.values - ref).abs().max().item() < 1e-4
     # the corrupted token (S2, column 9) carries the signal early, the last position late
     assert s.values[2, 9] > 0.5 and s.values[29, 13] > 0.9 and s.values[2, 13] < 0.1
+
+
+def test_scores_to_pandas_long_format():
+    m = mechanic.load(tiny_model("llama"))
+    s = patch(m, tiny_batch(m), "resid_pre", positions=[-1, 2], progress=False)
+    df = s.to_pandas()
+    assert len(df) == 3 * 2 and set(df.columns) == {"site", "pos", "token", "value"}
+    row = df[(df.site == "L1.resid_pre") & (df.pos == 1)].iloc[0]
+    assert row.value == pytest.approx(float(s.values[1, 1])) and row.token == s.positions[1]
