@@ -126,7 +126,7 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
     span = layer_span or model.dims.n_layers
     plan = _plan(units, batch.n, batch_size, span)
     for start_pos, chunk in tqdm(plan, desc=f"patch {kind}", disable=not progress, leave=False):
-        start_layer = min(u.layer for u, _ in chunk)
+        start_layer = torch.tensor([u.layer for u, _ in chunk])
         rows = torch.tensor([e for _, e in chunk])
         ivs = []
         by_site: dict[str, list[int]] = {}

@@ -87,6 +87,7 @@ class _Session:
         self.batch_size: int | None = None
         self.offset = 0          # absolute column of this forward call's first token (generate)
         self.generating = False
+        self.row_map: torch.Tensor | None = None  # global row -> row of the current sub-batch
         self.values: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.handles: list = []
@@ -158,7 +159,10 @@ class _Session:
         pos = local(iv.pos, v.shape[1], self.offset, self.generating)
         if pos is SKIP:
             return None
-        return index(v.shape[0], v.shape[1], iv.rows, pos, v.device)
+        rows = iv.rows
+        if self.row_map is not None and rows is not None:  # a sub-batch call (see model.reuse)
+            rows = self.row_map[torch.as_tensor(rows, dtype=torch.long)]
+        return index(v.shape[0], v.shape[1], rows, pos, v.device)
 
     # -- storing
     def track(self, t: torch.Tensor) -> torch.Tensor:
@@ -297,6 +301,8 @@ class _Session:
             t = point.process(t, self)
             if mid is not None and (mid.ivs or mid.reads):
                 pre = self.resid_pre[L]
+                if self.row_map is not None and pre.shape[0] != t.shape[0]:  # inside a sub-batch call
+                    pre = pre[self.row_map >= 0]
                 x = pre + t
                 if mid.ivs:
                     x = mid.process(x, self)

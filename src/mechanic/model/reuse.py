@@ -8,6 +8,7 @@ are computed at the last position only. The model's own forward still does all t
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -46,15 +47,60 @@ def prefix(model, inputs) -> Prefix:
     return Prefix(inputs, keys, values, [session.values[s] for s in sites], out.logits[:, -1])
 
 
+def _sub(obj, active: torch.Tensor, R: int):
+    """obj with every batch-first tensor (dim >= 2, first dim R) restricted to the active rows."""
+    if isinstance(obj, torch.Tensor):
+        return obj[active] if obj.dim() >= 2 and obj.shape[0] == R else obj
+    if isinstance(obj, tuple):
+        return tuple(_sub(o, active, R) for o in obj)
+    return obj
+
+
 @contextmanager
-def _replay(model, upto: int, states: list[torch.Tensor]):
-    """Layers below `upto` return stored outputs instead of computing (their caches are already complete)."""
+def _replay(model, base: Prefix, rows: torch.Tensor, start: torch.Tensor, p: int, session):
+    """Layer i computes only the rows whose start layer is <= i; the other rows take the unpatched run's
+    output. A layer with no active row does not run at all; a partly active one runs on a sub-batch
+    with its own key/value cache (the earlier columns of those rows)."""
     saved = []
+    R = len(rows)
     try:
-        for i in range(upto):
-            layer = model.layers[i]
+        for i, layer in enumerate(model.layers):
+            active = start <= i
+            if bool(active.all()):
+                continue
             saved.append((layer, layer.__dict__.get("forward")))
-            layer.forward = lambda *a, _s=states[i], **k: _s
+            stored = base.states[i][rows, p:]
+            if not bool(active.any()):
+                layer.forward = lambda *a, _s=stored, **k: _s
+                continue
+            orig = type(layer).forward.__get__(layer)
+
+            def partial(*args, _i=i, _a=active, _s=stored, _orig=orig, **kwargs):
+                idx = _a.nonzero().squeeze(-1)
+                sig = inspect.signature(_orig)
+                bound = sig.bind(*args, **kwargs)
+                cache = None
+                if p > 0:  # this layer's earlier columns, for the active rows only
+                    data = [(None, None)] * len(model.layers)
+                    data[_i] = (base.keys[_i][rows[idx], :, :p], base.values[_i][rows[idx], :, :p])
+                    cache = DynamicCache(ddp_cache_data=data)
+                    if "past_key_values" in sig.parameters:
+                        bound.arguments["past_key_values"] = cache
+                args = tuple(_sub(a, _a, R) if not isinstance(a, DynamicCache) else a for a in bound.args)
+                kwargs = {k: (v if isinstance(v, DynamicCache) else _sub(v, _a, R)) for k, v in bound.kwargs.items()}
+                if cache is not None and "past_key_values" not in sig.parameters:
+                    kwargs["past_key_values"] = cache
+                row_map = torch.full((R,), -1, dtype=torch.long)
+                row_map[idx] = torch.arange(len(idx))
+                session.row_map, session.batch_size = row_map, len(idx)
+                try:
+                    out = _orig(*args, **kwargs)
+                finally:
+                    session.row_map, session.batch_size = None, R
+                full = _s.clone()
+                full[idx] = out[0] if isinstance(out, tuple) else out
+                return full
+            layer.forward = partial
         yield
     finally:
         for layer, fwd in saved:
@@ -64,22 +110,23 @@ def _replay(model, upto: int, states: list[torch.Tensor]):
                 layer.forward = fwd
 
 
-def suffix_logits(model, base: Prefix, rows: torch.Tensor, start_pos: int, start_layer: int,
+def suffix_logits(model, base: Prefix, rows: torch.Tensor, start_pos: int, start_layer,
                   interventions: list[Intervention]) -> torch.Tensor:
     """Last-position logits of the runs `rows` (indices into the prefix batch) with `interventions`,
-    computing only positions >= start_pos and layers >= start_layer. Intervention positions are
-    local: 0 is column start_pos."""
-    p, s = start_pos, start_layer
+    computing only positions >= start_pos and, for each row, layers >= its start layer (an int for all
+    rows, or a LongTensor with one per row). Intervention positions are local: 0 is column start_pos."""
+    p = start_pos
+    start = torch.as_tensor(start_layer, dtype=torch.long).expand(len(rows)) if not torch.is_tensor(start_layer) \
+        else start_layer
     inp = base.inputs
     ids = inp["input_ids"][rows, p:]
     past = None
     if p > 0:
         data = [(k[rows, :, :p], v[rows, :, :p]) for k, v in zip(base.keys, base.values)]
         past = DynamicCache(ddp_cache_data=data, config=model.hf.config)
-    states = [st[rows, p:] for st in base.states[:s]]
     session = _Session(model, [], interventions)
     session.batch_size = len(rows)
-    with session, _replay(model, s, states), torch.no_grad():
+    with session, _replay(model, base, rows, start, p, session), torch.no_grad():
         out = model.hf(input_ids=ids, attention_mask=inp["attention_mask"][rows],
                        position_ids=inp["position_ids"][rows, p:], past_key_values=past, use_cache=True,
                        logits_to_keep=1)
