@@ -34,17 +34,10 @@ class _Unit:
 
 
 def _units(model, kind: str, positions, seq: int) -> tuple[list[_Unit], list[str], list[int] | None]:
-    d = model.dims
-    if kind in RESID_KINDS:
-        names = [str(s) for s in model.sites(kind)]
-    elif kind == "head":
-        names = [str(s) for s in model.sites("head")]
-    elif kind == "neuron":
-        names = [str(s) for s in model.sites("neuron")]
-    elif kind == "expert":
-        names = [str(s) for s in model.sites("expert")]
-    else:
+    """Every (site, column) patch of one granularity, the Scores row names, and the columns (None = all at once)."""
+    if kind not in KINDS:
         raise TaskError(f"Unknown patching granularity {kind!r}; choose one of {', '.join(KINDS)}.")
+    names = [str(s) for s in model.sites(kind)]
     if not names:
         raise TaskError(f"This model has no {kind} sites (e.g. experts need a mixture-of-experts model).")
     if positions == "all":
@@ -58,23 +51,21 @@ def _units(model, kind: str, positions, seq: int) -> tuple[list[_Unit], list[str
     for r, n in enumerate(names):
         for p in (cols if cols is not None else [None]):
             units.append(_Unit(n, layer(n), r, p))
-    _ = d
     return units, names, cols
 
 
-def _source_values(model, inputs, names: list[str], kind: str) -> dict[str, torch.Tensor]:
-    """Each unit's value in the source run, [batch, pos, ...] per site name (layer-level caches sliced)."""
-    layer_sites = sorted({n.split(".")[0] + "." + (kind if kind in RESID_KINDS else kind) for n in names})
-    run = model.run(inputs, cache=layer_sites)
+def _layer_sites(names: list[str], kind: str) -> list[str]:
+    """The layer-level sites (`L3.head`, `L3.resid_pre`, ...) that hold the units `names`."""
+    return sorted({n.split(".")[0] + "." + kind for n in names})
+
+
+def _unit_values(cache: dict[str, torch.Tensor], names: list[str], kind: str) -> dict[str, torch.Tensor]:
+    """Each unit's value, [batch, pos, ...], sliced out of the layer-level caches."""
     out = {}
     for n in names:
-        base = n.split(".")[0] + "." + kind
-        full = run[base]
-        if kind in RESID_KINDS:
-            out[n] = full
-        else:  # head{h}, neuron{j}, expert{e}: index the layer-level tensor
-            idx = int(n.split(".")[1][len(kind):])
-            out[n] = full[:, :, idx]
+        full = cache[n.split(".")[0] + "." + kind]
+        # resid-type units are whole layer tensors; head{h}, neuron{j}, expert{e} index them
+        out[n] = full if kind in RESID_KINDS else full[:, :, int(n.split(".")[1][len(kind):])]
     return out
 
 
@@ -100,16 +91,18 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
         raise TaskError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
     if ablation not in (None, "mean", "resample"):
         raise TaskError(f"ablation must be None, 'mean' or 'resample', not {ablation!r}.")
-    clean_base = prefix(model, batch.clean)
-    corr_base = prefix(model, batch.corrupted) if batch.corrupted is not None else None
+    units, names, cols = _units(model, kind, positions, batch.seq)
+    # the source of the patched values is one of the two runs every patch needs anyway
+    source_is_clean = ablation is not None or direction == "denoise"
+    needed = _layer_sites(names, kind)
+    clean_base = prefix(model, batch.clean, cache=needed if source_is_clean else ())
+    corr_base = None
+    if batch.corrupted is not None:
+        corr_base = prefix(model, batch.corrupted, cache=() if source_is_clean else needed)
     m_clean = fn(clean_base.logits, batch).mean()
     m_corr = fn(corr_base.logits, batch).mean() if corr_base is not None else torch.tensor(0.0)
-    if ablation is not None or direction == "noise":
-        target, source_inputs = clean_base, (batch.corrupted if ablation is None else batch.clean)
-    else:
-        target, source_inputs = corr_base, batch.clean
-    units, names, cols = _units(model, kind, positions, batch.seq)
-    src = _source_values(model, source_inputs, names, kind)
+    target = corr_base if (ablation is None and direction == "denoise") else clean_base
+    src = _unit_values((clean_base if source_is_clean else corr_base).cache, names, kind)
     if ablation == "mean":
         real = batch.clean["attention_mask"].bool()
         w = real.float() / real.float().sum(0).clamp(min=1)
@@ -185,7 +178,7 @@ def patch_naive(model, task: Task | TaskBatch, kind: str = "resid_pre", position
     fn = M.get(metric or (task.metric if isinstance(task, Task) else "logit_diff"))
     target, source = (batch.corrupted, batch.clean) if direction == "denoise" else (batch.clean, batch.corrupted)
     units, names, cols = _units(model, kind, positions, batch.seq)
-    src = _source_values(model, source, names, kind)
+    src = _unit_values(model.run(source, cache=_layer_sites(names, kind)).cache, names, kind)
     clean = fn(model.run(batch.clean).logits[:, -1], batch).mean()
     corr = fn(model.run(batch.corrupted).logits[:, -1], batch).mean()
     out = torch.zeros(len(names), len(cols) if cols is not None else 1)

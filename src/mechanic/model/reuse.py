@@ -28,23 +28,25 @@ class Prefix:
     values: list[torch.Tensor]
     states: list[torch.Tensor]      # per layer resid_post [batch, pos, d_model]
     logits: torch.Tensor            # [batch, vocab] at the last position
+    cache: dict[str, torch.Tensor]  # any extra sites asked for
 
 
-def prefix(model, inputs) -> Prefix:
-    """Run once with a key/value cache and every layer's output recorded."""
+def prefix(model, inputs, cache=()) -> Prefix:
+    """Run once with a key/value cache, every layer's output and the extra `cache` sites recorded."""
     inputs = model.inputs(inputs)
     sites = [f"L{i}.resid_post" for i in range(model.dims.n_layers)]
-    session = _Session(model, sites, [])
+    session = _Session(model, sites + [s for s in cache if s not in sites], [])
     session.batch_size = inputs["input_ids"].shape[0]
     with session, torch.no_grad():
         out = model.hf(**inputs, use_cache=True)
-    cache = out.past_key_values
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
+    kv = out.past_key_values
+    keys = [layer.keys for layer in kv.layers]
+    values = [layer.values for layer in kv.layers]
     if len(keys) != model.dims.n_layers:
         raise NotImplementedError(f"{type(model.hf).__name__}: its cache has {len(keys)} layers for "
                                   f"{model.dims.n_layers} decoder layers; causal reuse does not support it.")
-    return Prefix(inputs, keys, values, [session.values[s] for s in sites], out.logits[:, -1])
+    return Prefix(inputs, keys, values, [session.values[s] for s in sites], out.logits[:, -1],
+                  {s: session.values[s] for s in cache})
 
 
 def _sub(obj, active: torch.Tensor, R: int):
