@@ -69,10 +69,14 @@ def main() -> None:
         scores = patch(model, task, "resid_pre", positions="all", progress=False)
         times.append(time.perf_counter() - t)
     t = time.perf_counter()
+    every = patch(model, task, "resid_pre", positions="all", progress=False, skip_unchanged=False)
+    every_s = time.perf_counter() - t
+    t = time.perf_counter()
     batched = plain_runs(model, pair, 64)
     batched_s = time.perf_counter() - t
     result = {"peer": "mechanic", "version": mechanic.__version__, "tool_s": times, "values": scores.values.tolist(),
-              "batched64_s": batched_s, "batched64_values": batched.tolist()}
+              "runs_computed": scores.settings["runs_computed"],
+              "every_s": every_s, "every_values": every.values.tolist(), "batched64_s": batched_s, "batched64_values": batched.tolist()}
     if args.naive:
         t = time.perf_counter()
         naive = plain_runs(model, pair, 1)

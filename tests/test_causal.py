@@ -36,6 +36,23 @@ def test_fast_patching_equals_naive(arch, kind, positions):
     assert (noise.values - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["resid_pre", "head", "neuron"])
+def test_patches_that_change_nothing_are_not_rerun_and_still_exact(kind):
+    m = mechanic.load(tiny_model("llama"))
+    b = tiny_batch(m)
+    ids = b.clean["input_ids"].clone()
+    ids[:, 4:] = b.corrupted["input_ids"][:, 4:]  # clean and corrupted agree on columns 0-3
+    b = TaskBatch(b.clean, {**b.clean, "input_ids": ids}, b.answer, b.wrong, b.tokens)
+    fast = patch(m, b, kind, positions="all", batch_size=7, progress=False)
+    full = patch(m, b, kind, positions="all", skip_unchanged=False, progress=False)
+    ref = patch_naive(m, b, kind, positions="all")
+    n_units = len(m.sites(kind))
+    assert fast.settings["runs_unchanged"] == n_units * 4 * b.n  # every unit at columns 0-3, both examples
+    assert fast.settings["runs_computed"] + fast.settings["runs_unchanged"] == full.settings["runs_computed"]
+    assert (fast.values - ref).abs().max().item() < 1e-4
+    assert (full.values - ref).abs().max().item() < 1e-4
+
+
 def test_neurons_and_experts():
     m = mechanic.load(tiny_model("llama"))
     b = tiny_batch(m, 1)

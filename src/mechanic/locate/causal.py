@@ -71,7 +71,7 @@ def _unit_values(cache: dict[str, torch.Tensor], names: list[str], kind: str) ->
 
 def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all", direction: str = "denoise",
           metric: str | None = None, ablation: str | None = None, normalise: bool = True, batch_size: int = 64,
-          layer_span: int | None = None, seed: int = 0, progress: bool = True) -> Scores:
+          layer_span: int | None = None, seed: int = 0, skip_unchanged: bool = True, progress: bool = True) -> Scores:
     """Patch every site of one granularity and score the metric at the last position.
 
     direction: "denoise" patches clean values into the corrupted run (how much does this site restore?),
@@ -80,6 +80,8 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
     clean run; no corrupted prompts needed.
     positions: "all" (layer x position grid), None (all positions at once), or column indices.
     Scores are the mean over examples, normalised to (m - m_corrupted) / (m_clean - m_corrupted).
+    skip_unchanged: a patch whose value equals, bit for bit, the value already in the target run (e.g. every
+    column before the first token where clean and corrupted differ) is that run's own metric, not recomputed.
     """
     batch = task.tokenize(model) if isinstance(task, Task) else task
     name = task.name if isinstance(task, Task) else None
@@ -95,10 +97,8 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
     # the source of the patched values is one of the two runs every patch needs anyway
     source_is_clean = ablation is not None or direction == "denoise"
     needed = _layer_sites(names, kind)
-    clean_base = prefix(model, batch.clean, cache=needed if source_is_clean else ())
-    corr_base = None
-    if batch.corrupted is not None:
-        corr_base = prefix(model, batch.corrupted, cache=() if source_is_clean else needed)
+    clean_base = prefix(model, batch.clean, cache=needed)
+    corr_base = prefix(model, batch.corrupted, cache=needed) if batch.corrupted is not None else None
     m_clean = fn(clean_base.logits, batch).mean()
     m_corr = fn(corr_base.logits, batch).mean() if corr_base is not None else torch.tensor(0.0)
     target = corr_base if (ablation is None and direction == "denoise") else clean_base
@@ -114,10 +114,16 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
         perm = torch.where(perm == torch.arange(batch.n), (perm + 1) % batch.n, perm)
         src = {k: v[perm] for k, v in src.items()}
     totals = torch.zeros(len(names), len(cols) if cols is not None else 1)
+    pairs, same = [(u, e) for u in units for e in range(batch.n)], []
+    if skip_unchanged:
+        base_metric = fn(target.logits, batch)
+        pairs, same = _changed(pairs, src, _unit_values(target.cache, names, kind))
+        for u, e in same:
+            totals[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(base_metric[e])
     # Chunks start at their lowest layer; at SmolLM2 size, fewer and larger forwards beat finer layer
     # chunks (small matmuls run far below peak), so by default only batch_size splits the layers.
     span = layer_span or model.dims.n_layers
-    plan = _plan(units, batch.n, batch_size, span)
+    plan = _plan(pairs, batch_size, span)
     for start_pos, chunk in tqdm(plan, desc=f"patch {kind}", disable=not progress, leave=False):
         start_layer = torch.tensor([u.layer for u, _ in chunk])
         rows = torch.tensor([e for _, e in chunk])
@@ -145,27 +151,42 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
                   model=model.name, fingerprint=model.fingerprint,
                   settings={"direction": direction, "ablation": ablation, "normalise": normalise,
                             "metric_clean": float(m_clean), "metric_corrupted": float(m_corr),
-                            "examples": batch.n, "columns": cols, "seed": seed})
+                            "examples": batch.n, "columns": cols, "seed": seed,
+                            "runs_computed": len(pairs), "runs_unchanged": len(same)})
 
 
-def _plan(units: list[_Unit], n_examples: int, batch_size: int, span: int):
+def _changed(pairs: list[tuple[_Unit, int]], src: dict, tgt: dict):
+    """Split (unit, example) pairs into those whose patched value differs from the target run's and those
+    whose value is already there (bit for bit), so patching them changes nothing."""
+    same_cell = {}
+    for name in src:
+        eq = src[name] == tgt[name]
+        eq = eq.flatten(2).all(-1) if eq.dim() > 2 else eq  # [batch, pos]
+        same_cell[name] = eq, eq.all(-1)
+    todo, same = [], []
+    for u, e in pairs:
+        cells, whole = same_cell[u.site]
+        (same if bool(whole[e] if u.pos is None else cells[e, u.pos]) else todo).append((u, e))
+    return todo, same
+
+
+def _plan(pairs: list[tuple[_Unit, int]], batch_size: int, span: int):
     """Group (unit, example) rows into forwards: one start column each, a few layers wide, at most batch_size."""
-    by_col: dict[int, list[_Unit]] = {}
-    for u in units:
-        by_col.setdefault(u.pos or 0, []).append(u)
+    by_col: dict[int, list] = {}
+    for u, e in pairs:
+        by_col.setdefault(u.pos or 0, []).append((u, e))
     plan = []
     for col in sorted(by_col):
-        us = sorted(by_col[col], key=lambda u: u.layer)
+        us = sorted(by_col[col], key=lambda ue: ue[0].layer)
         chunk: list[tuple[_Unit, int]] = []
         low = None
-        for u in us:
-            for e in range(n_examples):
-                if chunk and (len(chunk) >= batch_size or u.layer - low >= span):
-                    plan.append((col, chunk))
-                    chunk = []
-                if not chunk:
-                    low = u.layer
-                chunk.append((u, e))
+        for u, e in us:
+            if chunk and (len(chunk) >= batch_size or u.layer - low >= span):
+                plan.append((col, chunk))
+                chunk = []
+            if not chunk:
+                low = u.layer
+            chunk.append((u, e))
         if chunk:
             plan.append((col, chunk))
     return plan
