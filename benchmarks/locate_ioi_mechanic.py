@@ -10,7 +10,8 @@ import torch
 
 import mechanic
 from mechanic.locate.causal import patch
-from mechanic.locate.circuit import faithfulness_curve
+from mechanic.locate.acdc import acdc
+from mechanic.locate.circuit import faithfulness, faithfulness_curve, top_edges
 from mechanic.locate.gradient import ComponentGraph, atp, eap
 from mechanic.tasks.builtin import load_task
 from mechanic.tasks.metrics import logit_diff
@@ -25,6 +26,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--n", type=int, default=16, help="IOI examples, spread over templates and name orders")
+    p.add_argument("--acdc-start", type=int, default=300, help="ACDC prunes the top-n EAP-IG circuit")
+    p.add_argument("--acdc-threshold", type=float, default=0.01)
     args = p.parse_args()
     torch.set_num_threads(2)
     m = mechanic.load(args.model)
@@ -51,12 +54,19 @@ def main() -> None:
     edges = eap(m, b, ig_steps=5)
     t_eap = time.perf_counter() - t
     curve = faithfulness_curve(m, b, edges, [0, 100, 300, 1000, 3000, 10000, g.n_edges])
+    start = top_edges(edges, args.acdc_start)
+    t = time.perf_counter()
+    pruned, log = acdc(m, b, start, threshold=args.acdc_threshold, progress=False)
+    t_acdc = time.perf_counter() - t
+    acdc_row = {k: log[k] for k in ("threshold", "edges_start", "edges_end", "runs", "nodes", "faithfulness")}
+    acdc_row.update(seconds=t_acdc, faithfulness_start=faithfulness(m, b, start)["faithfulness"],
+                    faithfulness_topn_same_size=faithfulness(m, b, top_edges(edges, len(pruned)))["faithfulness"])
     print(json.dumps({
         "examples": b.n, "heads": len(approx.sites),
         "spearman_atp_vs_exact": spearman(approx.values, exact.values),
         "atp_s": t_atp, "fwd_bwd_s": t_fb, "exact_head_patching_s": t_exact, "eap_ig_s": t_eap,
         "metric_clean": exact.settings["metric_clean"], "metric_corrupted": exact.settings["metric_corrupted"],
-        "edges_total": g.n_edges, "faithfulness": curve,
+        "edges_total": g.n_edges, "faithfulness": curve, "acdc": acdc_row,
         "top_heads_exact": exact.top(5), "top_heads_atp": approx.top(5)}))
 
 

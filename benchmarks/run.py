@@ -134,6 +134,14 @@ def ioi_lines(r: dict) -> list[str]:
              "| top edges requested | edges kept (connected) | nodes | faithfulness |", "|---|---|---|---|"]
     for c in r["faithfulness"]:
         lines.append(f"| {c['requested']} | {c['edges']} | {c['nodes']} | {c['faithfulness']:.3f} |")
+    a = r.get("acdc")
+    if a:
+        lines += ["", f"Greedy ACDC pruning (`locate.acdc`, threshold {a['threshold']} of the clean - corrupted gap) "
+                  f"of the top-{a['edges_start']} EAP-IG circuit: {a['runs']} patched-graph runs, {a['seconds']:.0f} s.", "",
+                  "| circuit | edges | faithfulness |", "|---|---|---|",
+                  f"| EAP-IG top edges (start) | {a['edges_start']} | {a['faithfulness_start']:.3f} |",
+                  f"| after ACDC | {a['edges_end']} ({a['nodes']} nodes) | {a['faithfulness']:.3f} |",
+                  f"| EAP-IG top edges, same size as ACDC's | {a['edges_end']} | {a['faithfulness_topn_same_size']:.3f} |"]
     return lines
 
 

@@ -122,50 +122,69 @@ def top_edges(scores: Scores, n: int, prune_dangling: bool = True) -> Circuit:
     return Circuit(senders, receivers, keep, requested=n)
 
 
-def _evaluate(model, task: Task | TaskBatch, circuits: list[Circuit], patch: str, metric, batch_size) -> list[dict]:
-    if patch not in PATCHES:
-        raise ValueError(f"patch must be one of {', '.join(PATCHES)}, got {patch!r}.")
-    graph = ComponentGraph(model)
-    for c in circuits:
-        if c.senders != graph.senders or c.receivers != graph.receivers:
+class PatchedGraph:
+    """One task made ready for patched-graph runs: per chunk of examples its inputs, layer calls and the
+    reference values non-circuit edges carry; `metric(keep)` is then one graph run per chunk."""
+
+    def __init__(self, model, task: Task | TaskBatch, patch: str = "corrupted", metric: str | Metric | None = None,
+                 batch_size: int | None = 8):
+        if patch not in PATCHES:
+            raise ValueError(f"patch must be one of {', '.join(PATCHES)}, got {patch!r}.")
+        self.graph = ComponentGraph(model)
+        batch, _, task_metric = task_batch(model, task)
+        need_corrupted(batch, "Faithfulness")
+        self.patch = patch
+        self.metric_name, self.fn = metric_fn(metric, task_metric)
+        self.n, size = batch.n, batch_size or batch.n
+        self.chunks = []
+        m_clean = m_corr = 0.0
+        with torch.no_grad():
+            for sl in [slice(s, s + size) for s in range(0, self.n, size)]:
+                b = rows(batch, sl)
+                x0c, x0x, calls, lc, lx = prepare_graph_inputs(model, self.graph, b)
+                m_clean += float(self.fn(lc, b).sum())
+                m_corr += float(self.fn(lx, b).sum())
+                ref = self.graph.execute(x0x, calls)[0] if patch == "corrupted" else None
+                self.chunks.append((b, x0c, calls, ref))
+            if patch == "mean":  # per-position mean of every sender output over the task's clean prompts
+                mean = sum(self.graph.execute(x0c, calls)[0].sum(1, keepdim=True) for _, x0c, calls, _ in self.chunks)
+                self.chunks = [(b, x0c, calls, mean / self.n) for b, x0c, calls, _ in self.chunks]
+            elif patch == "zero":
+                zero = torch.zeros(1, 1, 1, 1, dtype=x0c.dtype, device=x0c.device)
+                self.chunks = [(b, x0c, calls, zero) for b, x0c, calls, _ in self.chunks]
+        self.metric_clean, self.metric_corrupted = m_clean / self.n, m_corr / self.n
+
+    def check(self, c: Circuit) -> None:
+        """Refuse a circuit built for another model's graph."""
+        if c.senders != self.graph.senders or c.receivers != self.graph.receivers:
             raise ValueError("This circuit was built for another model's graph (its node names differ); "
                              "build it from scores or a ComponentGraph of this model.")
-    batch, _, task_metric = task_batch(model, task)
-    need_corrupted(batch, "Faithfulness")
-    mname, mfn = metric_fn(metric, task_metric)
-    n, size = batch.n, batch_size or batch.n
-    chunks = [slice(s, s + size) for s in range(0, n, size)]
-    mean = None
-    if patch == "mean":  # per-position mean of every sender output over the task's clean prompts
-        for sl in chunks:
-            b = rows(batch, sl)
-            x0c, _, calls, _, _ = prepare_graph_inputs(model, graph, b)
-            with torch.no_grad():
-                s = graph.execute(x0c, calls)[0].sum(1, keepdim=True)
-            mean = s if mean is None else mean + s
-        mean = mean / n
-    sums = [0.0] * len(circuits)
-    m_clean = m_corr = 0.0
-    for sl in chunks:
-        b = rows(batch, sl)
-        x0c, x0x, calls, lc, lx = prepare_graph_inputs(model, graph, b)
-        m_clean += float(mfn(lc, b).sum())
-        m_corr += float(mfn(lx, b).sum())
+
+    def metric(self, keep: torch.Tensor) -> float:
+        """The metric averaged over the examples, with every edge outside `keep` carrying its reference value."""
+        total = 0.0
         with torch.no_grad():
-            if patch == "corrupted":
-                ref = graph.execute(x0x, calls)[0]
-            elif patch == "mean":
-                ref = mean
-            else:
-                ref = torch.zeros(1, 1, 1, 1, dtype=x0c.dtype, device=x0c.device)
-            for i, c in enumerate(circuits):
-                _, logits = graph.execute(x0c, calls, keep=c.keep.to(x0c.device), ref=ref)
-                sums[i] += float(mfn(logits, b).sum())
-    m_clean, m_corr = m_clean / n, m_corr / n
-    return [{"edges": len(c), "requested": c.requested, "nodes": len(c.nodes), "metric": s / n,
-             "metric_clean": m_clean, "metric_corrupted": m_corr,
-             "faithfulness": (s / n - m_corr) / (m_clean - m_corr), "patch": patch, "metric_name": mname}
-            for c, s in zip(circuits, sums)]
+            for b, x0c, calls, ref in self.chunks:
+                _, logits = self.graph.execute(x0c, calls, keep=keep.to(x0c.device), ref=ref)
+                total += float(self.fn(logits, b).sum())
+        return total / self.n
+
+    def faithfulness(self, m: float) -> float:
+        """(m - m_corrupted) / (m_clean - m_corrupted)."""
+        return (m - self.metric_corrupted) / (self.metric_clean - self.metric_corrupted)
+
+    def report(self, c: Circuit, m: float) -> dict:
+        """The faithfulness dict of circuit c whose metric is m."""
+        return {"edges": len(c), "requested": c.requested, "nodes": len(c.nodes), "metric": m,
+                "metric_clean": self.metric_clean, "metric_corrupted": self.metric_corrupted,
+                "faithfulness": self.faithfulness(m), "patch": self.patch, "metric_name": self.metric_name}
+
+
+def _evaluate(model, task: Task | TaskBatch, circuits: list[Circuit], patch: str, metric, batch_size) -> list[dict]:
+    runner = PatchedGraph(model, task, patch, metric, batch_size)
+    for c in circuits:
+        runner.check(c)
+    return [runner.report(c, runner.metric(c.keep)) for c in circuits]
 
 
 def faithfulness(model, task: Task | TaskBatch, circuit: Circuit, *, patch: str = "corrupted",
