@@ -97,7 +97,7 @@ class _Session:
         self.resid_mid: dict[int, _Point] = defaultdict(_Point)
         self.attn_fn: dict[int, dict] = defaultdict(lambda: {"ivs": [], "reads": []})
         self.experts: dict[int, dict] = defaultdict(lambda: {"ivs": [], "reads": []})
-        for iv in interventions:
+        for iv in [*getattr(model, "steering", ()), *interventions]:  # applied plans first
             self._add(model.check(iv.site), iv=iv)
         for s in cache:
             self._add(model.check(s))

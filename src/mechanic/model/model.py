@@ -36,6 +36,7 @@ class Model:
         self.arch: ArchMap = arch_for(hf_model)
         self.layers = get_module(hf_model, self.arch.layers)
         self.dims = self._dims()
+        self.steering: list = []  # interventions of applied plans, active in every run (see mechanic.steer.plan)
 
     # ---- structure -------------------------------------------------------
     def layer_module(self, layer: int, path: str) -> torch.nn.Module | None:
@@ -216,6 +217,41 @@ class Model:
         from mechanic.model.hooks import generate
 
         return generate(self, inputs, interventions=interventions, **kwargs)
+
+    def applied(self, plan, check: bool = True):
+        """`with model.applied(plan): ...` runs the block with the plan applied, undone afterwards."""
+        from mechanic.steer.plan import applied
+
+        return applied(self, plan, check)
+
+    def save(self, path) -> "Path":
+        """Write the model as it is now (weight edits included) to a NEW directory that plain transformers
+        loads: safetensors weights, config, tokenizer. Never writes into an existing non-empty directory."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        path = Path(path).expanduser()
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"{path} already exists and is not empty; mechanic saves edited models to a new "
+                                  "directory only (so no checkpoint is ever overwritten). Choose another path.")
+        if self.steering:
+            raise ValueError(f"{len(self.steering)} hook interventions of an applied plan are active; they live in "
+                             "hooks, not in the weights, so a saved model would not contain them. Save the plan "
+                             "(Plan.save) or use its weight-baked form, then save the model.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + "."))
+        try:
+            self.hf.save_pretrained(tmp, safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            if path.exists():
+                path.rmdir()
+            tmp.rename(path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return path
 
     def hook_count(self) -> int:
         """Number of mechanic's torch hooks on the model (0 outside a run; HF's own capture hooks not counted)."""

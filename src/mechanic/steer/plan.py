@@ -1,0 +1,204 @@
+"""Plans: what every steer method returns. A value to inspect, apply, undo, save and load.
+
+A plan holds hook interventions (active in every mechanic run and generate while it is applied) and
+weight edits (new values for slices of parameters; the old values are kept at apply time, so undo
+restores the weights bit for bit). `with model.applied(plan): ...` applies and undoes around a block;
+`plan.apply(model)` returns a handle whose `undo()` does the same later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mechanic.model.interventions import Intervention
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied, saved or loaded as given."""
+
+
+def _mesh(shape: torch.Size, index) -> tuple:
+    """Broadcastable index tensors selecting param[index]: one entry per dim, None = the whole dim, else a list."""
+    if index is None:
+        return tuple(torch.arange(n).view(*[-1 if i == d else 1 for i in range(len(shape))])
+                     for d, n in enumerate(shape))
+    if len(index) != len(shape):
+        raise PlanError(f"A weight-edit index needs one entry per dimension of the parameter ({len(shape)}), "
+                        f"got {len(index)}: use None for a whole dimension and a list of indices otherwise.")
+    out = []
+    for d, (n, ix) in enumerate(zip(shape, index)):
+        t = torch.arange(n) if ix is None else torch.as_tensor(ix, dtype=torch.long).reshape(-1)
+        if t.numel() and (int(t.min()) < -n or int(t.max()) >= n):
+            raise PlanError(f"Weight-edit index {ix} is out of range for dimension {d} of size {n}.")
+        out.append(t.view(*[-1 if i == d else 1 for i in range(len(shape))]))
+    return tuple(out)
+
+
+@dataclass(eq=False)
+class WeightEdit:
+    """Set param[index] to `value` (index: one None-or-list entry per dim, or None for the whole tensor)."""
+
+    param: str
+    value: torch.Tensor
+    index: tuple | None = None
+    note: str = ""
+
+    def _target(self, model) -> torch.nn.Parameter:
+        params = dict(model.hf.named_parameters())
+        if self.param not in params:
+            near = [n for n in params if n.split(".")[-1] == self.param.split(".")[-1]][:3]
+            raise PlanError(f"This model has no parameter {self.param!r} (similar: {', '.join(near) or 'none'}); "
+                            "a plan's weight edits name parameters as model.hf.named_parameters() does.")
+        return params[self.param]
+
+    def apply(self, model) -> torch.Tensor:
+        """Write the new values; return the old ones (for undo)."""
+        p = self._target(model)
+        mesh = _mesh(p.shape, self.index)
+        old = p.data[mesh].clone()
+        if tuple(self.value.shape) != tuple(old.shape):
+            raise PlanError(f"Weight edit of {self.param}: the new values have shape {list(self.value.shape)} but "
+                            f"the selected slice has shape {list(old.shape)}.")
+        p.data[mesh] = self.value.to(device=p.device, dtype=p.dtype)
+        return old
+
+    def restore(self, model, old: torch.Tensor) -> None:
+        """Put the old values back, exactly."""
+        p = self._target(model)
+        p.data[_mesh(p.shape, self.index)] = old
+
+
+@dataclass(eq=False)
+class Plan:
+    """Hook interventions plus weight edits, with the method and settings that made them."""
+
+    interventions: list[Intervention] = field(default_factory=list)
+    edits: list[WeightEdit] = field(default_factory=list)
+    method: str = ""
+    fingerprint: str | None = None   # of the model the plan was made for
+    settings: dict = field(default_factory=dict)
+
+    def __add__(self, other: Plan) -> Plan:
+        """Both plans, this one's steps first."""
+        return Plan(self.interventions + other.interventions, self.edits + other.edits,
+                    " + ".join(x for x in (self.method, other.method) if x),
+                    self.fingerprint or other.fingerprint, {"parts": [self.settings, other.settings]})
+
+    def __repr__(self) -> str:
+        ivs = ", ".join(f"{iv.op} {iv.site}" for iv in self.interventions[:4])
+        more = "..." if len(self.interventions) > 4 else ""
+        return (f"Plan({self.method or 'custom'}: {len(self.interventions)} interventions [{ivs}{more}], "
+                f"{len(self.edits)} weight edits)")
+
+    def apply(self, model, check: bool = True) -> Applied:
+        """Make the plan active on `model` until the returned handle's undo()."""
+        if check and self.fingerprint and self.fingerprint != model.fingerprint:
+            raise PlanError(f"This plan was made for a model with fingerprint {self.fingerprint}, but this model's "
+                            f"is {model.fingerprint}. Apply it to the model it was made for, or pass check=False "
+                            "if you know the sites and parameters match.")
+        for iv in self.interventions:
+            model.check(iv.site)
+        done: list[tuple[WeightEdit, torch.Tensor]] = []
+        try:
+            for e in self.edits:
+                done.append((e, e.apply(model)))
+        except Exception:
+            for e, old in reversed(done):
+                e.restore(model, old)
+            raise
+        model.steering.extend(self.interventions)
+        return Applied(model, self, done)
+
+    # ---- files
+    def save(self, path: str | os.PathLike) -> Path:
+        """One safetensors file: tensors (intervention values, edit values) plus the rest as JSON metadata."""
+        path = Path(path)
+        tensors, ivs, edits = {}, [], []
+        for i, iv in enumerate(self.interventions):
+            if iv.op == "fn":
+                raise PlanError(f"Intervention {i} ({iv.site}) is a Python function, which cannot be saved; "
+                                "express it as replace/add/scale/mean/project with a tensor value.")
+            if not _jsonable(iv.pos) or not _jsonable(iv.rows):
+                raise PlanError(f"Intervention {i} ({iv.site}) selects positions/rows with tensors; saved plans "
+                                "take None, ints, lists, 'prompt' or 'generated'.")
+            value = iv.value
+            if torch.is_tensor(value):
+                tensors[f"iv{i}"] = value.detach().cpu().contiguous()
+                value = None
+            ivs.append({"site": str(iv.site), "op": iv.op, "value": value, "coef": iv.coef, "pos": iv.pos,
+                        "rows": iv.rows})
+        for i, e in enumerate(self.edits):
+            tensors[f"edit{i}"] = e.value.detach().cpu().contiguous()
+            edits.append({"param": e.param, "index": e.index, "note": e.note})
+        meta = {"format": "mechanic.plan/1", "method": self.method, "fingerprint": self.fingerprint,
+                "settings": self.settings, "interventions": ivs, "edits": edits}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+        os.close(fd)
+        try:
+            save_file(tensors or {"_empty": torch.zeros(0)}, tmp, metadata={"plan": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        """Read a plan written by `save`."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("plan", "null") or "null")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # missing file, not safetensors, bad JSON: one message
+            raise PlanError(f"{path} is not a readable plan file ({e}); plans are written by Plan.save.") from e
+        if not meta or meta.get("format") != "mechanic.plan/1":
+            raise PlanError(f"{path} is a safetensors file but not a mechanic plan (no 'plan' metadata).")
+        ivs = [Intervention(d["site"], d["op"], tensors.get(f"iv{i}", d["value"]), coef=d["coef"],
+                            pos=d["pos"], rows=d["rows"])
+               for i, d in enumerate(meta["interventions"])]
+        edits = [WeightEdit(d["param"], tensors[f"edit{i}"], None if d["index"] is None else tuple(d["index"]),
+                            d["note"]) for i, d in enumerate(meta["edits"])]
+        return cls(ivs, edits, meta["method"], meta["fingerprint"], meta["settings"])
+
+
+def _jsonable(x) -> bool:
+    return x is None or isinstance(x, (int, str)) or (isinstance(x, (list, tuple)) and all(isinstance(v, int) for v in x))
+
+
+class Applied:
+    """An applied plan; undo() removes its interventions and restores every edited weight bit for bit."""
+
+    def __init__(self, model, plan: Plan, done: list):
+        self.model, self.plan, self._done = model, plan, done
+        self.active = True
+
+    def undo(self) -> None:
+        """Undo the plan (a second call does nothing)."""
+        if not self.active:
+            return
+        for e, old in reversed(self._done):
+            e.restore(self.model, old)
+        for iv in self.plan.interventions:  # one occurrence each: the same plan may be applied twice
+            i = next(i for i, x in enumerate(self.model.steering) if x is iv)
+            del self.model.steering[i]
+        self.active = False
+
+
+@contextmanager
+def applied(model, plan: Plan, check: bool = True):
+    """Apply `plan` to `model` for the duration of a with-block, undone even on errors."""
+    handle = plan.apply(model, check=check)
+    try:
+        yield model
+    finally:
+        handle.undo()
