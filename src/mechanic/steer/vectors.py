@@ -1,0 +1,359 @@
+"""Steering vectors: the Vector value (per-layer directions + metadata) and its extraction from contrastive pairs.
+
+Hook point: a vector of site kind `resid_post` at layer L is added to the **output of decoder layer L**
+(0-based, `model.layers[L]`), i.e. Hugging Face's `hidden_states[L + 1]` for L < n_layers - 1 (HF's
+last hidden state has the final norm applied; ours does not). That is also where llama.cpp adds a
+control vector's `direction.L` (see mechanic.steer.vector_io and docs/STEERING.md).
+
+Methods (all read the activations of each side of each pair at one read position, see
+mechanic.model.readout):
+- `caa`: mean over pairs of (positive - negative) (contrastive activation addition, Rimsky et al.).
+- `pca_diff`: first principal component of the pair differences (centred, as repeng's PCA does),
+  unit norm, sign set so the mean difference projects positively.
+- `pca_center`: first principal component of the pair-centred activations (each pair minus its own
+  midpoint), unit norm, same sign rule. Pair-centring makes this the *uncentred* PCA of the differences
+  (each pair contributes +d/2 and -d/2), i.e. steering-vectors' `pca_aggregator`.
+- `actadd`: one pair's difference (ActAdd, Turner et al.).
+- `from_probe`: a linear probe's unit direction (mechanic.locate.probe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import torch
+
+from mechanic.model.interventions import Intervention, add, project_out
+from mechanic.model.readout import Read, check_read, describe, read as read_sites
+
+KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+OPERATIONS = ("add", "project")
+METHODS = ("caa", "pca_diff", "pca_center", "actadd")
+LAYER_CONVENTION = "decoder-layer"  # key L = 0-based index of model.layers[L]; resid_post = that layer's output
+
+
+class VectorError(ValueError):
+    """A vector or a set of contrastive pairs that cannot be used as given."""
+
+
+@dataclass
+class Vector:
+    """Per-layer directions at one site kind, with how they were made.
+
+    directions: {layer: [d_model] float32}; layer = 0-based decoder layer index (LAYER_CONVENTION).
+    site: the site kind the direction lives at; `resid_post` (default) = the output of decoder layer L.
+    operation: `add` (x + c v) or `project` (remove the component along v).
+    norm: `raw` (in activation units, as extracted) or `unit` (every direction has norm 1).
+    read: the read position the activations were taken at; model / model_type / fingerprint tie the
+    vector to the model it came from; settings holds the method's options and diagnostics.
+    """
+
+    directions: dict[int, torch.Tensor]
+    site: str = "resid_post"
+    method: str = "caa"
+    read: str = "last"
+    model: str | None = None
+    model_type: str | None = None
+    fingerprint: str | None = None
+    operation: str = "add"
+    norm: str = "raw"
+    layer_convention: str = LAYER_CONVENTION
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.site not in KINDS:
+            raise VectorError(f"Vector site kind {self.site!r} is not supported; use one of {', '.join(KINDS)} "
+                              "(per-layer sites of width d_model).")
+        if self.operation not in OPERATIONS:
+            raise VectorError(f"Unknown vector operation {self.operation!r}; use 'add' or 'project'.")
+        if not self.directions:
+            raise VectorError("A Vector needs at least one layer's direction.")
+        dirs, width = {}, None
+        for layer, d in sorted(self.directions.items()):
+            d = torch.as_tensor(d).detach().to(torch.float32).cpu().contiguous()
+            if d.dim() != 1 or int(layer) < 0:
+                raise VectorError(f"Direction for layer {layer} must be a 1-D [d_model] tensor at a layer >= 0; "
+                                  f"got shape {list(d.shape)}.")
+            if width is not None and d.numel() != width:
+                raise VectorError(f"Directions have different widths ({width} and {d.numel()} at layer {layer}); "
+                                  "all layers of one vector must share d_model.")
+            width = d.numel()
+            dirs[int(layer)] = d
+        self.directions = dirs
+
+    # ---- views
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.directions)
+
+    @property
+    def d_model(self) -> int:
+        return next(iter(self.directions.values())).numel()
+
+    def norms(self) -> dict[int, float]:
+        """The L2 norm of each layer's direction."""
+        return {L: float(d.norm()) for L, d in self.directions.items()}
+
+    def unit(self) -> Vector:
+        """The same vector with every direction scaled to norm 1."""
+        return self._with({L: d / d.norm().clamp_min(1e-12) for L, d in self.directions.items()}, norm="unit")
+
+    def select(self, layers: Iterable[int]) -> Vector:
+        """Only the given layers."""
+        layers = [int(L) for L in layers]
+        self._check_layers(layers)
+        return self._with({L: self.directions[L] for L in layers})
+
+    def cosine(self, other: Vector) -> dict[int, float]:
+        """Cosine similarity with another vector at every layer both have."""
+        return {L: float(torch.nn.functional.cosine_similarity(self.directions[L], other.directions[L], dim=0))
+                for L in self.layers if L in other.directions}
+
+    def _with(self, directions: dict[int, torch.Tensor], **changes) -> Vector:
+        return replace(self, directions=directions, settings=dict(self.settings), **changes)
+
+    def _check_layers(self, layers) -> None:
+        missing = [L for L in layers if L not in self.directions]
+        if missing:
+            raise VectorError(f"This vector has no direction at layer(s) {missing}; it has layers {self.layers}.")
+
+    # ---- arithmetic (same site and operation; the result keeps self's metadata)
+    def __mul__(self, c: float) -> Vector:
+        return self._with({L: d * float(c) for L, d in self.directions.items()}, norm="raw")
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Vector:
+        return self * -1.0
+
+    def __add__(self, other: Vector) -> Vector:
+        if not isinstance(other, Vector):
+            return NotImplemented
+        if (other.site, other.operation) != (self.site, self.operation):
+            raise VectorError(f"Cannot add a {other.site}/{other.operation} vector to a {self.site}/{self.operation} "
+                              "vector; both must live at the same site kind with the same operation.")
+        dirs = dict(self.directions)
+        for L, d in other.directions.items():
+            dirs[L] = dirs[L] + d if L in dirs else d
+        return self._with(dirs, norm="raw")
+
+    def __sub__(self, other: Vector) -> Vector:
+        return self + (-other)
+
+    # ---- use
+    def interventions(self, coefficient: float = 1.0, layers: Iterable[int] | None = None,
+                      positions=None) -> list[Intervention]:
+        """Engine interventions that steer: add coefficient x v at `L{layer}.{site}` (or project v out).
+
+        positions: as for any intervention (None = every token; "prompt"/"generated" during generate;
+        an int, list, slice or mask). For operation "project" the coefficient must be 1 (full removal).
+        """
+        layers = self.layers if layers is None else [int(L) for L in layers]
+        self._check_layers(layers)
+        if self.operation == "project":
+            if coefficient != 1.0:
+                raise VectorError("A 'project' vector removes its direction; the coefficient must be 1.0.")
+            return [project_out(f"L{L}.{self.site}", self.directions[L], pos=positions) for L in layers]
+        return [add(f"L{L}.{self.site}", self.directions[L], coef=float(coefficient), pos=positions) for L in layers]
+
+    def check(self, model) -> Vector:
+        """Refuse a vector that does not fit `model` (width or layers); returns self."""
+        if self.d_model != model.dims.d_model:
+            raise VectorError(f"This vector has width {self.d_model} but the model's d_model is {model.dims.d_model}; "
+                              "it was made for another model.")
+        bad = [L for L in self.layers if L >= model.dims.n_layers]
+        if bad:
+            raise VectorError(f"Layers {bad} do not exist in this model (layers 0..{model.dims.n_layers - 1}).")
+        return self
+
+    # ---- files
+    def metadata(self) -> dict:
+        """Everything but the tensors, JSON-ready."""
+        return {"site": self.site, "method": self.method, "read": self.read, "model": self.model,
+                "model_type": self.model_type, "fingerprint": self.fingerprint, "operation": self.operation,
+                "norm": self.norm, "layer_convention": self.layer_convention, "settings": self.settings,
+                "layers": self.layers, "d_model": self.d_model}
+
+    def save(self, path):
+        """Write safetensors with the metadata in its header, or a llama.cpp control vector for a .gguf path."""
+        from mechanic.steer import vector_io
+
+        return vector_io.save(self, path)
+
+    @classmethod
+    def load(cls, path) -> Vector:
+        """Read a file written by `save` (safetensors or .gguf, including llama.cpp / repeng control vectors)."""
+        from mechanic.steer import vector_io
+
+        return vector_io.load(path)
+
+    def __repr__(self) -> str:
+        norms = ", ".join(f"L{L}:{n:.3g}" for L, n in self.norms().items())
+        return f"Vector({self.method}, {self.site}, {self.operation}, read={self.read}, norms={{{norms}}})"
+
+
+# ---------------------------------------------------------------- contrastive pairs
+def pairs_from_task(task, answers: bool = False) -> list[tuple]:
+    """Contrastive pairs from a mechanic Task: (prompt, corrupted), or (prompt, answer, wrong) when answers=True.
+
+    The first is "the behaviour's prompt vs its opposite" (e.g. sentiment: positive vs negative review);
+    the second is CAA's form, one prompt completed with the matching vs the other answer (read="answer").
+    """
+    if answers:
+        missing = [i for i, e in enumerate(task.examples) if e.wrong is None]
+        if missing:
+            raise VectorError(f"Task {task.name!r}: examples {missing[:5]} have no `wrong` answer, so there is no "
+                              "(answer, wrong) contrast; use answers=False for (prompt, corrupted) pairs.")
+        return [(e.prompt, e.answer, e.wrong) for e in task.examples]
+    missing = [i for i, e in enumerate(task.examples) if e.corrupted is None]
+    if missing:
+        raise VectorError(f"Task {task.name!r} has no corrupted prompts (examples {missing[:5]}), so there is no "
+                          "negative side; give pairs explicitly or use answers=True for (prompt, answer, wrong).")
+    return [(e.prompt, e.corrupted) for e in task.examples]
+
+
+def sides(model, pairs, read: Read = "last"):
+    """(positive inputs, negative inputs, positive spans, negative spans) from any accepted form of pairs.
+
+    Forms: a Task; a list of (positive, negative) texts; a list of (prompt, positive answer, negative
+    answer) texts (answer spans recorded, for read="answer"); or a (positive, negative) tuple of token-id
+    tensors / tokenized dicts with the same number of rows.
+    """
+    from mechanic.tasks.task import Task
+
+    if isinstance(pairs, Task):
+        pairs = pairs_from_task(pairs, answers=read == "answer")
+    if isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], str):
+        from mechanic.model.readout import n_rows
+
+        pos, neg = pairs
+        if n_rows(pos) != n_rows(neg):
+            raise VectorError(f"Positive and negative inputs must have the same number of rows; got {n_rows(pos)} "
+                              f"and {n_rows(neg)}.")
+        if read == "answer":
+            raise VectorError("read='answer' needs text pairs given as (prompt, positive answer, negative answer).")
+        return pos, neg, None, None
+    pairs = list(pairs)
+    if not pairs:
+        raise VectorError("No contrastive pairs given; pass a list of (positive, negative) prompts.")
+    sizes = {len(p) if isinstance(p, (tuple, list)) else 0 for p in pairs}
+    if sizes == {2}:
+        if read == "answer":
+            raise VectorError("read='answer' needs pairs as (prompt, positive answer, negative answer) so the answer "
+                              "tokens are known; with (positive, negative) prompts read 'last', a token or a span.")
+        return [p[0] for p in pairs], [p[1] for p in pairs], None, None
+    if sizes == {3}:
+        pos, pspan = _with_answers(model, [(p[0], p[1]) for p in pairs])
+        neg, nspan = _with_answers(model, [(p[0], p[2]) for p in pairs])
+        return pos, neg, pspan, nspan
+    raise VectorError("Pairs must all be (positive, negative) texts or all (prompt, positive answer, negative "
+                      f"answer) texts; got items of lengths {sorted(sizes)}.")
+
+
+def _with_answers(model, items: list[tuple[str, str]]) -> tuple[list[str], torch.Tensor]:
+    """prompt + answer texts and the answer's real-token span [start, end) in each."""
+    tok = model.tokenizer
+    if tok is None:
+        raise VectorError("This model has no tokenizer, so text pairs cannot be used; pass token ids instead.")
+    texts, spans = [], []
+    for prompt, answer in items:
+        a = tok(prompt)["input_ids"]
+        b = tok(prompt + answer)["input_ids"]
+        if b[:len(a)] != a or len(b) == len(a):
+            raise VectorError(f"The answer {answer!r} does not tokenize separately after {prompt[-40:]!r} (the "
+                              "tokens merge across the boundary); start the answer with a space or end the prompt "
+                              "with one.")
+        texts.append(prompt + answer)
+        spans.append((len(a), len(b)))
+    return texts, torch.tensor(spans, dtype=torch.long)
+
+
+def activations(model, pairs, layers: Iterable[int] | None = None, site: str = "resid_post",
+                read: Read = "last", batch_size: int = 16) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """({layer: [n, d] positive activations}, {layer: [n, d] negative activations}) at `L{layer}.{site}`."""
+    check_read(read)
+    if site not in KINDS:
+        raise VectorError(f"Steering site kind {site!r} is not supported; use one of {', '.join(KINDS)}.")
+    layers = list(range(model.dims.n_layers)) if layers is None else [int(L) for L in layers]
+    pos, neg, pspan, nspan = sides(model, pairs, read)
+    names = {L: f"L{L}.{site}" for L in layers}
+    a = read_sites(model, pos, list(names.values()), read, pspan, batch_size)
+    b = read_sites(model, neg, list(names.values()), read, nspan, batch_size)
+    return {L: a[s] for L, s in names.items()}, {L: b[s] for L, s in names.items()}
+
+
+def direction(pos: torch.Tensor, neg: torch.Tensor, method: str) -> tuple[torch.Tensor, dict]:
+    """One layer's direction from [n, d] positive and negative activations, plus diagnostics."""
+    diff = (pos - neg).double()
+    mean = diff.mean(0)
+    if method in ("caa", "actadd"):
+        if method == "actadd" and diff.shape[0] != 1:
+            raise VectorError(f"actadd uses a single pair; got {diff.shape[0]}. Use caa for the mean of many pairs.")
+        return mean.float(), {}
+    if method not in ("pca_diff", "pca_center"):
+        raise VectorError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)} (or from_probe).")
+    if diff.shape[0] < 2:
+        raise VectorError(f"{method} needs at least 2 pairs to find a principal component; got {diff.shape[0]}.")
+    if method == "pca_diff":
+        data = diff
+    else:
+        mid = (pos.double() + neg.double()) / 2
+        data = torch.cat([pos.double() - mid, neg.double() - mid])
+    data = data - data.mean(0)
+    _, s, vh = torch.linalg.svd(data, full_matrices=False)
+    v = vh[0]
+    if float(mean @ v) < 0:
+        v = -v
+    var = s.pow(2)
+    return v.float(), {"explained": float(var[0] / var.sum().clamp_min(1e-30))}
+
+
+def extract(model, pairs, method: str = "caa", layers: Iterable[int] | None = None, site: str = "resid_post",
+            read: Read = "last", batch_size: int = 16) -> Vector:
+    """A steering vector from contrastive pairs: method caa | pca_diff | pca_center | actadd, at each layer.
+
+    pairs: see `sides` (a Task, (positive, negative) texts, (prompt, positive answer, negative answer)
+    texts, or a (positive, negative) tuple of token inputs). layers: default every layer.
+    Activations are read in batches of `batch_size` with the forward stopped after the last layer needed.
+    """
+    if method not in METHODS:
+        raise VectorError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)} (or from_probe).")
+    pos, neg = activations(model, pairs, layers, site, read, batch_size)
+    dirs, diag = {}, {}
+    for L in pos:
+        dirs[L], info = direction(pos[L], neg[L], method)
+        if info:
+            diag[L] = info
+        diff = pos[L] - neg[L]
+        diag.setdefault(L, {})["agree"] = float(((diff @ dirs[L]) > 0).float().mean())  # pairs projecting the right way
+    settings = {"n_pairs": int(next(iter(pos.values())).shape[0]), "batch_size": batch_size,
+                "per_layer": {str(L): v for L, v in diag.items()}}
+    return Vector(dirs, site=site, method=method, read=describe(read), model=model.name,
+                  model_type=getattr(model.hf.config, "model_type", None), fingerprint=model.fingerprint,
+                  norm="raw" if method in ("caa", "actadd") else "unit", settings=settings)
+
+
+def caa(model, pairs, **kwargs) -> Vector:
+    """Contrastive activation addition: mean of (positive - negative) per layer (see `extract`)."""
+    return extract(model, pairs, "caa", **kwargs)
+
+
+def pca_diff(model, pairs, **kwargs) -> Vector:
+    """First principal component of the pair differences, sign-aligned with their mean (see `extract`)."""
+    return extract(model, pairs, "pca_diff", **kwargs)
+
+
+def pca_center(model, pairs, **kwargs) -> Vector:
+    """First principal component of pair-centred activations, sign-aligned with the mean difference."""
+    return extract(model, pairs, "pca_center", **kwargs)
+
+
+def actadd(model, positive, negative, **kwargs) -> Vector:
+    """ActAdd: the difference of one positive and one negative prompt's activations."""
+    return extract(model, [(positive, negative)], "actadd", **kwargs)
+
+
+def from_probe(result, sites: Iterable[str] | None = None) -> Vector:
+    """The unit directions of a probe result (mechanic.locate.probe.ProbeResult) as one Vector."""
+    return result.vector(sites)
