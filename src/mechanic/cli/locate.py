@@ -169,3 +169,58 @@ def eap(task: str = TASK,
         for row in curve:
             table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()])
         console.print(table)
+
+
+@locate_app.command()
+@user_errors
+def neurons(task: str = TASK,
+            model: str = MODEL,
+            n: int = typer.Option(4, help="Use only the first n examples (each costs ~neurons x vocab projections)."),
+            layers: str = typer.Option(None, help="Comma-separated layers to score (default all), e.g. '20,21,29'."),
+            target: str = typer.Option("answer", help="answer (the task's answer token) or predicted (top-1)."),
+            out: Path = typer.Option(None, "-o", "--out", help="Write scores.json, scores.safetensors, heatmap.html."),
+            top: int = typer.Option(20, help="How many top neurons to print."),
+            as_json: bool = JSON):
+    """Rank FFN neurons by log-probability increase of the answer (Yu & Ananiadou), with the tokens they promote."""
+    import mechanic
+    from mechanic.locate.neurons import neuron_attribution, promoted_tokens
+    from mechanic.locate.plot import heatmap
+
+    if target not in ("answer", "predicted"):
+        raise typer.BadParameter(f"{target!r}: use 'answer' or 'predicted'.", param_hint="--target")
+    m = mechanic.load(model)
+    t = load_task_spec(task, n)
+    chosen = None
+    if layers:
+        try:
+            chosen = [int(x) for x in layers.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"{layers!r}: give comma-separated layer numbers like '20,21,29'.",
+                                     param_hint="--layers")
+        if any(not 0 <= x < m.dims.n_layers for x in chosen):
+            raise typer.BadParameter(f"{layers!r}: this model has layers 0..{m.dims.n_layers - 1}.",
+                                     param_hint="--layers")
+    scores = neuron_attribution(m, t, "neuron", target=target, layers=chosen)["neuron"]
+    best = scores.top(top, by="max")
+    acts = m.run(t.tokenize(m).clean, cache=sorted({s.split(".")[0] + ".neuron" for s, _, _ in best}), pos=-1)
+    act = [float(acts[s.split(".")[0] + ".neuron"][:, int(s.split("neuron")[1])].mean()) for s, _, _ in best]
+    tokens = promoted_tokens(m, [s for s, _, _ in best], act, k=3)
+    rows = [{"site": s, "logprob_increase": v, "activation": a, "promotes": tk}
+            for (s, _, v), a, tk in zip(best, act, tokens)]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        scores.save(out / "scores.json")
+        scores.save(out / "scores.safetensors")
+        heatmap(scores, out / "heatmap.html")
+    if as_json:
+        emit_json({"out": str(out) if out else None, "method": scores.method, "task": scores.task,
+                   "settings": scores.settings, "top": rows})
+        return
+    table = Table(title=f"neurons by log-probability increase ({scores.task}, {scores.settings['n_examples']} examples)")
+    for col in ("site", "log-prob increase", "activation", "promotes"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["site"], f"{r['logprob_increase']:+.4f}", f"{r['activation']:+.2f}", " ".join(r["promotes"]))
+    console.print(table)
+    if out is not None:
+        console.print(f"wrote {out}/scores.json, scores.safetensors, heatmap.html")
