@@ -284,3 +284,34 @@ def test_router_mask_zeroes_the_expert_and_keeps_the_weight_sum():
 def test_super_experts_of_a_dense_model_is_refused():
     with pytest.raises(mg.MagnitudeError, match="super_weights"):
         mg.super_experts(mechanic.load(tiny_model("llama")), random_ids(64))
+
+
+# ---------------------------------------------------------------- SmolLM2
+@pytest.mark.real
+def test_smollm2_massive_activation_and_super_weight(smollm2):
+    from mechanic.data import text
+
+    r = mg.massive_activations(smollm2, text.calibration(), max_tokens=256, k=1)
+    top = {t["layer"]: t for t in r.top}
+    # one dimension (507) carries a massive activation at the window's first token from layer 11 to 27
+    for l in range(11, 28):
+        assert top[l]["dim"] == 507 and top[l]["position"] == 0 and top[l]["massive"]
+        assert top[l]["abs"] > 10_000 and top[l]["ratio"] > 1000
+    assert not any(top[l]["massive"] for l in range(11))
+    # it is written by one down_proj scalar of layer 11, found by the iterative search and verified
+    sw = mg.super_weights(smollm2, text.calibration(), text.heldout(), detect_tokens=128, verify_tokens=128,
+                          max_iter=3, n_random=1)
+    found = {(c.layer, c.row, c.col): c for c in sw.candidates}
+    c = found[(11, 507, 1229)]
+    assert c.verified and c.ppl > 2 * sw.baseline_ppl
+    assert all(row == 507 for _, row, _ in found)
+
+
+@pytest.mark.real
+def test_smollm2_sink_heads(smollm2):
+    from mechanic.data import text
+
+    s = mg.attention_sinks(smollm2, text.heldout(), max_tokens=256)
+    first = s.values[:, 0].reshape(30, 9)
+    assert first[20:].mean() > 0.5          # most attention of the late layers goes to the first token
+    assert first[:2].mean() < 0.1           # the first layers do not sink yet
