@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mechanic.testing.tiny import left_padded
+import mechanic
+from mechanic.testing.tiny import left_padded, tiny_model
 
 LENGTHS = [6, 3, 5]
 
@@ -102,6 +103,15 @@ def test_batch_equals_prompts_alone(tiny):
         alone = batch["input_ids"][i:i + 1, -n:]
         single = tiny.run(alone)
         assert (run.logits[i, -1] - single.logits[0, -1]).abs().max().item() < 1e-4
+
+
+def test_ragged_token_id_lists_are_left_padded():
+    m = mechanic.load(tiny_model("llama"))
+    batch = left_padded(LENGTHS)
+    rows = [r[mask.bool()].tolist() for r, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    got = m.inputs(rows)
+    assert torch.equal(got["attention_mask"], batch["attention_mask"].to(got["attention_mask"].dtype))
+    assert torch.equal(m.run(rows).logits[:, -1], m.run(batch).logits[:, -1])
 
 
 def test_hooks_removed_after_exception_and_interrupt(tiny):

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mechanic.model.interventions import Intervention
+from mechanic.steer.fns import FNS
 
 
 class PlanError(ValueError):
@@ -124,18 +125,24 @@ class Plan:
         path = Path(path)
         tensors, ivs, edits = {}, [], []
         for i, iv in enumerate(self.interventions):
+            fn = None
             if iv.op == "fn":
-                raise PlanError(f"Intervention {i} ({iv.site}) is a Python function, which cannot be saved; "
-                                "express it as replace/add/scale/mean/project with a tensor value.")
+                if not isinstance(iv.value, tuple(FNS.values())):
+                    raise PlanError(f"Intervention {i} ({iv.site}) is a Python function, which cannot be saved; "
+                                    "express it as replace/add/scale/mean/project with a tensor value, or use a "
+                                    f"function class from mechanic.steer.fns ({', '.join(FNS)}).")
+                params, fn_tensors = iv.value.state()
+                fn = {"name": iv.value.NAME, "params": params}
+                tensors.update({f"iv{i}.{k}": v.detach().cpu().contiguous() for k, v in fn_tensors.items()})
             if not _jsonable(iv.pos) or not _jsonable(iv.rows):
                 raise PlanError(f"Intervention {i} ({iv.site}) selects positions/rows with tensors; saved plans "
                                 "take None, ints, lists, 'prompt' or 'generated'.")
-            value = iv.value
+            value = None if fn else iv.value
             if torch.is_tensor(value):
                 tensors[f"iv{i}"] = value.detach().cpu().contiguous()
                 value = None
             ivs.append({"site": str(iv.site), "op": iv.op, "value": value, "coef": iv.coef, "pos": iv.pos,
-                        "rows": iv.rows})
+                        "rows": iv.rows, "fn": fn})
         for i, e in enumerate(self.edits):
             tensors[f"edit{i}"] = e.value.detach().cpu().contiguous()
             edits.append({"param": e.param, "index": e.index, "note": e.note})
@@ -163,9 +170,13 @@ class Plan:
             raise PlanError(f"{path} is not a readable plan file ({e}); plans are written by Plan.save.") from e
         if not meta or meta.get("format") != "mechanic.plan/1":
             raise PlanError(f"{path} is a safetensors file but not a mechanic plan (no 'plan' metadata).")
-        ivs = [Intervention(d["site"], d["op"], tensors.get(f"iv{i}", d["value"]), coef=d["coef"],
-                            pos=d["pos"], rows=d["rows"])
-               for i, d in enumerate(meta["interventions"])]
+        ivs = []
+        for i, d in enumerate(meta["interventions"]):
+            value = tensors.get(f"iv{i}", d["value"])
+            if d.get("fn"):
+                own = {k[len(f"iv{i}."):]: v for k, v in tensors.items() if k.startswith(f"iv{i}.")}
+                value = FNS[d["fn"]["name"]].from_state(d["fn"]["params"], own)
+            ivs.append(Intervention(d["site"], d["op"], value, coef=d["coef"], pos=d["pos"], rows=d["rows"]))
         edits = [WeightEdit(d["param"], tensors[f"edit{i}"], None if d["index"] is None else tuple(d["index"]),
                             d["note"]) for i, d in enumerate(meta["edits"])]
         return cls(ivs, edits, meta["method"], meta["fingerprint"], meta["settings"])
