@@ -224,3 +224,101 @@ def neurons(task: str = TASK,
     console.print(table)
     if out is not None:
         console.print(f"wrote {out}/scores.json, scores.safetensors, heatmap.html")
+
+
+@locate_app.command()
+@user_errors
+def outliers(model: str = MODEL,
+             tokens: int = typer.Option(2048, help="Calibration tokens for massive activations and sinks."),
+             detect_tokens: int = typer.Option(512, help="Calibration tokens for each super-weight search pass."),
+             verify_tokens: int = typer.Option(512, help="Held-out tokens for each perplexity measurement."),
+             max_iter: int = typer.Option(5, help="Super-weight search passes (zero, re-run, next spike)."),
+             n_random: int = typer.Option(3, help="Magnitude-matched random scalars per super-weight candidate."),
+             top: int = typer.Option(10, help="How many sink heads to print."),
+             out: Path = typer.Option(None, "-o", "--out", help="Write the Scores (JSON) to this directory."),
+             as_json: bool = JSON):
+    """Massive activations, super weights (or super experts) with their perplexity effect, and sink heads."""
+    import time
+
+    import mechanic
+    from mechanic.data import text
+    from mechanic.data.windows import TextError
+    from mechanic.locate import magnitude as mg
+
+    try:
+        m = mechanic.load(model)
+        cal, held = text.calibration(), text.heldout()
+        t0 = time.perf_counter()
+        massive = mg.massive_activations(m, cal, max_tokens=tokens, k=1)
+        moe = any(m.is_moe(layer) for layer in range(m.dims.n_layers))
+        weights = experts = None
+        if len(mg._dense_layers(m)) > 0:
+            weights = mg.super_weights(m, cal, held, detect_tokens=detect_tokens, verify_tokens=verify_tokens,
+                                       max_iter=max_iter, n_random=n_random)
+        if moe:
+            experts = mg.super_experts(m, cal, held, max_tokens=tokens, prune_tokens=verify_tokens)
+        sinks = mg.attention_sinks(m, held, max_tokens=tokens)
+        seconds = time.perf_counter() - t0
+    except (TextError, mg.MagnitudeError) as e:
+        from mechanic.cli.common import errors
+
+        errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
+        raise typer.Exit(2)
+    results = {"massive_activations": massive.scores, "super_weights": weights and weights.scores,
+               "super_experts": experts and experts.scores, "attention_sinks": sinks}
+    if out is not None:
+        for name, scores in results.items():
+            if scores is not None:
+                scores.save(Path(out) / f"{name}.json")
+    sink_top = [{"head": s, "first_token_mass": v} for s, _, v in sinks.top(top, by="max")]
+    summary = {"model": m.name, "seconds": round(seconds, 1), "tokens": massive.settings["tokens"],
+               "massive": massive.massive, "top_per_layer": massive.top,
+               "super_weights": weights and weights.settings["candidates"],
+               "baseline_ppl": weights and weights.baseline_ppl,
+               "super_experts": experts and {"super": experts.super, "pruning": experts.pruning,
+                                             "baseline": experts.baseline},
+               "sink_heads": sink_top, "mean_first_token_mass": sinks.settings["mean_first_mass"],
+               "out": str(out) if out is not None else None}
+    if as_json:
+        emit_json(summary)
+        return
+    _print_outliers(massive, weights, experts, sink_top, summary)
+
+
+def _print_outliers(massive, weights, experts, sink_top, summary) -> None:
+    """Rich tables for `locate outliers`."""
+    t = Table(title=f"largest |residual| per layer ({summary['tokens']} tokens; massive: > "
+                    f"{massive.settings['min_value']:g} and >= {massive.settings['ratio']:g}x median)")
+    for col in ("layer", "dim", "value", "token (pos)", "median", "x median", "massive"):
+        t.add_column(col)
+    for e in massive.top:
+        t.add_row(str(e["layer"]), str(e["dim"]), f"{e['value']:.1f}", f"{e['token']!r} ({e['position']})",
+                  f"{e['median']:.3f}", f"{e['ratio']:.0f}", "yes" if e["massive"] else "")
+    console.print(t)
+    if weights is not None:
+        t = Table(title=f"super-weight candidates: down_proj[row, col], held-out ppl {weights.baseline_ppl or 0:.2f}")
+        for col in ("layer", "row (dim)", "col (neuron)", "weight", "|in|", "|out|", "ppl zeroed", "ppl random",
+                    "verified"):
+            t.add_column(col)
+        for c in weights.candidates:
+            rand = ", ".join(f"{p:.2f}" for p in c.ppl_random)
+            t.add_row(str(c.layer), str(c.row), str(c.col), f"{c.weight:.3f}", f"{c.max_input:.1f}",
+                      f"{c.max_output:.1f}", f"{c.ppl:.2f}" if c.ppl is not None else "-", rand,
+                      "yes" if c.verified else "no")
+        console.print(t if weights.candidates else "no super-weight candidate (no down_proj output spike)")
+    if experts is not None:
+        t = Table(title=f"super experts (baseline ppl {experts.baseline.get('ppl', 0):.2f}, "
+                        f"sink mass {experts.baseline.get('sink', 0):.3f})")
+        for col in ("expert", "max |out|", "prune", "ppl", "sink mass"):
+            t.add_column(col)
+        for p in experts.pruning:
+            value = next(s["value"] for s in experts.super if s["site"] == p["site"])
+            t.add_row(p["site"], f"{value:.1f}", p["mode"], f"{p['ppl']:.2f}", f"{p['sink']:.3f}")
+        console.print(t if experts.pruning else "no super expert")
+    t = Table(title=f"sink heads: mean attention on the first token (all heads: {summary['mean_first_token_mass']:.3f})")
+    for col in ("head", "mass"):
+        t.add_column(col)
+    for s in sink_top:
+        t.add_row(s["head"], f"{s['first_token_mass']:.3f}")
+    console.print(t)
+    console.print(f"{summary['seconds']} s" + (f"; wrote {summary['out']}/" if summary["out"] else ""))
