@@ -77,6 +77,58 @@ class WeightEdit:
         p = self._target(model)
         p.data[_mesh(p.shape, self.index)] = old
 
+    def to_file(self, i: int) -> tuple[dict, dict]:
+        return {"kind": "set", "param": self.param, "index": self.index, "note": self.note}, {f"edit{i}": self.value}
+
+
+@dataclass(eq=False)
+class Orthogonalize(WeightEdit):
+    """Remove a direction from what a parameter writes: along dimension `dim` (the d_model one),
+    W <- W - d (d . W), with d the unit `value`. The plan file holds only the direction."""
+
+    dim: int = 0
+
+    def apply(self, model) -> torch.Tensor:
+        p = self._target(model)
+        if p.shape[self.dim] != self.value.numel():
+            raise PlanError(f"Cannot orthogonalize {self.param} (shape {list(p.shape)}) against a direction of size "
+                            f"{self.value.numel()} along dimension {self.dim}.")
+        old = p.data.clone()
+        d = (self.value / self.value.norm()).to(device=p.device, dtype=p.dtype)
+        w = p.data.movedim(self.dim, -1)
+        p.data.copy_((w - (w @ d)[..., None] * d).movedim(-1, self.dim))
+        return old
+
+    def restore(self, model, old: torch.Tensor) -> None:
+        self._target(model).data.copy_(old)
+
+    def to_file(self, i: int) -> tuple[dict, dict]:
+        return {"kind": "orthogonalize", "param": self.param, "dim": self.dim, "note": self.note}, \
+            {f"edit{i}": self.value}
+
+
+@dataclass(eq=False)
+class Untie:
+    """Give the unembedding its own copy of a tied embedding matrix, so an edit of one leaves the other."""
+
+    note: str = "untie input and output embeddings"
+
+    def apply(self, model):
+        inp, out = model.hf.get_input_embeddings(), model.hf.get_output_embeddings()
+        if out is None or out.weight is not inp.weight:
+            return None  # not tied: nothing to do, nothing to undo
+        out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+        model.hf.config.tie_word_embeddings = False
+        return True
+
+    def restore(self, model, old) -> None:
+        if old:
+            model.hf.get_output_embeddings().weight = model.hf.get_input_embeddings().weight
+            model.hf.config.tie_word_embeddings = True
+
+    def to_file(self, i: int) -> tuple[dict, dict]:
+        return {"kind": "untie", "note": self.note}, {}
+
 
 @dataclass(eq=False)
 class Plan:
@@ -133,19 +185,20 @@ class Plan:
                                     f"function class from mechanic.steer.fns ({', '.join(FNS)}).")
                 params, fn_tensors = iv.value.state()
                 fn = {"name": iv.value.NAME, "params": params}
-                tensors.update({f"iv{i}.{k}": v.detach().cpu().contiguous() for k, v in fn_tensors.items()})
+                tensors.update({f"iv{i}.{k}": v.detach().cpu().clone() for k, v in fn_tensors.items()})
             if not _jsonable(iv.pos) or not _jsonable(iv.rows):
                 raise PlanError(f"Intervention {i} ({iv.site}) selects positions/rows with tensors; saved plans "
                                 "take None, ints, lists, 'prompt' or 'generated'.")
             value = None if fn else iv.value
             if torch.is_tensor(value):
-                tensors[f"iv{i}"] = value.detach().cpu().contiguous()
+                tensors[f"iv{i}"] = value.detach().cpu().clone()
                 value = None
             ivs.append({"site": str(iv.site), "op": iv.op, "value": value, "coef": iv.coef, "pos": iv.pos,
                         "rows": iv.rows, "fn": fn})
         for i, e in enumerate(self.edits):
-            tensors[f"edit{i}"] = e.value.detach().cpu().contiguous()
-            edits.append({"param": e.param, "index": e.index, "note": e.note})
+            meta_e, t = e.to_file(i)
+            tensors.update({k: v.detach().cpu().clone() for k, v in t.items()})
+            edits.append(meta_e)
         meta = {"format": "mechanic.plan/1", "method": self.method, "fingerprint": self.fingerprint,
                 "settings": self.settings, "interventions": ivs, "edits": edits}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,8 +230,15 @@ class Plan:
                 own = {k[len(f"iv{i}."):]: v for k, v in tensors.items() if k.startswith(f"iv{i}.")}
                 value = FNS[d["fn"]["name"]].from_state(d["fn"]["params"], own)
             ivs.append(Intervention(d["site"], d["op"], value, coef=d["coef"], pos=d["pos"], rows=d["rows"]))
-        edits = [WeightEdit(d["param"], tensors[f"edit{i}"], None if d["index"] is None else tuple(d["index"]),
-                            d["note"]) for i, d in enumerate(meta["edits"])]
+        edits = []
+        for i, d in enumerate(meta["edits"]):
+            if d["kind"] == "untie":
+                edits.append(Untie(d["note"]))
+            elif d["kind"] == "orthogonalize":
+                edits.append(Orthogonalize(d["param"], tensors[f"edit{i}"], note=d["note"], dim=d["dim"]))
+            else:
+                edits.append(WeightEdit(d["param"], tensors[f"edit{i}"],
+                                        None if d["index"] is None else tuple(d["index"]), d["note"]))
         return cls(ivs, edits, meta["method"], meta["fingerprint"], meta["settings"])
 
 
