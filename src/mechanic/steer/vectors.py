@@ -350,8 +350,9 @@ def pca_center(model, pairs, **kwargs) -> Vector:
 
 
 def actadd(model, positive, negative, **kwargs) -> Vector:
-    """ActAdd: the difference of one positive and one negative prompt's activations."""
-    return extract(model, [(positive, negative)], "actadd", **kwargs)
+    """ActAdd: the difference of one positive and one negative prompt's activations (texts or token ids)."""
+    pairs = [(positive, negative)] if isinstance(positive, str) else (positive, negative)
+    return extract(model, pairs, "actadd", **kwargs)
 
 
 def from_probe(result, sites: Iterable[str] | None = None) -> Vector:
