@@ -127,6 +127,16 @@ def test_dla_parts_sum_to_the_final_logit_difference(tiny):
         assert max(abs(x) for x in s["mlp_rest"] + s["attn_bias"]) < 1e-5   # no biases in these families
 
 
+def test_dla_without_wrong_answers_splits_the_answer_logit(tiny):
+    b = tiny_batch()
+    b.wrong = None
+    out = direct_logit_attribution(tiny, b)["component"]
+    lg = tiny.run(b.clean, cache=["logits"], pos=-1)["logits"]
+    want = float(lg[torch.arange(b.n), b.answer].mean())
+    s = out.settings
+    assert out.metric == "logit" and abs(float(out.values.sum()) + sum(s["attn_bias"]) + s["constant"] - want) < 1e-4
+
+
 def test_dla_heads_and_neurons_equal_plain_hook_reference(tiny):
     b = tiny_batch()
     out = direct_logit_attribution(tiny, b)
@@ -299,6 +309,8 @@ def test_smollm2_facts(smollm2):
     lens = logit_lens(smollm2, task.subset(1), k=5)
     assert lens.rank.values[-1, -1] == 0 and lens.top[0][-1][-1][0][0] == "ĠFrance"
     assert float(lens.prob.values[0, -1]) < 0.01      # the embedding stream alone does not know the answer
+    text = logit_lens(smollm2, ["The capital of France is the city of"], answers=[" Paris"], layers=[29])
+    assert text.prob.sites == ["L0.resid_pre", "L29.resid_post"] and float(text.prob.values[-1, -1]) > 0.3
     out = neuron_attribution(smollm2, task.subset(1), kinds=["neuron", "mlp"], layers=range(20, 30))
     neurons = out["neuron"]
     assert neurons.values.shape == (10 * 1536,) and len(out["mlp"].sites) == 10

@@ -64,7 +64,7 @@ def _tile(inputs: dict, k: int) -> dict:
 
 @torch.no_grad()
 def scan(model, batch: TaskBatch, heads: list[Site], ablation: str, metrics: dict, batch_rows: int = 64) -> dict:
-    """metric name -> ([len(heads)] mean metric with that head ablated, clean mean); one batch row per (head, example)."""
+    """metric name -> ([heads] mean metric with that head ablated, clean mean); one row per (head, example)."""
     n = batch.n
     means = head_means(model, batch.clean) if ablation == "mean" else None
     clean_logits = model.run(batch.clean, last_only=True).logits[:, -1]
@@ -100,7 +100,8 @@ def head_scan(model, task: Task | TaskBatch, ablation: str = "zero", *, metric=N
     forwards = 1 + (ablation == "mean") + -(-len(units) // max(1, batch_rows // batch.n))
     return Scores(vals - clean, [str(u) for u in units], "head_scan", task=name, metric=mname, model=model.name,
                   fingerprint=model.fingerprint,
-                  settings={"ablation": ablation, "metric_clean": clean, "n_examples": batch.n, "forward_passes": forwards,
+                  settings={"ablation": ablation, "metric_clean": clean, "n_examples": batch.n,
+                            "forward_passes": forwards,
                             "value": "metric(head ablated) - metric(clean)"})
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 import torch
 
-from mechanic.locate.gradient import position_labels, task_batch
+from mechanic.locate.gradient import task_batch
 from mechanic.locate.readout import Collected, FrozenNorm, Readout, collect, freeze, targets, write
 from mechanic.locate.scores import Scores
 from mechanic.tasks.task import Task, TaskBatch

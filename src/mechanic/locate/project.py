@@ -95,7 +95,8 @@ def logit_lens(model, inputs, layers=None, k: int = 10, answers=None) -> Lens:
     mask = batch_in["attention_mask"].bool()
     n, P = mask.shape
     probs, ranks, top = torch.zeros(len(sites), n, P), torch.zeros(len(sites), n, P), [[] for _ in range(n)]
-    decode = (lambda t: model.tokenizer.convert_ids_to_tokens(t)) if model.tokenizer else (lambda t: [str(x) for x in t])
+    tok = model.tokenizer
+    decode = tok.convert_ids_to_tokens if tok is not None else (lambda t: [str(x) for x in t])
     for r, s in enumerate(sites):
         logits = head(norm(run[s])).float()
         if cap:

@@ -45,7 +45,8 @@ def value_weight(model, layer: int) -> torch.Tensor:
         w = attn.query_key_value.weight
         return w.view(d.n_heads, 3, d.d_head, -1)[:, 2].reshape(d.n_heads * d.d_head, -1)
     raise QueryError(f"{type(attn).__name__}: no v_proj, qkv_proj, c_attn or query_key_value found, so the value "
-                     "keys are unknown. Query-neuron scoring supports Llama-, Phi-3-, GPT-2- and GPT-NeoX-style attention.")
+                     "keys are unknown. Query-neuron scoring supports Llama-, Phi-3-, GPT-2- and GPT-NeoX-style "
+                     "attention.")
 
 
 def input_norm(model, layer: int) -> torch.nn.Module:
@@ -58,7 +59,7 @@ def input_norm(model, layer: int) -> torch.nn.Module:
 
 
 def keys(model, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kappa [H, d_head, d_model] per query head (GQA: its KV group's rows), inv [..] = 1/sigma of the input norm at x)."""
+    """(kappa [H, d_head, d_model] per query head (GQA: its KV group's rows), inv = 1/sigma of the input norm at x)."""
     d = model.dims
     frozen = freeze(input_norm(model, layer), x)
     W = value_weight(model, layer).detach().float().view(d.n_kv_heads, d.d_head, -1)
@@ -127,6 +128,7 @@ def query_neurons(model, task: Task | TaskBatch, top: int = 10, *, target: str =
     sites = [f"L{L}.neuron{j}" for L in dense for j in range(downs[L].shape[1])]
     values = torch.cat([total[L].mean(0).T for L in dense], 0) if dense else torch.zeros(0, P)
     settings = {"value_neurons": listed, "target": target, "target_ids": w.tolist(), "n_examples": batch.n,
-                "forward_passes": 2, "value": "sum over value neurons of I_p * (s_pn W_down[:, n] . kappa) / (x_p . kappa)"}
+                "forward_passes": 2,
+                "value": "sum over value neurons of I_p * (s_pn W_down[:, n] . kappa) / (x_p . kappa)"}
     return Scores(values, sites, "query_neurons", positions=position_labels(batch), task=name,
                   metric="logprob_increase", model=model.name, fingerprint=model.fingerprint, settings=settings)
