@@ -66,7 +66,7 @@ def take_rows(inputs, sl: slice):
 
 def read(model, inputs, sites, read: Read = "last", spans: torch.Tensor | None = None,
          batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """{site: [n, d] float32} for each prompt, read at `read`; forwards in batches, stopped after the last needed layer."""
+    """{site: [n, d] float32}, one row per prompt read at `read`; batched forwards stopped after the deepest site."""
     check_read(read)
     sites = [str(model.check(s)) for s in ([sites] if isinstance(sites, str) else sites)]
     n = n_rows(inputs)
