@@ -252,7 +252,7 @@ def outliers(model: str = MODEL,
         massive = mg.massive_activations(m, cal, max_tokens=tokens, k=1)
         moe = any(m.is_moe(layer) for layer in range(m.dims.n_layers))
         weights = experts = None
-        if len(mg._dense_layers(m)) > 0:
+        if not all(m.is_moe(layer) for layer in range(m.dims.n_layers)):
             weights = mg.super_weights(m, cal, held, detect_tokens=detect_tokens, verify_tokens=verify_tokens,
                                        max_iter=max_iter, n_random=n_random)
         if moe:
@@ -296,15 +296,15 @@ def _print_outliers(massive, weights, experts, sink_top, summary) -> None:
                   f"{e['median']:.3f}", f"{e['ratio']:.0f}", "yes" if e["massive"] else "")
     console.print(t)
     if weights is not None:
-        t = Table(title=f"super-weight candidates: down_proj[row, col], held-out ppl {weights.baseline_ppl or 0:.2f}")
-        for col in ("layer", "row (dim)", "col (neuron)", "weight", "|in|", "|out|", "ppl zeroed", "ppl random",
-                    "verified"):
+        t = Table(title=f"super-weight candidates: down_proj\\[row, col] (held-out ppl {weights.baseline_ppl or 0:.2f})")
+        for col in ("layer", "row", "col", "weight", "|in|", "|out|", "ppl zeroed", "worst random", "verified"):
             t.add_column(col)
         for c in weights.candidates:
-            rand = ", ".join(f"{p:.2f}" for p in c.ppl_random)
+            base = weights.baseline_ppl or 0.0
+            worst = max(c.ppl_random, key=lambda p: abs(p - base), default=None)
             t.add_row(str(c.layer), str(c.row), str(c.col), f"{c.weight:.3f}", f"{c.max_input:.1f}",
-                      f"{c.max_output:.1f}", f"{c.ppl:.2f}" if c.ppl is not None else "-", rand,
-                      "yes" if c.verified else "no")
+                      f"{c.max_output:.1f}", f"{c.ppl:.2f}" if c.ppl is not None else "-",
+                      f"{worst:.2f}" if worst is not None else "-", "yes" if c.verified else "no")
         console.print(t if weights.candidates else "no super-weight candidate (no down_proj output spike)")
     if experts is not None:
         t = Table(title=f"super experts (baseline ppl {experts.baseline.get('ppl', 0):.2f}, "
@@ -315,7 +315,7 @@ def _print_outliers(massive, weights, experts, sink_top, summary) -> None:
             value = next(s["value"] for s in experts.super if s["site"] == p["site"])
             t.add_row(p["site"], f"{value:.1f}", p["mode"], f"{p['ppl']:.2f}", f"{p['sink']:.3f}")
         console.print(t if experts.pruning else "no super expert")
-    t = Table(title=f"sink heads: mean attention on the first token (all heads: {summary['mean_first_token_mass']:.3f})")
+    t = Table(title=f"sink heads (first-token attention; mean {summary['mean_first_token_mass']:.3f})")
     for col in ("head", "mass"):
         t.add_column(col)
     for s in sink_top:

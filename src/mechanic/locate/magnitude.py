@@ -160,6 +160,7 @@ class SuperWeight:
 
     @property
     def site(self) -> str:
+        """The FFN neuron whose down_proj column holds this weight."""
         return f"L{self.layer}.neuron{self.col}"
 
 
@@ -236,6 +237,9 @@ def super_weights(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     same matrix with the nearest |w| ranks, each zeroed alone; verified when the perplexity increase
     exceeds verify_factor x the largest random increase. Every weight is restored exactly.
     """
+    if max_iter < 1 or n_random < 0:
+        raise MagnitudeError(f"super_weights needs max_iter >= 1 search passes and n_random >= 0 random controls; "
+                             f"got max_iter={max_iter}, n_random={n_random}.")
     layers = _dense_layers(model)
     if not layers:
         raise MagnitudeError("This model has no dense FFN layer (every layer is mixture-of-experts), so it has no "
@@ -378,6 +382,15 @@ def router_mask(layer: int, expert: int) -> Intervention:
     return apply_fn(f"L{layer}.router", mask)
 
 
+def _max_probe(M: dict, name: str):
+    """A pass-through fn that keeps the running max |value| of one site in M[name] (nothing else is kept)."""
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        if x.numel():
+            M[name] = max(M[name], float(x.detach().abs().max()))
+        return x
+    return probe
+
+
 def super_experts(model, texts, heldout=None, *, seq_len: int = 128, batch_size: int = 8,
                   max_tokens: int | None = 2048, percentile: float = 99.5, max_fraction: float = 0.1,
                   layer_fraction: float = 0.75, prune: bool = True, prune_tokens: int = 1024,
@@ -385,7 +398,9 @@ def super_experts(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     """Experts (routed and shared) whose max |output| is an outlier, and what pruning each one does.
 
     M(l, e) = max |down_proj output| of expert e over the tokens routed to it (the whole output row,
-    every routed token; shared experts over every token). Pooled over MoE layers l < layer_fraction x
+    every routed token; shared experts over every token). Each expert's output is read through a
+    pass-through fn intervention that keeps only a running max, so memory stays at one expert's
+    [batch, pos, d] (caching `L.expert` would hold [batch, pos, experts, d] for every layer). Pooled over MoE layers l < layer_fraction x
     n_layers; super when M > the `percentile` of the pool and M > max_fraction x max of the pool
     (Su et al. 2025). Pruning, both named: `zero` (the expert's output zeroed, router untouched)
     and `router_mask` (the expert removed from the top-k weights, the rest rescaled to the same sum;
@@ -398,19 +413,13 @@ def super_experts(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
         raise MagnitudeError("This model has no mixture-of-experts layer, so it has no experts; "
                              "use super_weights for dense models.")
     shared = bool(model.arch.shared_expert)
-    sites = [f"L{l}.expert" for l in moe] + ([f"L{l}.shared_expert" for l in moe] if shared else [])
     names = [f"L{l}.expert{e}" for l in moe for e in range(d.n_experts)] + \
             ([f"L{l}.shared_expert" for l in moe] if shared else [])
     M = {n: 0.0 for n in names}
     wins = windows(model, texts, seq_len, max_tokens)
+    probes = [apply_fn(n, _max_probe(M, n)) for n in names]
     for ids in batches(wins, batch_size):
-        run = model.run(ids.to(model.device), cache=sites, stop_at="auto")
-        for l in moe:
-            per = run[f"L{l}.expert"].abs().amax((0, 1, 3))   # [E]: unrouted rows are zero
-            for e in range(d.n_experts):
-                M[f"L{l}.expert{e}"] = max(M[f"L{l}.expert{e}"], float(per[e]))
-            if shared:
-                M[f"L{l}.shared_expert"] = max(M[f"L{l}.shared_expert"], float(run[f"L{l}.shared_expert"].abs().max()))
+        model.run(ids.to(model.device), interventions=probes, stop_at="auto")
     limit = layer_fraction * d.n_layers
     pool = [n for n in names if int(n[1:n.index(".")]) < limit]
     vals = torch.tensor([M[n] for n in pool], dtype=torch.float64)
