@@ -21,13 +21,11 @@ def random_ids(n: int, seed: int = 0) -> torch.Tensor:
 
 def sampled_text(hf, n: int = 6, length: int = 48, seed: int = 0) -> torch.Tensor:
     """Token ids sampled from the model itself: text on which any real change to it raises perplexity."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 101, (n, 1), generator=g)
-    with torch.no_grad():
-        for _ in range(length - 1):
-            probs = hf(input_ids=ids).logits[:, -1].softmax(-1)
-            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], 1)
-    return ids.reshape(-1)
+    ids = torch.randint(3, 101, (n, 1), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                      max_new_tokens=length - 1, min_new_tokens=length - 1, pad_token_id=0)
+    return out.reshape(-1)
 
 
 def bits(model) -> dict[str, torch.Tensor]:
