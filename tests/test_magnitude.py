@@ -43,7 +43,8 @@ def naive_resid_max(model, wins, batch_size):
     best = torch.zeros(L, model.dims.d_model)
     every = [[] for _ in range(L)]
     last = {}
-    h = model.layers[L - 1].register_forward_hook(lambda m, a, out: last.update(x=out[0] if isinstance(out, tuple) else out))
+    h = model.layers[L - 1].register_forward_hook(
+        lambda m, a, out: last.update(x=out[0] if isinstance(out, tuple) else out))
     try:
         with torch.no_grad():
             for ids in batches(wins, batch_size):

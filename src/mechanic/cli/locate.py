@@ -296,7 +296,8 @@ def _print_outliers(massive, weights, experts, sink_top, summary) -> None:
                   f"{e['median']:.3f}", f"{e['ratio']:.0f}", "yes" if e["massive"] else "")
     console.print(t)
     if weights is not None:
-        t = Table(title=f"super-weight candidates: down_proj\\[row, col] (held-out ppl {weights.baseline_ppl or 0:.2f})")
+        t = Table(title="super-weight candidates: down_proj\\[row, col] "
+                        f"(held-out ppl {weights.baseline_ppl or 0:.2f})")
         for col in ("layer", "row", "col", "weight", "|in|", "|out|", "ppl zeroed", "worst random", "verified"):
             t.add_column(col)
         for c in weights.candidates:

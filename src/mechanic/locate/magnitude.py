@@ -235,7 +235,8 @@ def super_weights(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     It is zeroed, the text re-run and the next spike looked for, up to max_iter candidates.
     Verification: held-out perplexity with the candidate alone zeroed vs n_random scalars of the
     same matrix with the nearest |w| ranks, each zeroed alone; verified when the perplexity increase
-    exceeds verify_factor x the largest random increase. Every weight is restored exactly.
+    exceeds verify_factor x the largest random increase. Perplexity is measured on `heldout`
+    (default: `texts`). Every weight is restored exactly, also when something fails midway.
     """
     if max_iter < 1 or n_random < 0:
         raise MagnitudeError(f"super_weights needs max_iter >= 1 search passes and n_random >= 0 random controls; "
@@ -258,7 +259,8 @@ def super_weights(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
             if any((c.layer, c.row, c.col) == (l, s["row"], s["col"]) for c in found):
                 break  # the same scalar again (already zeroed): nothing new spikes
             W = model.arch.down_weight(model.layer_module(l, model.arch.down_proj))
-            found.append(SuperWeight(l, s["row"], s["col"], float(W[s["row"], s["col"]].detach()), s["in"], s["out"], it))
+            weight = float(W[s["row"], s["col"]].detach())
+            found.append(SuperWeight(l, s["row"], s["col"], weight, s["in"], s["out"], it))
             zero_next()
     scores = Scores(torch.tensor([[first[l]["max_in"], first[l]["out"]] for l in layers]),
                     [f"L{l}.mlp_out" for l in layers], "super_weights", positions=["max_in", "max_out"],
@@ -400,11 +402,11 @@ def super_experts(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     M(l, e) = max |down_proj output| of expert e over the tokens routed to it (the whole output row,
     every routed token; shared experts over every token). Each expert's output is read through a
     pass-through fn intervention that keeps only a running max, so memory stays at one expert's
-    [batch, pos, d] (caching `L.expert` would hold [batch, pos, experts, d] for every layer). Pooled over MoE layers l < layer_fraction x
-    n_layers; super when M > the `percentile` of the pool and M > max_fraction x max of the pool
-    (Su et al. 2025). Pruning, both named: `zero` (the expert's output zeroed, router untouched)
-    and `router_mask` (the expert removed from the top-k weights, the rest rescaled to the same sum;
-    not defined for shared experts). Each prune reports held-out perplexity and the mean attention
+    [batch, pos, d] (caching `L.expert` would hold [batch, pos, experts, d] for every layer).
+    Pooled over MoE layers l < layer_fraction x n_layers; super when M > the `percentile` of the
+    pool and M > max_fraction x max of the pool (Su et al. 2025). Pruning, both named: `zero` (the
+    expert's output zeroed, router untouched) and `router_mask` (the expert removed from the top-k
+    weights, the rest rescaled to the same sum; not defined for shared experts). Each prune reports held-out perplexity and the mean attention
     mass on the first token, against the unpruned model.
     """
     d = model.dims
