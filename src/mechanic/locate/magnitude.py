@@ -406,8 +406,8 @@ def super_experts(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     Pooled over MoE layers l < layer_fraction x n_layers; super when M > the `percentile` of the
     pool and M > max_fraction x max of the pool (Su et al. 2025). Pruning, both named: `zero` (the
     expert's output zeroed, router untouched) and `router_mask` (the expert removed from the top-k
-    weights, the rest rescaled to the same sum; not defined for shared experts). Each prune reports held-out perplexity and the mean attention
-    mass on the first token, against the unpruned model.
+    weights, the rest rescaled to the same sum; not defined for shared experts). Each prune reports
+    held-out perplexity and the mean attention mass on the first token, against the unpruned model.
     """
     d = model.dims
     moe = [l for l in range(d.n_layers) if model.is_moe(l)]
