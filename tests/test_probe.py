@@ -127,6 +127,11 @@ def test_probe_weights_act_on_raw_activations_and_make_a_vector():
     v = res.vector()
     assert v.method == "probe" and v.norm == "unit" and v.layers == list(range(model.dims.n_layers))
     assert all(abs(n - 1.0) < 1e-5 for n in v.norms().values())
+    from mechanic.steer import from_probe
+    one = from_probe(res, [site])
+    assert torch.equal(one.directions[one.layers[0]], res.directions[site])
+    with pytest.raises(ProbeError, match="one kind"):
+        res.vector(["L0.resid_post", "L0.mlp_out"])
 
 
 def test_probe_refuses_bad_input():
