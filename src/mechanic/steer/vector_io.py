@@ -4,9 +4,9 @@ llama.cpp layer convention (read in ggml-org/llama.cpp):
 - common/common.cpp, `common_control_vector_load_one`: a tensor `direction.N` is parsed to
   layer_idx = N; N = 0 is refused ("invalid (zero) direction tensor layer index"); its data goes to
   offset n_embd * (N - 1) of the buffer ("layer 1 at [0]"), scaled by the --control-vector-scaled strength.
-- src/llama-adapter.cpp, `llama_adapter_cvec::init` / `apply`: tensors[0] is always null ("there's never
-  a tensor for layer 0"); for il = 1 .. n_layer-1, tensors[il] gets the buffer at n_embd * (il - 1),
-  i.e. `direction.il`; `apply_to(ctx, cur, il)` adds tensors[il] to `cur`.
+- src/llama-adapter.cpp (commit 0650ea8c), `llama_adapter_cvec::init` line 65: tensors[0] is always null
+  ("there's never a tensor for layer 0"); `apply` line 127: for il = 1 .. n_layer-1, tensors[il] gets the
+  buffer at n_embd * (il - 1), i.e. `direction.il`; `apply_to` (lines 22-29) adds tensors[il] to `cur`.
 - src/models/llama.cpp (and every other model graph), the layer loop `for (il = 0; il < n_layer; ++il)`:
   `cur = ggml_add(ctx0, cur, ffn_inp)` (the layer's residual output) then `cur = build_cvec(cur, il)`
   then `cb(cur, "l_out", il)`.
