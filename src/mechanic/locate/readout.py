@@ -67,8 +67,8 @@ def freeze(module: torch.nn.Module, x: torch.Tensor) -> FrozenNorm:
     eps = _eps(module)
     d = x.shape[-1]
     if isinstance(module, torch.nn.LayerNorm):
-        weight = module.weight.float() if module.weight is not None else torch.ones(d, device=x.device)
-        bias = module.bias.float() if module.bias is not None else None
+        weight = module.weight.detach().float() if module.weight is not None else torch.ones(d, device=x.device)
+        bias = module.bias.detach().float() if module.bias is not None else None
         inv = torch.rsqrt(x.var(-1, unbiased=False) + eps)
         frozen = FrozenNorm(weight, inv, True, bias)
     else:  # RMS-style: read the effective gain off the module itself (covers Gemma's 1 + w)
@@ -91,8 +91,8 @@ class Readout:
     def __init__(self, model, x_final: torch.Tensor):
         self.norm = freeze(model.module(model.arch.final_norm), x_final)
         head = model.module(model.arch.unembed)
-        self.W_U = head.weight.float()                                 # [vocab, d]
-        self.b_U = head.bias.float() if getattr(head, "bias", None) is not None else None
+        self.W_U = head.weight.detach().float()                        # [vocab, d]
+        self.b_U = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
         self.softcap = getattr(model.hf.config, "final_logit_softcapping", None)
 
     def pre_logits(self, u: torch.Tensor) -> torch.Tensor:
