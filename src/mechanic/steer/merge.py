@@ -49,11 +49,25 @@ class _Group:
 
 
 # ---------------------------------------------------------------- which unit owns which element
-def _along(shape: torch.Size, dim: int, ids: torch.Tensor) -> torch.Tensor:
-    """Owner ids `ids` (one per index of dimension `dim`) broadcast to the full parameter shape."""
-    view = [1] * len(shape)
-    view[dim] = -1
-    return ids.view(*view).expand(*shape)
+@dataclass
+class _Owner:
+    """Which slot of group `key` owns each element of a parameter: ids over dimensions `dims` (ascending),
+    the same along every other dimension."""
+
+    key: str
+    dims: tuple[int, ...]
+    ids: torch.Tensor
+
+    def per_slot(self, x: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """Sum of x over each slot's elements (float64, one entry per slot)."""
+        rest = [d for d in range(x.dim()) if d not in self.dims]
+        part = (x.sum(rest, dtype=torch.float64) if rest else x.double()).reshape(-1)
+        return torch.zeros(n_slots, dtype=torch.float64).index_add_(0, self.ids.reshape(-1), part.cpu())
+
+    def spread(self, per_slot: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A per-slot value broadcast to the parameter's shape."""
+        view = [shape[d] if d in self.dims else 1 for d in range(len(shape))]
+        return per_slot[self.ids].reshape(view)
 
 
 def _linears(module: torch.nn.Module, skip: torch.nn.Module | None = None) -> list[tuple[str, torch.nn.Module]]:
@@ -67,7 +81,7 @@ def _ffn(model, names, owners, mlp, down, key: str, site) -> _Group:
     conv = model.arch.conv1d
     d = down.weight.shape[0] if conv else down.weight.shape[1]
     ids = torch.arange(d)
-    owners[names[id(down.weight)]] = (key, _along(down.weight.shape, 0 if conv else 1, ids))
+    owners[names[id(down.weight)]] = _Owner(key, (0 if conv else 1,), ids)
     for n, m in _linears(mlp, down):
         out_dim = 1 if conv else 0
         width = m.weight.shape[out_dim]
@@ -75,9 +89,9 @@ def _ffn(model, names, owners, mlp, down, key: str, site) -> _Group:
             raise MergeError(f"{key}: the MLP projection {n!r} has {width} outputs, not a multiple of the {d} "
                              "neurons read by down_proj, so merge cannot tell which neuron owns which row.")
         rows = torch.arange(width) % d
-        owners[names[id(m.weight)]] = (key, _along(m.weight.shape, out_dim, rows))
+        owners[names[id(m.weight)]] = _Owner(key, (out_dim,), rows)
         if getattr(m, "bias", None) is not None:
-            owners[names[id(m.bias)]] = (key, rows)
+            owners[names[id(m.bias)]] = _Owner(key, (0,), rows)
     return _Group(key, [site(j) for j in range(d)], d, None, [range(d)])
 
 
@@ -106,10 +120,10 @@ def _heads(model, names, owners, L: int) -> _Group:
     key = f"L{L}.head"
     attn, o = model.layer_module(L, a.attn), model.layer_module(L, a.o_proj)
     for m, dim, ids in _qkv_rows(attn, H, KV, dh):
-        owners[names[id(m.weight)]] = (key, _along(m.weight.shape, dim, ids))
+        owners[names[id(m.weight)]] = _Owner(key, (dim,), ids)
         if getattr(m, "bias", None) is not None:
-            owners[names[id(m.bias)]] = (key, ids)
-    owners[names[id(o.weight)]] = (key, _along(o.weight.shape, 0 if a.conv1d else 1, torch.arange(H * dh) // dh))
+            owners[names[id(m.bias)]] = _Owner(key, (0,), ids)
+    owners[names[id(o.weight)]] = _Owner(key, (0 if a.conv1d else 1,), torch.arange(H * dh) // dh)
     members = torch.zeros(H + KV, H)
     members[torch.arange(H), torch.arange(H)] = 1
     members[H + torch.arange(H) // (H // KV), torch.arange(H)] = 1
@@ -129,17 +143,17 @@ def _experts(model, names, owners, L: int) -> _Group:
     if gu.shape[1] % d:
         raise MergeError(f"Layer {L}: gate_up_proj {list(gu.shape)} does not stack whole copies of the {d} "
                          "expert neurons.")
-    owners[names[id(gu)]] = (key, unit.repeat(1, gu.shape[1] // d)[:, :, None].expand(gu.shape))
-    owners[names[id(ex.down_proj)]] = (key, unit[:, None, :].expand(ex.down_proj.shape))
+    owners[names[id(gu)]] = _Owner(key, (0, 1), unit.repeat(1, gu.shape[1] // d))
+    owners[names[id(ex.down_proj)]] = _Owner(key, (0, 2), unit)
     sites = [f"L{L}.expert{e}.neuron{j}" for e in range(E) for j in range(d)]
     return _Group(key, sites, E * d, None, [range(e * d, (e + 1) * d) for e in range(E)])
 
 
-def _layout(model, scope: tuple[str, ...]) -> tuple[dict[str, _Group], dict[str, tuple[str, torch.Tensor]]]:
+def _layout(model, scope: tuple[str, ...]) -> tuple[dict[str, _Group], dict[str, _Owner]]:
     """Unit groups, and for each neuron-owned parameter its group and per-element owner slot."""
     names = {id(p): n for n, p in model.hf.named_parameters()}
     groups: dict[str, _Group] = {}
-    owners: dict[str, tuple[str, torch.Tensor]] = {}
+    owners: dict[str, _Owner] = {}
     a = model.arch
     for L in range(model.dims.n_layers):
         found = []
@@ -189,18 +203,21 @@ def _unit_shifts(base, tuned, groups, owners, score: str) -> dict[str, torch.Ten
         raise MergeError(f"score must be 'relative' (||delta|| / ||base|| per unit) or 'absolute' (||delta||), "
                          f"got {score!r}.")
     pb, pt = dict(base.hf.named_parameters()), dict(tuned.hf.named_parameters())
-    sums = {k: (torch.zeros(g.n_slots + 1, dtype=torch.float64), torch.zeros(g.n_slots + 1, dtype=torch.float64))
+    sums = {k: [torch.zeros(g.n_slots, dtype=torch.float64), torch.zeros(g.n_slots, dtype=torch.float64)]
             for k, g in groups.items()}
-    for name, (key, owner) in owners.items():
-        t = pt[name].detach()
-        b = pb[name].detach().to(t.device)
-        slot = owner.reshape(-1).to(t.device)
-        delta2, base2 = sums[key]
-        delta2.index_add_(0, slot.cpu(), (t.double() - b.double()).reshape(-1).square().cpu())
-        base2.index_add_(0, slot.cpu(), b.double().reshape(-1).square().cpu())
+    moved = set()
+    for name, owner in owners.items():
+        t, b = pt[name].detach(), pb[name].detach()
+        if not torch.equal(t, b.to(t.device)):
+            sums[owner.key][0] += owner.per_slot((t.float() - b.to(t.device).float()).square(),
+                                                 groups[owner.key].n_slots)
+            moved.add(owner.key)
+    for name, owner in owners.items():  # denominators only where something moved (else every shift is 0)
+        if score == "relative" and owner.key in moved:
+            sums[owner.key][1] += owner.per_slot(pb[name].detach().float().square(), groups[owner.key].n_slots)
     out = {}
     for key, g in groups.items():
-        delta2, base2 = (s[:-1] for s in sums[key])
+        delta2, base2 = sums[key]
         if g.members is not None:
             delta2, base2 = g.members.double().T @ delta2, g.members.double().T @ base2
         shift = delta2.sqrt()
@@ -312,22 +329,21 @@ def merge(base, tuned, *, keep: float | int = 0.1, coefficient: float = 0.0, uni
         units = torch.zeros(len(g.sites), dtype=torch.bool)
         units[chosen] = True
         slots = units.clone() if g.members is None else (g.members.double() @ units.double()) > 0
-        kept_slots[key] = torch.cat([slots, torch.zeros(1, dtype=torch.bool)])  # last: unowned elements
+        kept_slots[key] = slots
         kept[key] = {"units": chosen, "shift": [float(s[i]) for i in chosen], "of": len(g.sites)}
     edits = []
     pb = dict(base.hf.named_parameters())
     for name, p in tuned.hf.named_parameters():
         t = p.detach()
         b = pb[name].detach().to(t.device)
+        if torch.equal(t, b) or (name not in owners and keep_other == "tuned"):
+            continue  # the merge leaves it as tuned
         new = _pulled(b, t, coefficient)
         if name in owners:
-            key, owner = owners[name]
-            slot = owner.to(t.device)
-            mask = kept_slots[key].to(t.device)[torch.where(slot < 0, len(kept_slots[key]) - 1, slot)]
-            new = torch.where(mask, t, new)
-            note = f"{key}: {len(kept[key]['units'])} of {kept[key]['of']} units kept"
-        elif keep_other == "tuned":
-            continue
+            owner = owners[name]
+            new = torch.where(owner.spread(kept_slots[owner.key], t.shape).to(t.device), t, new)
+            k = kept[owner.key]
+            note = f"{owner.key}: {len(k['units'])} of {k['of']} units kept"
         else:
             note = "not owned by a neuron: base + coefficient x delta"
         e = _edit(name, new, t, note)
