@@ -150,7 +150,7 @@ def _experts(model, names, owners, L: int) -> _Group:
 
 
 def _layout(model, scope: tuple[str, ...]) -> tuple[dict[str, _Group], dict[str, _Owner]]:
-    """Unit groups, and for each neuron-owned parameter its group and per-element owner slot."""
+    """Unit groups, and for each neuron-owned parameter which slot of which group owns each element."""
     names = {id(p): n for n, p in model.hf.named_parameters()}
     groups: dict[str, _Group] = {}
     owners: dict[str, _Owner] = {}
@@ -359,10 +359,13 @@ def merge(base, tuned, *, keep: float | int = 0.1, coefficient: float = 0.0, uni
 def _from_scores(shifts: Scores, groups, base, tuned, scope, score) -> dict[str, torch.Tensor]:
     """Per-group shifts read back from a neuron_shifts Scores (checked to match these models and settings)."""
     s = shifts.settings
-    if shifts.method != "neuron_shift" or shifts.fingerprint != tuned.fingerprint or \
-            s.get("base_fingerprint") != base.fingerprint or s.get("scope") != list(scope) or s.get("score") != score:
-        raise MergeError("The shifts given were not made by neuron_shifts for this tuned model with the same scope "
-                         "and score (or a different base); recompute them with neuron_shifts(base, tuned, scope=..., score=...) or leave "
+    sites = [x for g in groups.values() for x in g.sites]
+    same = (shifts.method == "neuron_shift" and shifts.fingerprint == tuned.fingerprint
+            and s.get("base_fingerprint") == base.fingerprint and s.get("scope") == list(scope)
+            and s.get("score") == score and shifts.sites == sites)
+    if not same:
+        raise MergeError("The shifts given were not made by neuron_shifts for these two models with the same scope "
+                         "and score; recompute them with neuron_shifts(base, tuned, scope=..., score=...) or leave "
                          "shifts=None.")
     values = shifts.values.double()
     out, i = {}, 0
