@@ -353,9 +353,12 @@ def test_merge_smollm2_lands_between_base_and_tuned(smollm2):
         merged = loss(tuned)
     with tuned.applied(bottom):
         smallest = loss(tuned)
+    with tuned.applied(merge(smollm2, tuned, keep=0.05, score="absolute")):
+        absolute = loss(tuned)
     base, fine = loss(smollm2), loss(tuned)
-    # measured: base 7.07, tuned 2.90, top 5% kept 6.22, smallest-shift 5% kept 6.67
+    # measured: base 7.07, tuned 2.90, top 5% kept 6.22 (by absolute shift 6.37), smallest-shift 5% kept 6.67
     assert fine < merged < smallest < base
+    assert merged < absolute < base
     moved = {s.split(".")[0] + "." + s.split(".")[1].rstrip("0123456789") for s, v in zip(shifts.sites, shifts.values)
              if v > 0}
     assert moved == {f"L{L}.neuron" for L in layers}
