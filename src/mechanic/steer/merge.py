@@ -202,9 +202,7 @@ def _check_pair(base, tuned) -> None:
 
 def _unit_shifts(base, tuned, groups, owners, score: str) -> dict[str, torch.Tensor]:
     """Per group, the shift of every unit (float64)."""
-    if score not in ("relative", "absolute"):
-        raise MergeError(f"score must be 'relative' (||delta|| / ||base|| per unit) or 'absolute' (||delta||), "
-                         f"got {score!r}.")
+    _check_score(score)
     pb, pt = dict(base.hf.named_parameters()), dict(tuned.hf.named_parameters())
     sums = {k: [torch.zeros(g.n_slots, dtype=torch.float64), torch.zeros(g.n_slots, dtype=torch.float64)]
             for k, g in groups.items()}
@@ -228,6 +226,12 @@ def _unit_shifts(base, tuned, groups, owners, score: str) -> dict[str, torch.Ten
             shift = shift / base2.sqrt().clamp_min(torch.finfo(torch.float64).tiny)
         out[key] = shift
     return out
+
+
+def _check_score(score: str) -> None:
+    if score not in ("relative", "absolute"):
+        raise MergeError(f"score must be 'relative' (||delta|| / ||base|| per unit) or 'absolute' (||delta||), "
+                         f"got {score!r}.")
 
 
 def _scope(scope) -> tuple[str, ...]:
@@ -305,6 +309,7 @@ def merge(base, tuned, *, keep: float | int = 0.1, coefficient: float = 0.0, uni
     """
     _check_pair(base, tuned)
     _check_keep(keep)
+    _check_score(score)
     scope = _scope(scope)
     if unit != "neuron":
         raise MergeError(f"unit={unit!r} is not supported; merge works on unit='neuron' (FFN neurons, attention "
