@@ -26,7 +26,7 @@ def index(batch: int, seq: int, rows: Rows = None, pos: Pos = None, device=None)
             mask = mask & keep
         return (mask,)
     if isinstance(pos, torch.Tensor) and pos.dim() == 1 and pos.numel() == batch and batch > 1 and pos.dtype != torch.bool:
-        r = _rows(rows, batch, pos.device)
+        r = torch.arange(batch, device=pos.device) if rows is None else _rows(rows, batch, pos.device)
         return (r, pos.to(r.device)[r] % seq)
     if isinstance(pos, int):
         _check_pos(pos, seq)

@@ -1,0 +1,78 @@
+"""Second moments C = E[k k^T] of down_proj inputs over real text, for ROME and MEMIT; cached on disk.
+
+One pass over the shipped calibration text (or any text) records every real token's FFN activations
+at the chosen layers (stopping after the last of them), accumulating k^T k in float64. The result is
+saved per model fingerprint, layer, text and token budget under $MECHANIC_CACHE/stats with its sample
+count, and reused by later edits; the file is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _key(model, tokens: torch.Tensor, layer: int) -> Path:
+    from mechanic.model.load import cache_dir
+
+    text = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:12]
+    return cache_dir() / "stats" / model.fingerprint / f"L{layer}.neuron-{text}-{tokens.numel()}.safetensors"
+
+
+def second_moments(model, layers, texts=None, *, max_tokens: int = 32768, seq_len: int = 128,
+                   batch_size: int = 8, cache: bool = True, progress: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
+    """{layer: (E[k k^T] as float32 [d_mlp, d_mlp], number of tokens)} for the down_proj inputs k of `layers`."""
+    from mechanic.data.text import calibration
+    from mechanic.data.windows import batches, token_stream, windows
+
+    layers = sorted({int(x) for x in layers})
+    for L in layers:
+        if model.is_moe(L):
+            raise ValueError(f"Layer {L} is a mixture of experts; ROME/MEMIT statistics are for a dense MLP's "
+                             "down_proj. Choose a dense layer.")
+    tokens = token_stream(model, calibration() if texts is None else texts)[:max_tokens]
+    out: dict[int, tuple[torch.Tensor, int]] = {}
+    todo = []
+    for L in layers:
+        path = _key(model, tokens, L)
+        if cache and path.is_file():
+            data = load_file(str(path))
+            out[L] = (data["moment"], int(data["count"]))
+        else:
+            todo.append(L)
+    if not todo:
+        return out
+    d = model.dims.d_mlp
+    sums = {L: torch.zeros(d, d, dtype=torch.float64) for L in todo}
+    count = 0
+    wins = windows(model, tokens, seq_len=seq_len)
+    chunks = list(batches(wins, batch_size))
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, desc="second moments")
+    for ids in chunks:
+        run = model.run(ids, cache=[f"L{L}.neuron" for L in todo], stop_at="auto")
+        for L in todo:
+            k = run[f"L{L}.neuron"].reshape(-1, d).double()
+            sums[L] += k.T @ k
+        count += ids.numel()
+    for L in todo:
+        moment = (sums[L] / count).float()
+        out[L] = (moment, count)
+        if cache:
+            path = _key(model, tokens, L)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+            os.close(fd)
+            try:
+                save_file({"moment": moment, "count": torch.tensor(count)}, tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    return out

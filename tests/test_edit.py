@@ -1,0 +1,127 @@
+"""Weight editing: ROME's update has the rank-one algebra of the paper, neuron edits equal hooks, statistics equal
+a plain sum and are cached; on SmolLM2 an edit makes the new target win and leaves neighbours alone."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import mechanic
+from mechanic.model.interventions import scale
+from mechanic.steer.edit import Fact, _batch, _fact_rows, facts_from_task, memit, neuron_edit, rome
+from mechanic.steer.plan import PlanError
+from mechanic.steer.stats import second_moments
+from mechanic.testing.tiny import left_padded, tiny_model
+
+FACT = Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower", " Rome", " Paris",
+            ("The Eiffel Tower stands in",), ("The Colosseum is located in the city of",))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from mechanic.model.load import resolve
+
+    return AutoTokenizer.from_pretrained(str(resolve("smollm2")))
+
+
+def worded(arch, tokenizer):
+    """A tiny random model that reads text with SmolLM2's tokenizer."""
+    return mechanic.load(tiny_model(arch, vocab_size=len(tokenizer)), tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rome_update_is_the_rank_one_solution(arch, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHANIC_CACHE", str(tmp_path))
+    m = worded(arch, tokenizer)
+    prefixes = ["", "I think so. ", "The weather was fine. "]
+    W0 = m.arch.down_weight(m.layer_module(1, m.arch.down_proj)).detach().clone().double()
+    plan = rome(m, FACT, layer=1, prefixes=prefixes, steps=5, stats_tokens=2000)
+    assert plan.settings["subject_at_first_token"] is False
+    texts, ends = _fact_rows(m, FACT, prefixes)
+    inputs, last, _ = _batch(m, texts[:3], ends[:3])
+    k = m.run(inputs, cache=["L1.neuron"])["L1.neuron"][torch.arange(3), last].mean(0).double()
+    C = second_moments(m, [1], max_tokens=2000)[1][0].double()
+    delta = torch.tensor(plan.settings["delta"], dtype=torch.float64)
+    with m.applied(plan):
+        W1 = m.arch.down_weight(m.layer_module(1, m.arch.down_proj)).detach().double()
+    assert (W1 @ k - (W0 @ k + delta)).abs().max().item() < 1e-3 * max(1.0, delta.abs().max().item())
+    assert torch.linalg.matrix_rank(W1 - W0, rtol=1e-5).item() == 1
+    x = torch.randn(k.numel(), dtype=torch.float64)
+    ck = torch.linalg.solve(C, k)
+    x = x - (x @ ck) / (ck @ ck) * ck  # orthogonal to u: the edit must not see it
+    assert ((W1 - W0) @ x).abs().max().item() < 1e-4 * (W1 - W0).abs().max().item() * x.norm().item()
+    assert torch.equal(m.arch.down_weight(m.layer_module(1, m.arch.down_proj)).detach().double(), W0)  # undone
+
+
+def test_second_moments_equal_plain_sum_and_are_cached(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHANIC_CACHE", str(tmp_path))
+    m = worded("llama", tokenizer)
+    text = ["It was the best of times, it was the worst of times, it was the age of wisdom."] * 4
+    got, count = second_moments(m, [0, 2], text, seq_len=16)[2]
+    ids = m.tokenizer("\n\n".join(text), add_special_tokens=False)["input_ids"]
+    ks = []
+    for i in range(0, len(ids), 16):
+        chunk = ids[i:i + 16]
+        if len(chunk) >= 2:
+            ks.append(m.run(torch.tensor([chunk]), cache=["L2.neuron"])["L2.neuron"][0].double())
+    K = torch.cat(ks)
+    assert count == K.shape[0]
+    assert (got.double() - K.T @ K / count).abs().max().item() < 1e-5
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+    again, _ = second_moments(m, [2], text, seq_len=16)[2]
+    assert torch.equal(again, got)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "gpt_neox"])
+def test_neuron_edit_equals_scaling_the_activation(arch):
+    m = mechanic.load(tiny_model(arch))
+    x = m.inputs(left_padded([5, 3], seed=1))
+    plan = neuron_edit(m, ["L1.neuron3", "L1.neuron7", "L0.neuron2"], factor=0.25)
+    ref = m.run(x, interventions=[scale("L1.neuron3", 0.25), scale("L1.neuron7", 0.25),
+                                  scale("L0.neuron2", 0.25)]).logits
+    with m.applied(plan):
+        got = m.run(x).logits
+    assert (got - ref).abs().max().item() < 1e-5
+    with pytest.raises(PlanError, match="single FFN neurons"):
+        neuron_edit(m, ["L1.head0"])
+
+
+def test_edit_errors(tokenizer):
+    with pytest.raises(PlanError, match="does not occur"):
+        Fact("Paris is in", "London", " France")
+    m = mechanic.load(tiny_model("mixtral", vocab_size=len(tokenizer)), tokenizer=tokenizer)
+    with pytest.raises(PlanError, match="mixture of experts"):
+        rome(m, FACT, layer=0, prefixes=[""])
+
+
+def _logprob(m, prompt, target):
+    lg = m.run(prompt, last_only=True).logits[0, -1]
+    return float(torch.log_softmax(lg, -1)[m.tokenizer(target, add_special_tokens=False)["input_ids"][0]])
+
+
+@pytest.mark.real
+def test_rome_and_memit_on_smollm2(smollm2):
+    from mechanic.tasks.builtin import load_task
+
+    from mechanic.locate.trace import subject_positions
+
+    m = smollm2
+    # subjects past the first token: SmolLM2's first token is an attention sink with an atypical key
+    facts = [f for f in facts_from_task(load_task("facts")) if subject_positions(m, f.prompt, f.subject)[-1] > 0]
+    fact = facts[2]  # Toulouse -> Germany
+    plan = rome(m, fact, stats_tokens=8192)
+    before = {p: m.run(p, last_only=True).logits[0, -1].argmax().item() for p in fact.neighborhood}
+    with m.applied(plan):
+        new, true = _logprob(m, fact.prompt, fact.target_new), _logprob(m, fact.prompt, fact.target_true)
+        para = [_logprob(m, p, fact.target_new) > _logprob(m, p, fact.target_true) for p in fact.paraphrases]
+        after = {p: m.run(p, last_only=True).logits[0, -1].argmax().item() for p in fact.neighborhood}
+    print(f"\nROME layer {plan.settings['layer']}: log p(new) {new:.2f} vs log p(true) {true:.2f}; paraphrases "
+          f"{sum(para)}/{len(para)}; neighbourhood top-1 kept {sum(before[p] == after[p] for p in before)}/"
+          f"{len(before)}; losses {[round(x, 2) for x in plan.settings['losses']]}")
+    assert new > true
+    assert sum(before[p] == after[p] for p in before) >= len(before) - 1
+    batch = [facts[i] for i in (0, 10, 25)]
+    mp = memit(m, batch, layers=[1, 2, 3, 4, 5], stats_tokens=8192)
+    with m.applied(mp):
+        wins = [_logprob(m, f.prompt, f.target_new) > _logprob(m, f.prompt, f.target_true) for f in batch]
+    print(f"MEMIT layers {mp.settings['layers']}: efficacy {sum(wins)}/{len(wins)}")
+    assert sum(wins) >= 2
