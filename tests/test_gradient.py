@@ -419,7 +419,7 @@ def test_atp_heads_rank_like_exact_patching_on_ioi(smollm2):
     for L in range(NL):
         ivs = [mechanic.replace(f"L{L}.head{h}", clean[f"L{L}.head"][:, :, h], rows=list(range(h * n, (h + 1) * n)))
                for h in range(H)]
-        last = m.run(many, interventions=ivs).logits[:, -1]
+        last = m.run(many, interventions=ivs, last_only=True).logits[:, -1]
         ld = (last.gather(1, ans[:, None]) - last.gather(1, wrong[:, None]))[:, 0].view(H, n).mean(1)
         exact += (ld - base).tolist()
     exact = torch.tensor(exact)

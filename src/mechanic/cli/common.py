@@ -19,15 +19,19 @@ def user_errors(fn):
     """Turn user mistakes (bad model path, site, task, architecture) into one paragraph and exit 2, no traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from mechanic.data.windows import TextError
+        from mechanic.locate.trace import TraceError
         from mechanic.model.arch import UnknownArchitecture
         from mechanic.model.load import LoadError
         from mechanic.model.sites import SiteError
-        from mechanic.locate.trace import TraceError
+        from mechanic.steer.plan import PlanError
+        from mechanic.steer.vectors import VectorError
         from mechanic.tasks.task import TaskError
 
         try:
             return fn(*args, **kwargs)
-        except (LoadError, SiteError, UnknownArchitecture, TaskError, TraceError, FileNotFoundError) as e:
+        except (LoadError, SiteError, UnknownArchitecture, TaskError, TraceError, PlanError, VectorError, TextError,
+                FileNotFoundError, FileExistsError) as e:
             errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(2)
     return wrapper
