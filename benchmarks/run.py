@@ -145,8 +145,61 @@ def ioi_lines(r: dict) -> list[str]:
     return lines
 
 
+def locate2_lines(neurons: dict, outliers: dict) -> list[str]:
+    """Cost and findings of the vocabulary-projection, comparative and magnitude methods (issue Locate II)."""
+    lines = ["", "## Locate II on SmolLM2: cost of each method", ""]
+    if "error" in neurons:
+        lines.append(f"Neuron benchmark failed: {' '.join(neurons['error'])}")
+    else:
+        n = neurons
+        na = n["naive_loop"]
+        lines += [f"Neuron-level log-probability attribution of all {n['neurons']} FFN neurons for one prompt "
+                  f"(\"{n['neuron_attribution']['prompt']}\"): one forward plus batched projections, "
+                  f"{n['neuron_attribution']['s']:.1f} s, against {na['extrapolated_s']:.0f} s for a loop that projects "
+                  f"one neuron at a time (timed on {na['neurons_run']} neurons and extrapolated): "
+                  f"**{n['speedup_vs_naive']:.0f}x**, max abs diff {na['max_abs_diff_vs_batched']:.1e}. A forward "
+                  f"per neuron would take about {n['per_neuron_forward_extrapolated_s']:.0f} s.", "",
+                  "| method | forward passes | seconds | notes |", "|---|---|---|---|",
+                  f"| one forward (reference) | 1 | {n['forward_s']:.2f} | |",
+                  f"| neuron attribution, {n['neurons']} FFN neurons | 1 | {n['neuron_attribution']['s']:.1f} | |",
+                  f"| attention-neuron attribution | 1 | {n['attn_neuron_s']:.1f} | every head dimension |",
+                  f"| layer + head attribution | 1 | {n['layers_and_heads_s']:.1f} | |",
+                  f"| direct logit attribution, {n['dla']['examples']} facts | 1 | {n['dla']['s']:.1f} | parts sum to "
+                  f"the total within {n['dla']['sum_error']:.1e} |",
+                  f"| logit lens | 1 | {n['logit_lens']['s']:.1f} | answer first top-1 at "
+                  f"{n['logit_lens']['first_state_with_answer_top1']} |",
+                  f"| logit flow, 8 facts | 2 | {n['logit_flow']['s']:.1f} | |",
+                  f"| query neurons | 2 | {n['query_neurons']['s']:.1f} | |",
+                  f"| head scan, {n['head_scan']['heads']} heads x {n['head_scan']['examples']} facts | "
+                  f"{n['head_scan']['forward_passes']} | {n['head_scan']['s']:.1f} | one batch row per head |",
+                  f"| comparative neuron analysis | 2 | {n['cna']['s']:.1f} | ablating {', '.join(n['cna']['heads'])} |",
+                  f"| in-context heads, layers {n['in_context_heads']['layers']} | | {n['in_context_heads']['s']:.1f} | "
+                  f"accuracy {n['in_context_heads']['accuracy_clean']:.2f} -> "
+                  f"{n['in_context_heads']['accuracy_union_ablated']:.2f} with the top heads zeroed |"]
+        lines += ["", "Top neurons by log-probability increase:", ""]
+        for f in n["top_neurons"]:
+            tops = "; ".join(f"{t['site']} {t['imp']:+.3f} ({', '.join(map(repr, t['promotes']))})" for t in f["top"][:3])
+            lines.append(f"- \"{f['prompt']}\" -> {f['answer']!r}: {tops}")
+    if "error" in outliers:
+        lines += ["", f"Magnitude benchmark failed: {' '.join(outliers['error'])}"]
+        return lines
+    o = outliers
+    lines += ["", "| magnitude method | tokens | seconds | found |", "|---|---|---|---|",
+              f"| perplexity (held-out text) | {o['perplexity']['tokens']} | {o['perplexity']['s']:.1f} | "
+              f"ppl {o['perplexity']['ppl']:.1f} |",
+              f"| massive activations | {o['massive']['tokens']} | {o['massive']['s']:.1f} | " +
+              ", ".join(f"L{r['layer']} d{r['dim']} {r['value']:.0f} ({r['token']!r})" for r in o['massive']['flagged'][:3]) + " |",
+              f"| super weights (search + verification) | {o['super_weights']['settings'].get('detect_tokens', '')} + "
+              f"{o['super_weights']['settings'].get('verify_tokens', '')} | {o['super_weights']['s']:.1f} | " +
+              ", ".join(f"L{c['layer']}[{c['row']},{c['col']}] ppl {o['super_weights']['baseline_ppl']:.1f} -> "
+                        f"{c['ppl']:.1f}{' (verified)' if c['verified'] else ''}" for c in o['super_weights']['candidates']) + " |",
+              f"| attention sinks | {o['sinks']['tokens']} | {o['sinks']['s']:.1f} | {o['sinks']['heads_over_half']} of "
+              f"{o['sinks']['heads']} heads put > 0.5 of their attention on the first token |"]
+    return lines
+
+
 def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path, patching: list[dict],
-                   ioi: dict) -> None:
+                   ioi: dict, neurons: dict, outliers: dict) -> None:
     lines = [
         "# Benchmarks",
         "",
@@ -189,7 +242,7 @@ def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path, pat
               f"A repeat load in the same process takes {load_s['repeat']:.2f} s. The first load ever converts the",
               "packaged GGUF (about 30 s) and caches it.",
               ""]
-    lines += patching_lines(patching) + ioi_lines(ioi)
+    lines += patching_lines(patching) + ioi_lines(ioi) + locate2_lines(neurons, outliers)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(out)
@@ -227,7 +280,11 @@ def main() -> None:
     (HERE / "results" / "patching.json").write_text(json.dumps(patching, indent=1))
     ioi = run_script(Path(sys.executable), HERE / "locate_ioi_mechanic.py", model_dir)
     (HERE / "results" / "locate_ioi.json").write_text(json.dumps(ioi, indent=1))
-    write_markdown(results, machine(), load_time(), out, patching, ioi)
+    neurons = run_script(Path(sys.executable), HERE / "locate_neurons_mechanic.py", model_dir)
+    (HERE / "results" / "locate_neurons.json").write_text(json.dumps(neurons, indent=1))
+    outliers = run_script(Path(sys.executable), HERE / "locate_outliers_mechanic.py", model_dir)
+    (HERE / "results" / "locate_outliers.json").write_text(json.dumps(outliers, indent=1))
+    write_markdown(results, machine(), load_time(), out, patching, ioi, neurons, outliers)
     print(out.read_text())
 
 
