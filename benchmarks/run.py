@@ -198,8 +198,31 @@ def locate2_lines(neurons: dict, outliers: dict) -> list[str]:
     return lines
 
 
+def steer_lines(rows: list[dict]) -> list[str]:
+    """Steered greedy generation vs plain generate, each tool in its own process, same vector and tokens."""
+    lines = ["", "## Steering: generation with a vector added at one layer's output", ""]
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return lines + ["Steering benchmark failed: " + "; ".join(" ".join(r["error"]) for r in rows)]
+    m = ok[0]["meta"]
+    ref = ok[0]["meta"]["tokens"]
+    lines += [f"{len(m['prompts'])} prompts, {m['new_tokens']} new tokens, greedy; a fixed random direction of norm 8 "
+              f"x {m['coefficient']} added to the output of decoder layer {m['layer']} at every token "
+              f"(prompt and generated). Ratio = steered / plain `generate` (medians); goal <= 1.01x.", "",
+              "| tool | version | plain s | steered s | ratio | generations changed by steering | same tokens as mechanic |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['peer']} | failed: {' '.join(r['error'])[:80]} | | | | | |")
+            continue
+        p, t = statistics.median(r["plain_s"]), statistics.median(r["tool_s"])
+        lines.append(f"| {r['peer']} | {r['version']} | {p:.2f} | {t:.2f} | {t / p:.3f}x | {r['meta']['changed']} | "
+                     f"{'yes' if r['meta']['tokens'] == ref else 'NO'} |")
+    return lines
+
+
 def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path, patching: list[dict],
-                   ioi: dict, neurons: dict, outliers: dict) -> None:
+                   ioi: dict, neurons: dict, outliers: dict, steering: list[dict]) -> None:
     lines = [
         "# Benchmarks",
         "",
@@ -242,7 +265,7 @@ def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path, pat
               f"A repeat load in the same process takes {load_s['repeat']:.2f} s. The first load ever converts the",
               "packaged GGUF (about 30 s) and caches it.",
               ""]
-    lines += patching_lines(patching) + ioi_lines(ioi) + locate2_lines(neurons, outliers)
+    lines += patching_lines(patching) + ioi_lines(ioi) + locate2_lines(neurons, outliers) + steer_lines(steering)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(out)
@@ -254,38 +277,68 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    p.add_argument("--only", default=None, help="Comma-separated sections to re-run (" + ", ".join(SECTIONS) +
+                   "); the others are read from benchmarks/results/ and the page is rebuilt.")
     args = p.parse_args()
     from mechanic.model.load import resolve
 
     model_dir = resolve("smollm2")  # converts the packaged GGUF once
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    unknown = only - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    (HERE / "results").mkdir(exist_ok=True)
+    data = {}
+    for name, fn in SECTIONS.items():
+        path = HERE / "results" / f"{name}.json"
+        if name in only:
+            data[name] = fn(model_dir, args)
+            path.write_text(json.dumps(data[name], indent=1))
+        else:
+            data[name] = json.loads(path.read_text())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_markdown(data["resid_cache"], machine(), load_time(), out, data["patching"], data["locate_ioi"],
+                   data["locate_neurons"], data["locate_outliers"], data["steer_generate"])
+    print(out.read_text())
+
+
+def resid_cache(model_dir: Path, args) -> list[dict]:
     prompts = HERE / "data" / "prompts_resid.json"
     timing = ["--prompts", str(prompts), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     results = [run_script(Path(sys.executable), HERE / "resid_cache_mechanic.py", model_dir, *timing)]
     for peer in [x for x in args.peers.split(",") if x]:
-        script = HERE / "peers" / f"resid_cache_{peer}.py"
         if not PEERS_PY.exists():
             results.append({"peer": peer, "error": ["peers environment missing: run benchmarks/setup_peers.sh"]})
             continue
-        results.append(run_script(PEERS_PY, script, model_dir, *timing))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "resid_cache.json").write_text(json.dumps(results, indent=1))
+        results.append(run_script(PEERS_PY, HERE / "peers" / f"resid_cache_{peer}.py", model_dir, *timing))
+    return results
+
+
+def patching(model_dir: Path, args) -> list[dict]:
     pair = HERE / "data" / "ioi_pair.json"
-    patching = [run_script(Path(sys.executable), HERE / "patch_resid_mechanic.py", model_dir, "--pair", str(pair),
-                           "--naive")]
+    rows = [run_script(Path(sys.executable), HERE / "patch_resid_mechanic.py", model_dir, "--pair", str(pair), "--naive")]
     if "transformer_lens" in args.peers and PEERS_PY.exists():
-        patching.append(run_script(PEERS_PY, HERE / "peers" / "patch_resid_transformer_lens.py", model_dir,
-                                   "--pair", str(pair)))
-    (HERE / "results" / "patching.json").write_text(json.dumps(patching, indent=1))
-    ioi = run_script(Path(sys.executable), HERE / "locate_ioi_mechanic.py", model_dir)
-    (HERE / "results" / "locate_ioi.json").write_text(json.dumps(ioi, indent=1))
-    neurons = run_script(Path(sys.executable), HERE / "locate_neurons_mechanic.py", model_dir)
-    (HERE / "results" / "locate_neurons.json").write_text(json.dumps(neurons, indent=1))
-    outliers = run_script(Path(sys.executable), HERE / "locate_outliers_mechanic.py", model_dir)
-    (HERE / "results" / "locate_outliers.json").write_text(json.dumps(outliers, indent=1))
-    write_markdown(results, machine(), load_time(), out, patching, ioi, neurons, outliers)
-    print(out.read_text())
+        rows.append(run_script(PEERS_PY, HERE / "peers" / "patch_resid_transformer_lens.py", model_dir,
+                               "--pair", str(pair)))
+    return rows
+
+
+def steer_generate(model_dir: Path, args) -> list[dict]:
+    rows = [run_script(Path(sys.executable), HERE / "steer_generate_mechanic.py", model_dir)]
+    for peer in ("steering_vectors", "repeng"):
+        if PEERS_PY.exists():
+            rows.append(run_script(PEERS_PY, HERE / "peers" / f"steer_generate_{peer}.py", model_dir))
+    return rows
+
+
+def _ours(script: str):
+    return lambda model_dir, args: run_script(Path(sys.executable), HERE / script, model_dir)
+
+
+SECTIONS = {"resid_cache": resid_cache, "patching": patching, "locate_ioi": _ours("locate_ioi_mechanic.py"),
+            "locate_neurons": _ours("locate_neurons_mechanic.py"),
+            "locate_outliers": _ours("locate_outliers_mechanic.py"), "steer_generate": steer_generate}
 
 
 if __name__ == "__main__":

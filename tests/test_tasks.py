@@ -1,6 +1,5 @@
 """Built-in task suites, user task files (JSONL/CSV) and their errors, tokenization and the set metrics."""
 
-import json
 import re
 from types import SimpleNamespace
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from mechanic.cli.common import app, console, emit_json, user_errors
 from mechanic.cli.locate import FIRST_N, JSON, MODEL, load_task_spec
+from mechanic.files import write_text
 
 steer_app = typer.Typer(help="Change what was located: every command writes a plan (plan.safetensors) and a summary.",
                         no_args_is_help=True)
@@ -49,9 +50,7 @@ def finish(out: Path, plan, summary: dict, as_json: bool, rows: list[tuple] | No
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.safetensors")
     summary = {"method": plan.method, "plan": str(out / "plan.safetensors"), **summary}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    tmp.replace(out / "summary.json")
+    write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
     if as_json:
         emit_json(summary)
         return

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mechanic.model.sites import Site
+from mechanic.files import atomic_path
 
 
 def grid(scores) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -40,13 +40,6 @@ def heatmap(scores, path: str | os.PathLike, title: str | None = None) -> Path:
     fig.update_layout(title=title or f"{scores.method} — {scores.task or ''} ({scores.metric or ''})",
                       yaxis={"autorange": "reversed"}, height=max(400, 18 * len(rows) + 150))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".html")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".html") as tmp:
         fig.write_html(tmp, include_plotlyjs=True, full_html=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mechanic.model.sites import Site
+from mechanic.files import atomic_path
 
 
 @dataclass
@@ -71,19 +71,12 @@ class Scores:
     def save(self, path: str | os.PathLike) -> Path:
         """JSON (.json) or safetensors with the metadata in its header (.safetensors)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             if path.suffix == ".json":
                 Path(tmp).write_text(json.dumps(self.to_dict(), indent=1))
             else:
                 meta = {k: v for k, v in self.to_dict().items() if k != "values"}
                 save_file({"values": self.values.contiguous()}, tmp, metadata={"scores": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -224,12 +225,11 @@ class Model:
 
         return applied(self, plan, check)
 
-    def save(self, path) -> "Path":
+    def save(self, path) -> Path:
         """Write the model as it is now (weight edits included) to a NEW directory that plain transformers
         loads: safetensors weights, config, tokenizer. Never writes into an existing non-empty directory."""
         import shutil
         import tempfile
-        from pathlib import Path
 
         path = Path(path).expanduser()
         if path.exists() and (not path.is_dir() or any(path.iterdir())):

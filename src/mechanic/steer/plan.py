@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mechanic.model.interventions import Intervention
+from mechanic.files import atomic_path
 from mechanic.steer.fns import FNS
 
 
@@ -201,15 +201,8 @@ class Plan:
             edits.append(meta_e)
         meta = {"format": "mechanic.plan/1", "method": self.method, "fingerprint": self.fingerprint,
                 "settings": self.settings, "interventions": ivs, "edits": edits}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors or {"_empty": torch.zeros(0)}, tmp, metadata={"plan": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod

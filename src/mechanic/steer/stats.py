@@ -9,12 +9,12 @@ count, and reused by later edits; the file is written atomically.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from mechanic.files import atomic_path
 
 
 def _key(model, tokens: torch.Tensor, layer: int) -> Path:
@@ -65,14 +65,6 @@ def second_moments(model, layers, texts=None, *, max_tokens: int = 32768, seq_le
         moment = (sums[L] / count).float()
         out[L] = (moment, count)
         if cache:
-            path = _key(model, tokens, L)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-            os.close(fd)
-            try:
+            with atomic_path(_key(model, tokens, L)) as tmp:
                 save_file({"moment": moment, "count": torch.tensor(count)}, tmp)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
     return out

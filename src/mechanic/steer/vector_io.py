@@ -22,32 +22,16 @@ cvector-generator do); llama.cpp itself does not read it, nor `controlvector.mod
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from mechanic.files import atomic_path
 from mechanic.steer.vectors import Vector, VectorError
 
 FORMAT = "mechanic-vector/1"
 META_KEY = "mechanic.vector"          # safetensors header key, and an extra GGUF string key (ignored by llama.cpp)
 ARCH = "controlvector"
-
-
-@contextmanager
-def _atomic(path: Path):
-    """A temporary file next to `path`, moved over it only when the block finishes without error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save(vector: Vector, path) -> Path:
@@ -58,7 +42,7 @@ def save(vector: Vector, path) -> Path:
     from safetensors.torch import save_file
 
     tensors = {f"direction.{L}": d.contiguous() for L, d in vector.directions.items()}
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT, META_KEY: json.dumps(vector.metadata())})
     return path
 
@@ -104,7 +88,7 @@ def to_gguf(vector: Vector, path, coefficient: float = 1.0, model_hint: str | No
                           f"vector.select({[L for L in vector.layers if L != 0]}).")
     path = Path(path)
     hint = model_hint or vector.model_type or vector.model or "unknown"
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         writer.add_string(f"{ARCH}.model_hint", hint)
         writer.add_uint32(f"{ARCH}.layer_count", len(vector.directions))
