@@ -221,8 +221,28 @@ def steer_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def edit_lines(r: dict) -> list[str]:
+    """ROME / MEMIT cost and CounterFact scores on shipped facts."""
+    lines = ["", "## Weight editing on SmolLM2: ROME and MEMIT", ""]
+    if "error" in r:
+        return lines + [f"Editing benchmark failed: {' '.join(r['error'])}"]
+    pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    lines += [f"{len(r['facts'])} facts of the shipped suite ({', '.join(r['facts'])}); key statistics over "
+              f"{r['stats_tokens']} tokens of shipped text for layers {r['memit_layers'][0]}-{r['memit_layers'][-1]} "
+              f"took {r['stats_s_one_layer_range']:.0f} s once, then come from the cache. ES = P(new) > P(true) on the "
+              "edit prompt, PS on paraphrases, NS = P(true) > P(new) on neighbourhood prompts (full target "
+              "sequence log-probabilities).", "",
+              "| | seconds | ES | PS | NS |", "|---|---|---|---|---|",
+              f"| unedited | | {pct(r['before']['es'])} | {pct(r['before']['ps'])} | {pct(r['before']['ns'])} |",
+              f"| ROME, layer {r['layer']}, one fact at a time | {statistics.median(r['rome_s']):.1f} per edit (median) | "
+              f"{pct(r['rome_after']['es'])} | {pct(r['rome_after']['ps'])} | {pct(r['rome_after']['ns'])} |",
+              f"| MEMIT, all facts at once, layers {r['memit_layers']} | {r['memit_s']:.1f} | "
+              f"{pct(r['memit_after']['es'])} | {pct(r['memit_after']['ps'])} | {pct(r['memit_after']['ns'])} |"]
+    return lines
+
+
 def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path, patching: list[dict],
-                   ioi: dict, neurons: dict, outliers: dict, steering: list[dict]) -> None:
+                   ioi: dict, neurons: dict, outliers: dict, steering: list[dict], editing: dict) -> None:
     lines = [
         "# Benchmarks",
         "",
@@ -265,7 +285,8 @@ def write_markdown(results: list[dict], info: dict, load_s: dict, out: Path, pat
               f"A repeat load in the same process takes {load_s['repeat']:.2f} s. The first load ever converts the",
               "packaged GGUF (about 30 s) and caches it.",
               ""]
-    lines += patching_lines(patching) + ioi_lines(ioi) + locate2_lines(neurons, outliers) + steer_lines(steering)
+    lines += patching_lines(patching) + ioi_lines(ioi) + locate2_lines(neurons, outliers) + steer_lines(steering) + \
+        edit_lines(editing)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(out)
@@ -299,7 +320,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_markdown(data["resid_cache"], machine(), load_time(), out, data["patching"], data["locate_ioi"],
-                   data["locate_neurons"], data["locate_outliers"], data["steer_generate"])
+                   data["locate_neurons"], data["locate_outliers"], data["steer_generate"], data["steer_edit"])
     print(out.read_text())
 
 
@@ -338,7 +359,8 @@ def _ours(script: str):
 
 SECTIONS = {"resid_cache": resid_cache, "patching": patching, "locate_ioi": _ours("locate_ioi_mechanic.py"),
             "locate_neurons": _ours("locate_neurons_mechanic.py"),
-            "locate_outliers": _ours("locate_outliers_mechanic.py"), "steer_generate": steer_generate}
+            "locate_outliers": _ours("locate_outliers_mechanic.py"), "steer_generate": steer_generate,
+            "steer_edit": _ours("steer_edit_mechanic.py")}
 
 
 if __name__ == "__main__":
