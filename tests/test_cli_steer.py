@@ -24,6 +24,14 @@ def test_vector_and_ablate_on_smollm2(tmp_path, smollm2):
     assert (out / "vector.gguf").is_file() and len(Plan.load(out / "plan.safetensors").interventions) == 1
     # adding the positive-minus-negative direction moves the negative prompts toward the positive answer
     assert info["after"]["corrupted"] > info["before"]["corrupted"] + 0.5
+    res = runner.invoke(app, ["steer", "vector", "--task", "sentiment", "--n", "8", "--layers", "6,12",
+                              "--sweep", "0,4", "--max-kl", "10", "-o", str(tmp_path / "sw"), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["coefficient"] == 4.0 and (tmp_path / "sw" / "sweep_kl.html").is_file()
+    res = runner.invoke(app, ["steer", "vector", "--task", "sentiment", "--n", "8", "--layers", "12",
+                              "--sweep", "4", "--max-kl", "0", "-o", str(tmp_path / "sw0")])
+    assert res.exit_code == 2 and "KL" in res.output
     res = runner.invoke(app, ["steer", "ablate", "--task", "ioi", "--n", "4", "--sites", "L0,L1.head0",
                               "--how", "zero", "-o", str(tmp_path / "abl")])
     assert res.exit_code == 0, res.output

@@ -77,18 +77,35 @@ def vector(task: str = typer.Option(..., help="Task whose (prompt, corrupted) pa
            method: str = typer.Option("caa", help="caa, pca_diff or pca_center."),
            layers: str = typer.Option("12", help="Comma-separated layers to read and steer."),
            coefficient: float = typer.Option(4.0, help="Multiple of the vector added at every token."),
+           sweep: str = typer.Option(None, help="Coefficients to sweep over --layers, e.g. '0,2,4,8': the plan "
+                                                 "takes the strongest cell whose KL on neutral text <= --max-kl."),
+           max_kl: float = typer.Option(0.1, help="KL bound (nats per token) for choosing a swept cell."),
            n: int = FIRST_N, out: Path = OUT, as_json: bool = JSON):
     """A steering vector from contrastive pairs, as a plan that adds it; also written as a llama.cpp control vector."""
     import mechanic
-    from mechanic.steer.plan import Plan
+    from mechanic.locate.plot import heatmap
+    from mechanic.steer.plan import Plan, PlanError
+    from mechanic.steer.sweep import sweep as run_sweep
     from mechanic.steer.vectors import VectorError, extract, pairs_from_task
 
     m = mechanic.load(model)
     t = load_task_spec(task, n)
     v = extract(m, pairs_from_task(t), method, layers=_ints(layers))
-    plan = Plan(v.interventions(coefficient), method=f"vector/{method}", fingerprint=m.fingerprint,
-                settings={"task": t.name, "layers": v.layers, "coefficient": coefficient, "norms": v.norms()})
     out.mkdir(parents=True, exist_ok=True)
+    chosen = {"layers": v.layers, "coefficient": coefficient}
+    if sweep:
+        grid = run_sweep(m, v, t, v.layers, [float(c) for c in sweep.split(",")], side="corrupted")
+        for name, sc in (("target", grid.target), ("kl", grid.kl), ("ppl", grid.ppl)):
+            sc.save(out / f"sweep_{name}.json")
+            heatmap(sc, out / f"sweep_{name}.html", title=f"sweep: {name}")
+        best = grid.best(max_kl)
+        if best is None:
+            raise PlanError(f"No swept cell keeps the KL on neutral text under {max_kl}; lower the coefficients or "
+                            "raise --max-kl (see sweep_kl.json).")
+        chosen = {"layers": [best[0]], "coefficient": best[1]}
+    plan = Plan(v.interventions(chosen["coefficient"], layers=chosen["layers"]), method=f"vector/{method}",
+                fingerprint=m.fingerprint, settings={"task": t.name, **chosen, "norms": v.norms(),
+                                                     "swept": sweep is not None})
     v.save(out / "vector.safetensors")
     files = ["vector.safetensors"]
     try:
@@ -97,8 +114,8 @@ def vector(task: str = typer.Option(..., help="Task whose (prompt, corrupted) pa
     except VectorError as e:  # e.g. layer 0 has no llama.cpp slot
         console.print(f"[yellow]no llama.cpp file:[/] {e}")
     before, after = task_metric(m, t), task_metric(m, t, plan)
-    finish(out, plan, {"task": t.name, "metric": t.metric, "before": before, "after": after, "files": files},
-           as_json, _before_after(before, after, t.metric))
+    finish(out, plan, {"task": t.name, "metric": t.metric, **chosen, "before": before, "after": after,
+                       "files": files}, as_json, _before_after(before, after, t.metric))
 
 
 @steer_app.command()
