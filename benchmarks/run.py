@@ -208,7 +208,10 @@ def steer_lines(rows: list[dict]) -> list[str]:
     ref = ok[0]["meta"]["tokens"]
     lines += [f"{len(m['prompts'])} prompts, {m['new_tokens']} new tokens, greedy; a fixed random direction of norm 8 "
               f"x {m['coefficient']} added to the output of decoder layer {m['layer']} at every token "
-              f"(prompt and generated). Ratio = steered / plain `generate` (medians); goal <= 1.01x.", "",
+              f"(prompt and generated). Ratio = steered / plain `generate` (medians of {len(ok[0]['tool_s'])} "
+              "interleaved rounds); goal <= 1.01x. Single rounds on this machine spread by about +-10%, so "
+              "differences of a few percent between tools are within noise (raw times in "
+              "benchmarks/results/steer_generate.json).", "",
               "| tool | version | plain s | steered s | ratio | generations changed by steering | same tokens as mechanic |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -304,7 +307,7 @@ def main() -> None:
     from mechanic.model.load import resolve
 
     model_dir = resolve("smollm2")  # converts the packaged GGUF once
-    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    only = set(filter(None, args.only.split(","))) if args.only is not None else set(SECTIONS)  # "" = re-render
     unknown = only - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")

@@ -15,8 +15,8 @@ PROMPTS = ["I think that the weather today", "My favourite book is"]
 def parse_args(description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", required=True)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=15)  # about 2.5 s a generate; fewer rounds leave +-3% noise
+    p.add_argument("--warmup", type=int, default=2)
     return p.parse_args()
 
 
@@ -27,8 +27,10 @@ def vector(d_model: int) -> torch.Tensor:
 
 
 def batch(tok):
+    """Left-padded ids and mask only (transformers 4 tokenizers add token_type_ids, which generate refuses)."""
     tok.padding_side = "left"
-    return tok(PROMPTS, return_tensors="pt", padding=True)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def run(peer: str, package: str, plain_fn, steered_fn, args) -> None:
