@@ -206,7 +206,8 @@ def steer_lines(rows: list[dict]) -> list[str]:
         return lines + ["Steering benchmark failed: " + "; ".join(" ".join(r["error"]) for r in rows)]
     m = ok[0]["meta"]
     ref = ok[0]["meta"]["tokens"]
-    lines += [f"{len(m['prompts'])} prompts, {m['new_tokens']} new tokens, greedy; a fixed random direction of norm 8 "
+    lines += [f"{len(m['prompts'])} prompts, exactly {m['new_tokens']} new tokens (min = max, so a steered run that "
+              "would stop early at EOS does not look faster), greedy; a fixed random direction of norm 8 "
               f"x {m['coefficient']} added to the output of decoder layer {m['layer']} at every token "
               f"(prompt and generated). Ratio = steered / plain `generate` (medians of {len(ok[0]['tool_s'])} "
               "interleaved rounds); goal <= 1.01x. Single rounds on this machine spread by about +-10%, so "

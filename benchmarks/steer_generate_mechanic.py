@@ -20,7 +20,7 @@ def main() -> None:
     m = mechanic.load(args.model)
     inputs = batch(m.tokenizer)
     ivs = [add(f"L{LAYER}.resid_post", vector(m.dims.d_model), coef=COEF)]
-    gen = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=m.tokenizer.pad_token_id)
+    gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=m.tokenizer.pad_token_id)
     with torch.no_grad():
         run("mechanic", "mechanic", lambda: m.hf.generate(**inputs, **gen),
             lambda: m.generate(inputs, interventions=ivs, **gen), args)

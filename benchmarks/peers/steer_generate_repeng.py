@@ -13,7 +13,7 @@ def main() -> None:
     torch.set_num_threads(2)
     model, tok = load_model(args.model)
     inputs = batch(tok)
-    gen = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id)
+    gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id)
     twin = shared_weight_twin(model)  # repeng wraps the layers in place; the plain baseline runs untouched
     cm = ControlModel(model, [LAYER])
     cv = ControlVector(model_type=model.config.model_type, directions={LAYER: vector(model.config.hidden_size).numpy()})

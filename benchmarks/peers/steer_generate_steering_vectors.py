@@ -14,7 +14,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     inputs = batch(tok)
     sv = SteeringVector({LAYER: vector(model.config.hidden_size)}, "decoder_block")
-    gen = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id)
+    gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id)
 
     def steered():
         with sv.apply(model, multiplier=COEF):
