@@ -146,13 +146,6 @@ def ablate(task: str = typer.Option(..., help="Task to measure (and to take mean
                        "after": after}, as_json, _before_after(before, after, t.metric))
 
 
-def _logprob(model, prompt: str, target: str) -> float:
-    import torch
-
-    lg = model.run(prompt, last_only=True).logits[0, -1]
-    return float(torch.log_softmax(lg, -1)[model.tokenizer(target, add_special_tokens=False)["input_ids"][0]])
-
-
 @steer_app.command()
 @user_errors
 def edit(model: str = MODEL,
@@ -168,6 +161,7 @@ def edit(model: str = MODEL,
          out: Path = OUT, as_json: bool = JSON):
     """ROME or MEMIT: write new facts into the weights; shows log p(new) vs log p(true) before and after."""
     import mechanic
+    from mechanic.improve.edit_metrics import target_logprobs
     from mechanic.steer.edit import Fact, facts_from_task, memit, rome
     from mechanic.steer.plan import PlanError
 
@@ -191,9 +185,13 @@ def edit(model: str = MODEL,
 
             top = int(m.run(f.prompt, last_only=True).logits[0, -1].argmax())
             facts[facts.index(f)] = dataclasses.replace(f, target_true=m.tokenizer.decode([top]))
-    before = [(_logprob(m, f.prompt, f.target_new), _logprob(m, f.prompt, f.target_true)) for f in facts]
+    def logprobs():  # (log p(new), log p(true)) per fact, full targets, as the CounterFact scores read them
+        lp = target_logprobs(m, [f.prompt for f in facts for _ in (0, 1)],
+                             [t for f in facts for t in (f.target_new, f.target_true)])
+        return [tuple(x) for x in lp.view(-1, 2).tolist()]
+    before = logprobs()
     with m.applied(plan):
-        after = [(_logprob(m, f.prompt, f.target_new), _logprob(m, f.prompt, f.target_true)) for f in facts]
+        after = logprobs()
         model_dir = str(m.save(out / "model")) if save_model else None
     rows = []
     for f, b, a in zip(facts, before, after):

@@ -21,11 +21,9 @@ def target_logprobs(model, prompts: list[str], targets: list[str], batch_size: i
             a, b = tok(p)["input_ids"], tok(t, add_special_tokens=False)["input_ids"]
             rows.append(a + b)
             spans.append((len(a), b))
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        logp = torch.log_softmax(model.run({"input_ids": ids, "attention_mask": mask}).logits.float(), -1)
+        inputs = model.inputs(rows)  # left padded
+        width = inputs["input_ids"].shape[1]
+        logp = torch.log_softmax(model.run(inputs).logits.float(), -1)
         for i, (r, (start, tgt)) in enumerate(zip(rows, spans)):
             shift = width - len(r)
             pos = torch.arange(len(tgt)) + shift + start - 1

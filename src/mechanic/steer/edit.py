@@ -88,14 +88,11 @@ def _batch(model, texts: list[str], subject_at: list[int], targets: list[list[in
         tgt = targets[i] if targets else []
         reads.append([(len(ids) - 1 + j, t) for j, t in enumerate(tgt)])
         rows.append(ids + tgt[:-1])
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id or 0
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    shift = [width - len(r) for r in rows]
+    inputs = model.inputs(rows)  # left padded
+    shift = [inputs["input_ids"].shape[1] - len(r) for r in rows]
     last = torch.tensor([p + s for p, s in zip(last, shift)])
     reads = [[(p + s, t) for p, t in rd] for rd, s in zip(reads, shift)]
-    return model.inputs({"input_ids": ids, "attention_mask": mask}), last, reads
+    return inputs, last, reads
 
 
 def _target_ids(model, text: str) -> list[int]:
@@ -113,10 +110,13 @@ def _fact_rows(model, fact: Fact, prefixes: list[str]):
     return texts + [essence], ends + [len(fact.subject)]
 
 
-def _mean_at(model, inputs, site: str, pos: torch.Tensor, upto: int) -> torch.Tensor:
-    """The site's value at one position per row, averaged over the first `upto` rows."""
-    v = model.run(inputs, cache=[site], stop_at="auto")[site]
-    return v[torch.arange(len(pos)), pos][:upto].mean(0)
+def _mean_at(model, inputs, sites, pos: torch.Tensor, upto: int):
+    """Each site's value at one position per row, averaged over the first `upto` rows (one forward for all);
+    a single site name gives a single tensor."""
+    names = [sites] if isinstance(sites, str) else list(sites)
+    run = model.run(inputs, cache=names, stop_at="auto")
+    out = [run[s][torch.arange(len(pos)), pos][:upto].mean(0) for s in names]
+    return out[0] if isinstance(sites, str) else out
 
 
 # ---------------------------------------------------------------- value optimisation
@@ -279,8 +279,9 @@ def memit(model, facts: list[Fact], layers: list[int] | None = None, *, n_prefix
     applied = []
     try:
         for i, L in enumerate(layers):
-            K = torch.stack([_mean_at(model, inp, f"L{L}.neuron", last, n) for inp, last in rows], 1).double()
-            cur = torch.stack([_mean_at(model, inp, site, last, n) for inp, last in rows], 1).double()
+            pairs = [_mean_at(model, inp, [f"L{L}.neuron", site], last, n) for inp, last in rows]  # one forward each
+            K = torch.stack([k for k, _ in pairs], 1).double()
+            cur = torch.stack([h for _, h in pairs], 1).double()
             R = (Z - cur) / (len(layers) - i)
             C = moments[L][0].double()
             delta_w = torch.linalg.solve(lam * C + K @ K.T, K @ R.T).T  # R K^T (lam C + K K^T)^-1
