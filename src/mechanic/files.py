@@ -16,8 +16,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=suffix)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a normal file gets the user's default mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -24,13 +24,14 @@ def user_errors(fn):
         from mechanic.model.arch import UnknownArchitecture
         from mechanic.model.load import LoadError
         from mechanic.model.sites import SiteError
+        from mechanic.recipes.schema import RecipeError
         from mechanic.steer.plan import PlanError
         from mechanic.steer.vectors import VectorError
         from mechanic.tasks.task import TaskError
 
         try:
             return fn(*args, **kwargs)
-        except (LoadError, SiteError, UnknownArchitecture, TaskError, TraceError, PlanError, VectorError, TextError,
+        except (LoadError, SiteError, UnknownArchitecture, TaskError, TraceError, PlanError, VectorError, TextError, RecipeError,
                 FileNotFoundError, FileExistsError) as e:
             errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(2)

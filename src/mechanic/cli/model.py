@@ -1,4 +1,4 @@
-"""Model commands: inspect a model's sites, check parity on it, run the demo."""
+"""Model commands: inspect a model's sites, check parity on it."""
 
 from __future__ import annotations
 
@@ -91,11 +91,3 @@ def check(model: str = typer.Argument("smollm2", help="smollm2, a model director
         console.print(table)
     if not all(r["ok"] for r in results):
         raise typer.Exit(1)
-
-
-@app.command()
-@user_errors
-def demo(model: str = typer.Option("smollm2", help="Model to run the demo on.")):
-    """Load the default model, show its sites, and check parity (the full locate-steer-improve demo comes later)."""
-    inspect(model, as_json=False, layers=1, trust_remote_code=False)
-    check(model, as_json=False, trust_remote_code=False)

@@ -1,0 +1,252 @@
+"""Locate methods a recipe can name: each finds components and says what the steer stage should act on."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from mechanic.recipes.methods import LOCATE, StageOut, method, scores_heatmap, table
+from mechanic.recipes.schema import Strict
+
+
+def attention_figure(model, prompt: str, head: str, fid: str) -> dict:
+    """Attention pattern of one head on one prompt, tokens on both axes."""
+    from mechanic.model.sites import Site
+
+    s = Site.parse(head)
+    site = f"L{s.layer}.head{s.index}.pattern"
+    pat = model.run([prompt], cache=[site]).cache[site][0].float()
+    toks = model.tokenizer.convert_ids_to_tokens(model.tokenizer(prompt)["input_ids"])
+    labels = [f"{i}:{t}" for i, t in enumerate(toks)]
+    return {"kind": "heatmap", "id": fid, "title": f"attention of {head}", "x": labels, "y": labels,
+            "z": [[round(v, 4) for v in row] for row in pat.tolist()], "xlabel": "key", "ylabel": "query",
+            "colorbar": "attention", "zmid": None}
+
+
+class CausalTrace(Strict):
+    """ROME's causal trace: the MLP layer at the subject's last token (chosen layer) plus an optional full heatmap."""
+
+    samples: int = Field(5, ge=1)
+    heatmap: bool = True          # also trace hidden states at every layer x position of the first fact
+    heatmap_samples: int = Field(3, ge=1)
+
+
+@method(LOCATE, "causal_trace", CausalTrace)
+def causal_trace_layer(ctx) -> StageOut:
+    """Trace the first fact; the layer with the largest MLP indirect effect is where ROME edits."""
+    from mechanic.locate.trace import causal_trace
+    from mechanic.steer.edit import facts_from_task, trace_layer
+
+    s = ctx.settings
+    fact = facts_from_task(ctx.task)[0]
+    layer, scores = trace_layer(ctx.model, fact, samples=s.samples)
+    scores.save(ctx.dir / "mlp_trace.json")
+    effects = [round(float(v), 5) for v in scores.values[:, 0]]
+    figs = [{"kind": "line", "id": "trace_mlp", "title": f"MLP indirect effect at the last subject token: {fact.prompt!r}",
+             "x": list(range(len(effects))), "series": [{"name": "indirect effect (MLP window)", "y": effects}],
+             "xlabel": "layer", "ylabel": "P(restored) - P(noised)"}]
+    arts = {"mlp_trace": "mlp_trace.json"}
+    if s.heatmap:
+        full = causal_trace(ctx.model, fact.prompt, fact.target_true, fact.subject, "hidden", samples=s.heatmap_samples,
+                            seed=ctx.seed)
+        full.save(ctx.dir / "hidden_trace.json")
+        arts["hidden_trace"] = "hidden_trace.json"
+        figs.insert(0, scores_heatmap(full, "trace_hidden", f"Causal trace (hidden states): {fact.prompt!r} -> "
+                                      f"{fact.target_true!r}", colorbar="indirect effect"))
+    p = scores.settings
+    text = (f"Causal tracing of \"{fact.prompt}\" -> \"{fact.target_true}\": noising the subject "
+            f"\"{fact.subject}\" drops p(answer) from {p.get('p_clean', float('nan')):.3f} to "
+            f"{p.get('p_noised', float('nan')):.3f}; restoring the MLP output at the subject's last token recovers "
+            f"most at layer {layer} (indirect effect {effects[layer]:.3f}), so the edit goes there.")
+    return StageOut(text, figs, {"layer": layer, "effects": effects}, arts)
+
+
+class NeuronAttribution(Strict):
+    """Neurons by log-probability increase, then a causal check: zero each, keep those whose removal lowers the metric."""
+
+    top_k: int = Field(20, ge=1)
+    keep: int = Field(10, ge=1)
+    layers: list[int] | None = None
+
+
+@method(LOCATE, "neuron_attribution", NeuronAttribution)
+def neuron_attribution(ctx) -> StageOut:
+    """Yu & Ananiadou attribution over FFN neurons, checked by zero-ablation one neuron at a time."""
+    from mechanic.locate.neurons import neuron_attribution as attribute, promoted_tokens
+    from mechanic.model.interventions import zero
+    from mechanic.tasks import metrics as M
+
+    s, model = ctx.settings, ctx.model
+    scores = attribute(model, ctx.task, "neuron", layers=s.layers)["neuron"]
+    scores.save(ctx.dir / "neurons.json")
+    top = scores.top(s.top_k, by="max")
+    sites = [site for site, _, _ in top]
+    batch = ctx.task.tokenize(model)
+    fn = M.get(ctx.task.metric)
+    with torch.no_grad():
+        base = float(fn(model.run(batch.clean, last_only=True).logits[:, -1], batch).mean())
+        effects = []
+        for site in sites:
+            out = model.run(batch.clean, interventions=[zero(site)], last_only=True).logits[:, -1]
+            effects.append(float(fn(out, batch).mean()) - base)
+    tokens = promoted_tokens(model, sites, k=3)
+    order = sorted(range(len(sites)), key=lambda i: effects[i])
+    keep = [sites[i] for i in order if effects[i] < 0][:s.keep]
+    rows = [[sites[i], float(top[i][2]), effects[i], " ".join(tokens[i]), sites[i] in keep] for i in order]
+    text = (f"Log-probability attribution ranks {len(scores.sites)} FFN neurons on {ctx.task.name} "
+            f"({batch.n} prompts). Zeroing each of the top {len(sites)} one at a time moves the mean "
+            f"{ctx.task.metric} (base {base:.3f}) by {min(effects):+.3f} to {max(effects):+.3f}; the {len(keep)} "
+            "neurons whose removal lowers it most are the ones the edit acts on.")
+    figs = [table("neurons", "Top neurons: attribution, causal effect of zeroing, promoted tokens",
+                  ["neuron", "attribution", f"Δ {ctx.task.metric} when zeroed", "promotes", "selected"], rows)]
+    return StageOut(text, figs, {"sites": keep, "base": base}, {"neurons": "neurons.json"})
+
+
+class VectorSweep(Strict):
+    """A contrastive steering vector at several layers, swept over layers x coefficients on the task."""
+
+    vector: str = Field("caa", pattern="^(caa|pca_diff|pca_center)$")
+    layers: list[int] = Field(min_length=1)
+    coefficients: list[float] = Field(min_length=1)
+    max_kl: float = Field(0.3, gt=0)
+    side: str = Field("corrupted", pattern="^(clean|corrupted)$")
+    n_pairs: int | None = Field(None, ge=2)
+    neutral_tokens: int = Field(512, ge=64)
+
+
+@method(LOCATE, "vector_sweep", VectorSweep)
+def vector_sweep(ctx) -> StageOut:
+    """Extract the vector from the task's (prompt, corrupted) pairs, sweep it, pick the best cell under max_kl."""
+    from mechanic.steer.sweep import sweep
+    from mechanic.steer.vectors import extract, pairs_from_task
+
+    s, model = ctx.settings, ctx.model
+    pairs = pairs_from_task(ctx.task)[: s.n_pairs]
+    vec = extract(model, pairs, s.vector, layers=s.layers)
+    vec.save(ctx.dir / "vector.safetensors")
+    vec.save(ctx.dir / "vector.gguf") if 0 not in s.layers else None
+    sw = sweep(model, vec, ctx.task, s.layers, s.coefficients, side=s.side, neutral_tokens=s.neutral_tokens)
+    best = sw.best(s.max_kl)
+    figs = []
+    for name, sc, bar in (("target", sw.target, ctx.task.metric), ("kl", sw.kl, "KL"), ("ppl", sw.ppl, "perplexity")):
+        f = scores_heatmap(sc, f"sweep_{name}", f"Sweep: {bar} by layer x coefficient", "coefficient", "layer", bar)
+        f["x"] = [str(c) for c in s.coefficients]
+        f["zmid"] = 0 if name == "target" else None
+        figs.append(f)
+    if best is None:
+        text = (f"No cell of the sweep keeps KL under {s.max_kl}; the smallest coefficient at the first layer is used. "
+                "Lower the coefficients or raise max_kl.")
+        best = (s.layers[0], min(s.coefficients, key=abs))
+    else:
+        r, c = s.layers.index(best[0]), s.coefficients.index(best[1])
+        text = (f"A {s.vector.upper()} vector from {len(pairs)} contrastive pairs, swept over layers {s.layers} x "
+                f"coefficients {s.coefficients}. Unsteered {ctx.task.metric} on the {s.side} prompts: "
+                f"{sw.baseline['target']:.3f}. Best cell with KL <= {s.max_kl}: layer {best[0]}, coefficient "
+                f"{best[1]:g} ({ctx.task.metric} {float(sw.target.values[r, c]):.3f}, KL {float(sw.kl.values[r, c]):.3f}, "
+                f"perplexity {sw.baseline['ppl']:.1f} -> {float(sw.ppl.values[r, c]):.1f}).")
+    arts = {"vector": "vector.safetensors"} | ({"gguf": "vector.gguf"} if 0 not in s.layers else {})
+    return StageOut(text, figs, {"layer": best[0], "coefficient": best[1], "baseline": sw.baseline}, arts)
+
+
+class EAPCircuit(Strict):
+    """EAP-IG edge scores, the faithfulness curve over circuit sizes, and the circuit of `edges` top edges."""
+
+    ig_steps: int = Field(5, ge=1)
+    edges: int = Field(200, ge=1)
+    curve: list[int] = [50, 100, 200, 500, 1000, 3000]
+    heads: int = Field(10, ge=1)      # the top heads (by summed |edge score|) handed to the steer stage
+
+
+@method(LOCATE, "eap", EAPCircuit)
+def eap_circuit(ctx) -> StageOut:
+    """EAP-IG -> top-edge circuit -> faithfulness curve; hands the circuit's strongest heads to steer."""
+    from mechanic.locate.circuit import faithfulness_curve
+    from mechanic.locate.gradient import eap
+
+    s, model = ctx.settings, ctx.model
+    scores = eap(model, ctx.task, ig_steps=s.ig_steps)
+    scores.save(ctx.dir / "edges.safetensors")
+    ns = sorted(set(s.curve) | {s.edges})
+    curve = faithfulness_curve(model, ctx.task, scores, ns)
+    senders, receivers = scores.sites, scores.positions
+    strength: dict[str, float] = {}
+    v = scores.values.abs()
+    for i, snd in enumerate(senders):
+        if ".head" in snd:
+            strength[snd] = strength.get(snd, 0.0) + float(v[i].sum())
+    heads = sorted(strength, key=strength.get, reverse=True)[: s.heads]
+    faith = {c["edges"] if "edges" in c else n: c for n, c in zip(ns, curve)}
+    ys = [round(float(c["faithfulness"]), 5) for c in curve]
+    chosen = next(float(c["faithfulness"]) for n, c in zip(ns, curve) if n == s.edges)
+    figs = [{"kind": "line", "id": "faithfulness", "title": "Faithfulness of the top-n EAP-IG circuit",
+             "x": ns, "series": [{"name": "faithfulness", "y": ys}], "xlabel": "edges kept", "ylabel": "faithfulness",
+             "log_x": True},
+            table("heads", "Heads with the largest summed |edge score|", ["head", "summed |score|"],
+                  [[h, strength[h]] for h in heads])]
+    if heads:
+        figs.append(attention_figure(model, ctx.task.examples[0].prompt, heads[0], "attention_top_head"))
+    text = (f"EAP-IG ({s.ig_steps} steps) scores {v.numel()} edges on {ctx.task.name} ({len(ctx.task)} pairs). "
+            f"The top {s.edges} edges keep faithfulness {chosen:.3f} (1 = the full model, 0 = the corrupted run). "
+            f"The {len(heads)} heads with the most edge weight are ablated in the steer stage.")
+    del faith
+    return StageOut(text, figs, {"heads": heads, "faithfulness": dict(zip(map(str, ns), ys))},
+                    {"edges": "edges.safetensors"})
+
+
+class Outliers(Strict):
+    """Massive activations and verified super weights on the shipped calibration prose."""
+
+    max_tokens: int = Field(2048, ge=128)
+    max_iter: int = Field(3, ge=1)
+
+
+@method(LOCATE, "outliers", Outliers)
+def outliers(ctx) -> StageOut:
+    """Find massive activations and super weights; the verified super weights' neurons must be kept."""
+    from mechanic.data.text import calibration
+    from mechanic.locate.magnitude import massive_activations, super_weights
+
+    s, model = ctx.settings, ctx.model
+    ma = massive_activations(model, calibration(), max_tokens=s.max_tokens)
+    sw = super_weights(model, calibration(), max_iter=s.max_iter, seed=ctx.seed)
+    protect = sorted({f"L{w.layer}.neuron{w.col}" for w in sw.candidates if w.verified})
+    rows = [[f"L{w.layer}", w.row, w.col, w.weight, w.ppl, min(w.ppl_random) if w.ppl_random else None, w.verified]
+            for w in sw.candidates]
+    figs = [table("super_weights", f"Super weight candidates down_proj[row, col] (perplexity {sw.baseline_ppl:.1f} "
+                  "with nothing zeroed)", ["layer", "row", "col", "weight", "perplexity zeroed",
+                                           "best random control", "verified"], rows),
+            scores_heatmap(ma.scores, "massive", "Max |resid_post| by layer and dimension", "dimension", "layer",
+                           "max |activation|")]
+    big = ma.massive
+    first = (f"{len(big)} massive activations, the largest {max(t['abs'] for t in big):.0f} in dimension "
+             f"{big[0]['dim']} (median |activation| {min(ma.medians):.2f} to {max(ma.medians):.2f})") if big else \
+        "no massive activations"
+    text = (f"On the shipped calibration prose: {first}. Verified super weights: {', '.join(protect) or 'none'} "
+            f"(baseline perplexity {sw.baseline_ppl:.1f}); their neurons are protected from pruning.")
+    return StageOut(text, figs, {"protect": protect}, {})
+
+
+class ICLHeads(Strict):
+    """In-context heads (ablation and log-probability scores) on the task."""
+
+    n: int = Field(40, ge=4)
+    top: int | None = Field(None, ge=1)
+    layers: list[int] | None = None
+
+
+@method(LOCATE, "in_context_heads", ICLHeads)
+def icl_heads(ctx) -> StageOut:
+    """Heads whose removal or log-prob contribution matters most for in-context labels."""
+    from mechanic.locate.compare import in_context_heads
+
+    s, model = ctx.settings, ctx.model
+    res = in_context_heads(model, ctx.task, n=s.n, top=s.top, layers=s.layers)
+    for k, sc in res.items():
+        sc.save(ctx.dir / f"{k}.json")
+    st = next(iter(res.values())).settings
+    figs = [scores_heatmap(sc, f"heads_{k}", f"In-context heads: {k}", "head", "layer") for k, sc in res.items()]
+    figs.append(attention_figure(model, ctx.task.examples[0].prompt, st["union"][0], "attention_top_head"))
+    text = (f"On {st['n_examples']} {ctx.task.name} prompts (accuracy {st['accuracy_clean']:.3f}), the union of the "
+            f"top heads by ablation and by log-probability is {', '.join(st['union'])}; zeroing all of them gives "
+            f"accuracy {st['accuracy_union_ablated']:.3f}.")
+    return StageOut(text, figs, {"heads": st["union"]}, {k: f"{k}.json" for k in res})

@@ -1,0 +1,71 @@
+"""Measures a recipe's `evaluate` block can name, built for the model and the evaluation task."""
+
+from __future__ import annotations
+
+from mechanic.recipes.schema import RecipeError
+
+TARGETS = ("task", "edit", "perplexity", "refusal_harmful", "refusal_harmless")
+SIDE = ("perplexity", "kl", "fluency", "suites")
+
+
+def _refusal(name: str, kind: str, size: str):
+    from mechanic.improve.refusal import RefusalMeasure, instructions
+
+    which = name.split("_", 1)[1]
+    n = 16 if size == "small" else 32
+    m = RefusalMeasure(instructions(which, split="test")[:n], kind=kind, name=name)
+    m.better = {k: ("higher" if which == "harmful" else "lower") for k in m.better}
+    return m
+
+
+def target_measures(names: list[str], model, task, better: str | None, size: str) -> list:
+    """The measures of the behaviour the plan should change."""
+    from mechanic.improve.evaluate import EditMeasure, TaskMeasure
+    from mechanic.steer.edit import facts_from_task
+
+    out = []
+    for name in names:
+        if name == "task":
+            if task is None:
+                raise RecipeError("evaluate.target names 'task' but the recipe has no task; add `task:`.")
+            m = TaskMeasure(task, kind="target")
+            if better:
+                m.better = {k: better if k != "accuracy" or better == "higher" else "none" for k in m.better}
+            out.append(m)
+        elif name == "edit":
+            out.append(EditMeasure(facts_from_task(task), kind="target"))
+        elif name == "perplexity":
+            from mechanic.improve.evaluate import PerplexityMeasure
+            m = PerplexityMeasure()
+            m.kind = "target"
+            out.append(m)
+        elif name.startswith("refusal_"):
+            out.append(_refusal(name, "target", size))
+        else:
+            raise RecipeError(f"evaluate.target {name!r} is not a measure; choose from {', '.join(TARGETS)}.")
+    return out
+
+
+def side_measures(spec, model, exclude: list[str]) -> list:
+    """Side effects: the default set (perplexity, KL, fluency, other suites) or the named ones."""
+    from mechanic.improve.evaluate import FluencyMeasure, KLMeasure, PerplexityMeasure, default_side_effects
+
+    if spec.side_effects == "none":
+        return []
+    if spec.side_effects == "default":
+        return default_side_effects(model, exclude=exclude, size=spec.size)
+    out = []
+    for name in spec.side_effects:
+        if name == "perplexity":
+            out.append(PerplexityMeasure())
+        elif name == "kl":
+            out.append(KLMeasure())
+        elif name == "fluency":
+            out.append(FluencyMeasure())
+        elif name == "suites":
+            out += [m for m in default_side_effects(model, exclude=exclude, size=spec.size)
+                    if m.name not in ("perplexity", "kl", "fluency")]
+        else:
+            raise RecipeError(f"evaluate.side_effects {name!r} is not a measure; choose 'default', 'none' or a "
+                              f"list of {', '.join(SIDE)}.")
+    return out
