@@ -94,7 +94,8 @@ def run_cmd(recipe: str = typer.Argument(None, help="A recipe .yaml file or a bu
 @user_errors
 def eval_cmd(plan: Path = typer.Option(..., help="A plan.safetensors written by a steer command or a run."),
              task: str = typer.Option(..., help="Built-in suite or task file to measure the plan on."),
-             n: Optional[int] = typer.Option(None, help="First n examples of the task."),
+             n: Optional[int] = typer.Option(None, help="Use n examples of the task (from --start)."),
+             start: int = typer.Option(0, help="First example to use (e.g. 52 for the facts the demo edits)."),
              target: str = typer.Option("task", help="Target measure: task (the task's metric) or edit (CounterFact + "
                                                      "EasyEdit scores of a facts task)."),
              side_effects: str = typer.Option("default", help="default (perplexity, KL, fluency, other suites) or none."),
@@ -114,7 +115,7 @@ def eval_cmd(plan: Path = typer.Option(..., help="A plan.safetensors written by 
 
     m = mechanic.load(model)
     p = Plan.load(plan)
-    t = load_task(task, n=n)
+    t = load_task(task).subset(n, start)
     spec = EvaluateSpec(target=[target], side_effects=side_effects, size=size)
     measures = target_measures(spec.target, m, t, None, size) + side_measures(spec, m, [t.name])
     ev = evaluate(m, p, measures, seed=seed).to_dict()

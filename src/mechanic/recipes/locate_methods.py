@@ -62,8 +62,9 @@ def causal_trace_layer(ctx) -> StageOut:
 
 
 class NeuronAttribution(Strict):
-    """Neurons by log-probability increase, then a causal check: zero each, keep those whose removal lowers the metric."""
+    """Neurons by attribution, then a causal check: zero each, keep those whose removal lowers the metric most."""
 
+    scorer: str = Field("atp", pattern="^(atp|logprob)$")   # atp: (a_clean - a_corr) . dmetric/da; logprob: Yu & Ananiadou
     top_k: int = Field(20, ge=1)
     keep: int = Field(10, ge=1)
     layers: list[int] | None = None
@@ -71,15 +72,20 @@ class NeuronAttribution(Strict):
 
 @method(LOCATE, "neuron_attribution", NeuronAttribution)
 def neuron_attribution(ctx) -> StageOut:
-    """Yu & Ananiadou attribution over FFN neurons, checked by zero-ablation one neuron at a time."""
+    """Rank FFN neurons by attribution (AtP or log-probability increase), checked by zero-ablation one at a time."""
+    from mechanic.locate.gradient import atp
     from mechanic.locate.neurons import neuron_attribution as attribute, promoted_tokens
     from mechanic.model.interventions import zero
     from mechanic.tasks import metrics as M
 
     s, model = ctx.settings, ctx.model
-    scores = attribute(model, ctx.task, "neuron", layers=s.layers)["neuron"]
+    if s.scorer == "atp":
+        scores = atp(model, ctx.task, "neuron")
+    else:
+        scores = attribute(model, ctx.task, "neuron", layers=s.layers)["neuron"]
     scores.save(ctx.dir / "neurons.json")
-    top = scores.top(s.top_k, by="max")
+    in_layers = lambda site: s.layers is None or int(site.split(".")[0][1:]) in s.layers  # noqa: E731
+    top = [t for t in scores.top(len(scores.sites), by="max") if in_layers(t[0])][: s.top_k]
     sites = [site for site, _, _ in top]
     batch = ctx.task.tokenize(model)
     fn = M.get(ctx.task.metric)
@@ -93,7 +99,8 @@ def neuron_attribution(ctx) -> StageOut:
     order = sorted(range(len(sites)), key=lambda i: effects[i])
     keep = [sites[i] for i in order if effects[i] < 0][:s.keep]
     rows = [[sites[i], float(top[i][2]), effects[i], " ".join(tokens[i]), sites[i] in keep] for i in order]
-    text = (f"Log-probability attribution ranks {len(scores.sites)} FFN neurons on {ctx.task.name} "
+    how = "Attribution patching" if s.scorer == "atp" else "Log-probability attribution"
+    text = (f"{how} ranks {len(scores.sites)} FFN neurons on {ctx.task.name} "
             f"({batch.n} prompts). Zeroing each of the top {len(sites)} one at a time moves the mean "
             f"{ctx.task.metric} (base {base:.3f}) by {min(effects):+.3f} to {max(effects):+.3f}; the {len(keep)} "
             "neurons whose removal lowers it most are the ones the edit acts on.")
@@ -168,14 +175,13 @@ def eap_circuit(ctx) -> StageOut:
     scores.save(ctx.dir / "edges.safetensors")
     ns = sorted(set(s.curve) | {s.edges})
     curve = faithfulness_curve(model, ctx.task, scores, ns)
-    senders, receivers = scores.sites, scores.positions
+    senders = scores.sites
     strength: dict[str, float] = {}
     v = scores.values.abs()
     for i, snd in enumerate(senders):
         if ".head" in snd:
             strength[snd] = strength.get(snd, 0.0) + float(v[i].sum())
     heads = sorted(strength, key=strength.get, reverse=True)[: s.heads]
-    faith = {c["edges"] if "edges" in c else n: c for n, c in zip(ns, curve)}
     ys = [round(float(c["faithfulness"]), 5) for c in curve]
     chosen = next(float(c["faithfulness"]) for n, c in zip(ns, curve) if n == s.edges)
     figs = [{"kind": "line", "id": "faithfulness", "title": "Faithfulness of the top-n EAP-IG circuit",
@@ -188,7 +194,6 @@ def eap_circuit(ctx) -> StageOut:
     text = (f"EAP-IG ({s.ig_steps} steps) scores {v.numel()} edges on {ctx.task.name} ({len(ctx.task)} pairs). "
             f"The top {s.edges} edges keep faithfulness {chosen:.3f} (1 = the full model, 0 = the corrupted run). "
             f"The {len(heads)} heads with the most edge weight are ablated in the steer stage.")
-    del faith
     return StageOut(text, figs, {"heads": heads, "faithfulness": dict(zip(map(str, ns), ys))},
                     {"edges": "edges.safetensors"})
 
@@ -250,3 +255,51 @@ def icl_heads(ctx) -> StageOut:
             f"top heads by ablation and by log-probability is {', '.join(st['union'])}; zeroing all of them gives "
             f"accuracy {st['accuracy_union_ablated']:.3f}.")
     return StageOut(text, figs, {"heads": st["union"]}, {k: f"{k}.json" for k in res})
+
+
+class Refusal(Strict):
+    """Refusal directions from the shipped train prompts: CAA (refusing vs complying openings) and harmful - harmless."""
+
+    layers: list[int] = Field([12, 15, 18], min_length=1)
+    layer: int = 18                 # where the steer stage acts (docs/SAFETY.md's sweep chose it)
+    coefficient: float = 0.25
+    n: int | None = Field(None, ge=2)   # train prompts per set (default: all 32)
+
+
+@method(LOCATE, "refusal", Refusal)
+def refusal(ctx) -> StageOut:
+    """Both refusal directions at `layers`, with how well the harmfulness direction separates held-in prompts."""
+    from mechanic.improve.refusal import chat_prompts, instructions, refusal_direction, refusal_pairs, rows
+    from mechanic.model.readout import read
+    from mechanic.steer.vectors import caa
+
+    s, model = ctx.settings, ctx.model
+    if s.layer not in s.layers:
+        raise ValueError(f"locate.layer {s.layer} must be one of locate.layers {s.layers}.")
+    harmful, harmless = instructions("harmful", "train")[: s.n], instructions("harmless", "train")[: s.n]
+    steer = caa(model, refusal_pairs(model, rows("harmful", "train")[: s.n]), layers=s.layers, read="answer")
+    cond = refusal_direction(model, harmful, harmless, layers=s.layers)
+    steer.save(ctx.dir / "vector.safetensors")
+    cond.save(ctx.dir / "condition.safetensors")
+    sites = [f"L{L}.resid_post" for L in s.layers]
+    a = read(model, chat_prompts(model, harmful), sites, "last")
+    b = read(model, chat_prompts(model, harmless), sites, "last")
+    acc, cos = [], []
+    for L, site in zip(s.layers, sites):
+        d = cond.directions[L] / cond.directions[L].norm()
+        pa, pb = a[site].float() @ d, b[site].float() @ d
+        t = (pa.mean() + pb.mean()) / 2
+        acc.append(round(float(((pa > t).float().mean() + (pb <= t).float().mean()) / 2), 4))
+        cos.append(round(float(torch.nn.functional.cosine_similarity(steer.directions[L], cond.directions[L], 0)), 4))
+    figs = [{"kind": "line", "id": "separation", "title": "Harmful vs harmless along the difference of means",
+             "x": s.layers, "series": [{"name": "balanced accuracy (midpoint threshold)", "y": acc},
+                                       {"name": "cosine(CAA, difference of means)", "y": cos}],
+             "xlabel": "layer", "ylabel": "value"}]
+    i = s.layers.index(s.layer)
+    text = (f"From {len(harmful)} harmful and {len(harmless)} harmless train instructions: the difference of means "
+            f"separates them with balanced accuracy {acc[i]:.2f} at layer {s.layer}, but its cosine with the CAA "
+            f"refusal direction (refusing vs complying openings) is {cos[i]:.2f}: the model represents harmfulness "
+            "and refusal separately. The steer stage adds the CAA direction; the control ablates the difference of "
+            "means.")
+    return StageOut(text, figs, {"layer": s.layer, "coefficient": s.coefficient, "separation": acc, "cosine": cos},
+                    {"vector": "vector.safetensors", "condition": "condition.safetensors"})

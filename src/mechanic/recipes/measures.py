@@ -12,9 +12,9 @@ def _refusal(name: str, kind: str, size: str):
     from mechanic.improve.refusal import RefusalMeasure, instructions
 
     which = name.split("_", 1)[1]
-    n = 16 if size == "small" else 32
-    m = RefusalMeasure(instructions(which, split="test")[:n], kind=kind, name=name)
-    m.better = {k: ("higher" if which == "harmful" else "lower") for k in m.better}
+    held_out = instructions(which, split="test")               # 32 per set, 4 per category
+    m = RefusalMeasure(held_out[::2] if size == "small" else held_out, kind=kind, name=name)
+    m.better = {**m.better, "refusal": "higher" if which == "harmful" else "lower"}
     return m
 
 
@@ -50,6 +50,9 @@ def side_measures(spec, model, exclude: list[str]) -> list:
     """Side effects: the default set (perplexity, KL, fluency, other suites) or the named ones."""
     from mechanic.improve.evaluate import FluencyMeasure, KLMeasure, PerplexityMeasure, default_side_effects
 
+    from mechanic.tasks.builtin import list_tasks
+
+    exclude = [x for x in exclude if x in list_tasks()]   # a user's task file is not among the built-in suites
     if spec.side_effects == "none":
         return []
     if spec.side_effects == "default":

@@ -47,6 +47,13 @@ def load_task(spec):
     return task
 
 
+def file_digest(spec) -> str | None:
+    """sha256 of a task file's contents, so editing the file invalidates the stages that read it."""
+    if spec is None or spec.file is None:
+        return None
+    return hashlib.sha256(Path(spec.file).read_bytes()).hexdigest()
+
+
 def versions() -> dict:
     """Versions of everything that can change a number."""
     import numpy
@@ -100,7 +107,11 @@ class Runner:
         tmp.mkdir(parents=True)
         self.log(f"[{name}] {title} ...")
         t0 = time.perf_counter()
-        out = fn(tmp)
+        try:
+            out = fn(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)   # an interrupted stage leaves nothing behind; a re-run redoes it
+            raise
         seconds = time.perf_counter() - t0
         write_text(tmp / "done.json", json.dumps({**out.to_dict(), "seconds": seconds, "key": key}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -136,7 +147,7 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     R = Runner(recipe, out, size, log, reuse)
     R.timings["load"] = time.perf_counter() - t0
     base = {"fingerprint": m.fingerprint, "task": recipe.task.model_dump() if recipe.task else None,
-            "seed": recipe.seed, "version": mechanic.__version__}
+            "task_file": file_digest(recipe.task), "seed": recipe.seed, "version": mechanic.__version__}
     ctx = {"model": m, "task": task, "seed": recipe.seed}
 
     lkey = key_of(base, "locate", recipe.locate.model_dump())
@@ -169,7 +180,7 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
         write_text(d / "evaluation.json", json.dumps(data, indent=1))
         return StageOut(verdict(data["evaluation"], data.get("control")), figs, data, {"evaluation": "evaluation.json"})
 
-    ekey = key_of(base, "evaluate", recipe.evaluate.model_dump(), skey, ckey)
+    ekey = key_of(base, "evaluate", recipe.evaluate.model_dump(), file_digest(recipe.evaluate.task), skey, ckey)
     ev_out, _ = R.stage("evaluate", ekey, "Improve: before / after evaluation", evaluation)
     results = {"mechanic": mechanic.__version__, "recipe": recipe.model_dump(mode="json"),
                "manifest": manifest(m, recipe, size, R.timings),
@@ -202,6 +213,11 @@ def _significant(row: dict) -> bool:
     return False
 
 
+def _flipped(row: dict) -> dict:
+    """The row with `better` reversed: significant means significantly worse."""
+    return {**row, "better": {"higher": "lower", "lower": "higher"}.get(row["better"], "none")}
+
+
 def _fmt(row: dict) -> str:
     b, a, d = row["before"], row["after"], row["delta"]
     return (f"{row['id']} {b['mean']:.3g} -> {a['mean']:.3g} (delta {d['mean']:+.3g}, "
@@ -212,11 +228,12 @@ def verdict(ev: dict, control: dict | None = None) -> str:
     """One paragraph: which target metrics moved the right way, and the worst side effect."""
     targets = [r for r in ev["rows"] if r["kind"] == "target" and r["better"] != "none"]
     good = [r for r in targets if _significant(r)]
-    parts = [f"{len(good)} of {len(targets)} target metrics improved significantly (CI of the change excludes 0 "
-             f"and paired p < {ALPHA}): "
+    bad = [r for r in targets if _significant(_flipped(r))]
+    parts = [f"{len(good)} of {len(targets)} target metrics improved significantly and {len(bad)} got significantly "
+             f"worse (significant: the CI of the change excludes 0 and paired p < {ALPHA}): "
              + "; ".join(_fmt(r) for r in targets) + "."]
     side = [r for r in ev["rows"] if r["kind"] == "side" and r["better"] != "none"]
-    worse = [r for r in side if _significant({**r, "better": "lower" if r["better"] == "higher" else "higher"})]
+    worse = [r for r in side if _significant(_flipped(r))]
     parts.append(f"Side effects: {len(worse)} of {len(side)} got significantly worse"
                  + (": " + "; ".join(_fmt(r) for r in worse) if worse else "") + ".")
     if control:
@@ -229,7 +246,7 @@ def summary(recipe: Recipe, stages: list[dict], ev: dict, control: dict | None) 
     """The report's opening card: what was located, what was changed, whether it helped, key numbers."""
     by = {s["name"]: s for s in stages}
     targets = [r for r in ev["rows"] if r["kind"] == "target" and r["better"] != "none"]
-    helped = bool(targets) and all(_significant(r) for r in targets)
+    helped = any(_significant(r) for r in targets) and not any(_significant(_flipped(r)) for r in targets)
     keys = []
     for r in targets:
         keys.append({"id": f"{r['id']}.before", "label": f"{r['id']} before", "value": r["before"]["mean"]})

@@ -129,6 +129,7 @@ class DirectionalAblation(Strict):
     """Project the located direction out of the residual stream at every layer (refusal-direction style)."""
 
     layer: int | None = None
+    vector: str = "vector"          # which of the locate stage's vector artifacts (e.g. "condition")
 
 
 @method(STEER, "directional_ablation", DirectionalAblation)
@@ -137,10 +138,14 @@ def directional_ablation(ctx) -> StageOut:
     from mechanic.steer.directions import directional_ablation as ablate_dir
     from mechanic.steer.vectors import Vector
 
-    layer = ctx.settings.layer if ctx.settings.layer is not None else int(_found(ctx, "layer"))
-    vec = Vector.load(ctx.found_dir / ctx.found.artifacts["vector"])
+    s = ctx.settings
+    layer = s.layer if s.layer is not None else int(_found(ctx, "layer"))
+    if s.vector not in ctx.found.artifacts:
+        raise RecipeError(f"steer.vector {s.vector!r} is not an artifact of the locate stage "
+                          f"(it has {', '.join(ctx.found.artifacts)}).")
+    vec = Vector.load(ctx.found_dir / ctx.found.artifacts[s.vector])
     plan = ablate_dir(ctx.model, vec.directions[layer])
-    return _out(ctx, plan, f"Projecting the layer-{layer} direction out of every residual-stream write.",
+    return _out(ctx, plan, f"Projecting the layer-{layer} {vec.method} direction out of every residual-stream write.",
                 data={"layer": layer})
 
 

@@ -1,0 +1,138 @@
+"""Recipes: validation with file:line errors, the resumable content-addressed runner, and the CLI around them."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mechanic.cli import app
+from mechanic.recipes import list_recipes, recipe_path
+from mechanic.recipes.schema import RecipeError, load_recipe
+
+BUNDLED = ["efficiency", "fact-editing", "gender-bias", "icl-heads", "ioi-circuit", "safety-refusal",
+           "sentiment-steering"]
+CHEAP = """\
+name: cheap
+title: "Gender neurons, tiny"
+task: {name: gender, n: 6}
+locate: {method: neuron_attribution, top_k: 4, keep: 2}
+steer: {method: neuron_edit, factor: 0.0}
+evaluate: {target: [task], better: lower, task: {name: gender, start: 60, n: 8}, side_effects: [kl], n_boot: 200}
+"""
+
+
+def write(tmp_path, text: str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_every_bundled_recipe_validates_at_both_sizes():
+    assert list_recipes() == BUNDLED
+    for name in BUNDLED:
+        recipe, _ = load_recipe(recipe_path(name))
+        assert recipe.name == name
+        small, _ = load_recipe(recipe_path(name), "ci")
+        assert small.model_dump() != recipe.model_dump()
+
+
+@pytest.mark.parametrize("bad, line, words", [
+    (CHEAP.replace("top_k: 4", "top_kk: 4"), 4, ["locate.top_kk", "unknown key"]),
+    (CHEAP.replace("factor: 0.0", "factor: lots"), 5, ["steer.factor", "number"]),
+    (CHEAP.replace("neuron_edit", "neuron_surgery"), 5, ["steer.method", "neuron_surgery", "rome"]),
+    (CHEAP.replace("n: 6", "n: 0"), 3, ["task.n", "greater than or equal to 1"]),
+    (CHEAP.replace("side_effects: [kl]", "side_effect: [kl]"), 6, ["evaluate.side_effect", "unknown key"]),
+    (CHEAP.replace("title: ", "title: [unclosed"), 3, ["not valid YAML"]),
+    (CHEAP.replace("name: cheap", "name: Not A Slug"), 1, ["name", "pattern"]),
+])
+def test_mistakes_name_the_file_line_and_what_was_expected(tmp_path, bad, line, words):
+    p = write(tmp_path, bad)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert f"{p}:{line}" in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_unknown_size_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(RecipeError, match="has no size 'huge'"):
+        load_recipe(write(tmp_path, CHEAP), "huge")
+    with pytest.raises(RecipeError, match="bundled recipe"):
+        recipe_path("no-such-recipe")
+
+
+def test_cli_bad_recipe_is_one_paragraph_without_traceback(tmp_path):
+    p = write(tmp_path, CHEAP.replace("top_k: 4", "top_kk: 4"))
+    res = CliRunner().invoke(app, ["run", str(p), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert "Traceback" not in res.output and f"{p}:4" in res.output
+    res = CliRunner().invoke(app, ["run", "--list"])
+    assert res.exit_code == 0 and all(n in res.output for n in BUNDLED)
+
+
+def stage_dirs(out: Path) -> dict[str, Path]:
+    return {d.name.split("-")[0]: d for d in (out / "stages").iterdir()}
+
+
+@pytest.mark.real
+def test_runner_writes_reuses_and_resumes(tmp_path, monkeypatch):
+    from mechanic.recipes.runner import run
+
+    recipe = write(tmp_path, CHEAP)
+    out = tmp_path / "run"
+    logs = []
+    res = run(recipe, out, log=logs.append)
+    for f in ("recipe.yaml", "manifest.json", "results.json", "report.html"):
+        assert (out / f).is_file(), f
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["model"]["fingerprint"] and man["versions"]["torch"] and man["seeds"]["recipe"] == 0
+    assert set(stage_dirs(out)) == {"locate", "steer", "evaluate"}
+    assert all((d / "done.json").is_file() for d in stage_dirs(out).values())
+    assert (stage_dirs(out)["steer"] / "plan.safetensors").is_file()
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(res))
+    row = next(r for r in res["evaluation"]["rows"] if r["id"] == "gender.logit_diff")
+    assert row["after"]["mean"] < row["before"]["mean"]          # the selected neurons carried the stereotype
+
+    # same inputs: every stage is reused, the numbers are identical
+    logs.clear()
+    again = run(recipe, out, log=logs.append)
+    assert sum("reused" in m for m in logs) == 3
+    assert again["evaluation"]["rows"] == res["evaluation"]["rows"]
+
+    # a changed evaluate setting re-runs only the evaluation (content-addressed keys)
+    logs.clear()
+    run(write(tmp_path, CHEAP.replace("n_boot: 200", "n_boot: 300")), out, log=logs.append)
+    assert [m.split("]")[0] for m in logs if "reused" in m] == ["[locate", "[steer"]
+
+    # interrupted during evaluation: finished stages stay, nothing half written, the re-run resumes
+    out2 = tmp_path / "run2"
+    import mechanic.improve.evaluate as E
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(E, "evaluate", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, out2, log=logs.append)
+    assert set(stage_dirs(out2)) == {"locate", "steer"} and not (out2 / "results.json").exists()
+    assert not [p for p in (out2 / "stages").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    logs.clear()
+    resumed = run(recipe, out2, log=logs.append)
+    assert [m.split("]")[0] for m in logs if "reused" in m] == ["[locate", "[steer"]
+    assert resumed["evaluation"]["rows"] == res["evaluation"]["rows"]
+
+
+@pytest.mark.real
+def test_report_command_rebuilds_from_results(tmp_path):
+    from mechanic.recipes.runner import run
+
+    out = tmp_path / "run"
+    run(write(tmp_path, CHEAP), out, log=lambda m: None, report=False)
+    assert not (out / "report.html").exists()
+    res = CliRunner().invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "report.html").stat().st_size > 100_000
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "results.json" in res.output
