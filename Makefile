@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench results clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real"
+
+RECIPES := fact-editing gender-bias sentiment-steering ioi-circuit efficiency icl-heads safety-refusal
+results: setup   # every bundled recipe at full size, then docs/RESULTS.md from their results.json
+	for r in $(RECIPES); do $(BIN)/mechanic run $$r -o runs/full/$$r || exit 1; done
+	$(BIN)/python -m mechanic.report.markdown $(addprefix runs/full/,$(RECIPES)) > docs/RESULTS.md.body
+	cat docs/RESULTS.head.md docs/RESULTS.md.body > docs/RESULTS.md && rm docs/RESULTS.md.body
 
 bench: setup
 	bash benchmarks/setup_peers.sh

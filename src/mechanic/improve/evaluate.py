@@ -55,15 +55,24 @@ class EvaluateError(ValueError):
 
 # ---------------------------------------------------------------- measures
 class TaskMeasure(Measure):
-    """A task's own metric and accuracy per example, on last-position logits."""
+    """A task's own metric and accuracy per example, on last-position logits.
 
-    def __init__(self, task, metrics=None, kind: str = "target", name: str | None = None, batch_size: int = 32):
+    contrast=True scores each example as metric(clean prompt) - metric(corrupted prompt) with the clean
+    answer tokens: for a bias suite whose corrupted prompt swaps in the other stereotype (gender), a
+    global shift towards one answer cancels and only the prompt-dependent part (the bias) remains.
+    """
+
+    def __init__(self, task, metrics=None, kind: str = "target", name: str | None = None, batch_size: int = 32,
+                 contrast: bool = False):
         from mechanic.tasks import metrics as M
 
         if not len(task):
             raise EvaluateError(f"Task {task.name!r} has no examples; a TaskMeasure needs at least one.")
         self.task, self.kind, self.name, self.batch_size = task, _kind(kind), name or task.name, batch_size
-        self.metrics = list(dict.fromkeys(metrics or [task.metric, "accuracy"]))
+        self.contrast = contrast
+        if contrast and any(e.corrupted is None for e in task.examples):
+            raise EvaluateError(f"contrast=True needs a corrupted prompt for every example of {task.name!r}.")
+        self.metrics = list(dict.fromkeys(metrics or [task.metric] + ([] if contrast else ["accuracy"])))
         for m in self.metrics:
             M.get(m)  # unknown names fail here, with the list of known ones
         bias = task.name == "gender"  # a bias score: neither direction is "better"
@@ -78,12 +87,16 @@ class TaskMeasure(Measure):
         for s in range(0, batch.n, self.batch_size):
             part = batch.select(slice(s, s + self.batch_size))
             logits = model.run(part.clean, last_only=True).logits[:, -1]
+            other = model.run(part.corrupted, last_only=True).logits[:, -1] if self.contrast else None
             for m in self.metrics:
-                out[m].append(M.get(m)(logits, part).detach().float().cpu())
+                v = M.get(m)(logits, part)
+                if other is not None:
+                    v = v - M.get(m)(other, part)
+                out[m].append(v.detach().float().cpu())
         return {m: torch.cat(v) for m, v in out.items()}
 
     def settings(self):
-        return {"task": self.task.name, "n": len(self.task), "metrics": self.metrics,
+        return {"task": self.task.name, "n": len(self.task), "metrics": self.metrics, "contrast": self.contrast,
                 "prompts": [e.prompt for e in self.task.examples]}
 
 

@@ -62,9 +62,10 @@ def causal_trace_layer(ctx) -> StageOut:
 
 
 class NeuronAttribution(Strict):
-    """Neurons by attribution, then a causal check: zero each, keep those whose removal lowers the metric most."""
+    """Neurons by attribution, with a causal check: each one zeroed alone, and the selected set zeroed together."""
 
     scorer: str = Field("atp", pattern="^(atp|logprob)$")   # atp: (a_clean - a_corr) . dmetric/da; logprob: Yu & Ananiadou
+    select: str = Field("attribution", pattern="^(attribution|causal)$")   # rank the top_k by score, or by zeroing
     top_k: int = Field(20, ge=1)
     keep: int = Field(10, ge=1)
     layers: list[int] | None = None
@@ -72,7 +73,7 @@ class NeuronAttribution(Strict):
 
 @method(LOCATE, "neuron_attribution", NeuronAttribution)
 def neuron_attribution(ctx) -> StageOut:
-    """Rank FFN neurons by attribution (AtP or log-probability increase), checked by zero-ablation one at a time."""
+    """Rank FFN neurons by attribution (AtP or log-probability increase), checked by zero-ablation."""
     from mechanic.locate.gradient import atp
     from mechanic.locate.neurons import neuron_attribution as attribute, promoted_tokens
     from mechanic.model.interventions import zero
@@ -89,24 +90,24 @@ def neuron_attribution(ctx) -> StageOut:
     sites = [site for site, _, _ in top]
     batch = ctx.task.tokenize(model)
     fn = M.get(ctx.task.metric)
+
+    def metric(ivs=()) -> float:
+        return float(fn(model.run(batch.clean, interventions=list(ivs), last_only=True).logits[:, -1], batch).mean())
     with torch.no_grad():
-        base = float(fn(model.run(batch.clean, last_only=True).logits[:, -1], batch).mean())
-        effects = []
-        for site in sites:
-            out = model.run(batch.clean, interventions=[zero(site)], last_only=True).logits[:, -1]
-            effects.append(float(fn(out, batch).mean()) - base)
+        base = metric()
+        effects = [metric([zero(site)]) - base for site in sites]
+        order = sorted(range(len(sites)), key=lambda i: effects[i]) if s.select == "causal" else range(len(sites))
+        keep = [sites[i] for i in order if s.select == "attribution" or effects[i] < 0][: s.keep]
+        joint = metric([zero(site) for site in keep]) - base if keep else 0.0
     tokens = promoted_tokens(model, sites, k=3)
-    order = sorted(range(len(sites)), key=lambda i: effects[i])
-    keep = [sites[i] for i in order if effects[i] < 0][:s.keep]
-    rows = [[sites[i], float(top[i][2]), effects[i], " ".join(tokens[i]), sites[i] in keep] for i in order]
+    rows = [[sites[i], float(top[i][2]), effects[i], " ".join(tokens[i]), sites[i] in keep] for i in range(len(sites))]
     how = "Attribution patching" if s.scorer == "atp" else "Log-probability attribution"
-    text = (f"{how} ranks {len(scores.sites)} FFN neurons on {ctx.task.name} "
-            f"({batch.n} prompts). Zeroing each of the top {len(sites)} one at a time moves the mean "
-            f"{ctx.task.metric} (base {base:.3f}) by {min(effects):+.3f} to {max(effects):+.3f}; the {len(keep)} "
-            "neurons whose removal lowers it most are the ones the edit acts on.")
-    figs = [table("neurons", "Top neurons: attribution, causal effect of zeroing, promoted tokens",
+    text = (f"{how} ranks {len(scores.sites)} FFN neurons on {ctx.task.name} ({batch.n} prompts); the "
+            f"{len(keep)} selected by {s.select} are checked causally: zeroed together they move the mean "
+            f"{ctx.task.metric} from {base:.3f} by {joint:+.3f} (alone: {min(effects):+.3f} to {max(effects):+.3f}).")
+    figs = [table("neurons", "Top neurons: attribution, causal effect of zeroing each alone, promoted tokens",
                   ["neuron", "attribution", f"Δ {ctx.task.metric} when zeroed", "promotes", "selected"], rows)]
-    return StageOut(text, figs, {"sites": keep, "base": base}, {"neurons": "neurons.json"})
+    return StageOut(text, figs, {"sites": keep, "base": base, "joint_effect": joint}, {"neurons": "neurons.json"})
 
 
 class VectorSweep(Strict):
@@ -215,6 +216,7 @@ def outliers(ctx) -> StageOut:
     ma = massive_activations(model, calibration(), max_tokens=s.max_tokens)
     sw = super_weights(model, calibration(), max_iter=s.max_iter, seed=ctx.seed)
     protect = sorted({f"L{w.layer}.neuron{w.col}" for w in sw.candidates if w.verified})
+    coords = [[w.layer, w.row, w.col] for w in sw.candidates if w.verified]
     rows = [[f"L{w.layer}", w.row, w.col, w.weight, w.ppl, min(w.ppl_random) if w.ppl_random else None, w.verified]
             for w in sw.candidates]
     figs = [table("super_weights", f"Super weight candidates down_proj[row, col] (perplexity {sw.baseline_ppl:.1f} "
@@ -227,8 +229,31 @@ def outliers(ctx) -> StageOut:
              f"{big[0]['dim']} (median |activation| {min(ma.medians):.2f} to {max(ma.medians):.2f})") if big else \
         "no massive activations"
     text = (f"On the shipped calibration prose: {first}. Verified super weights: {', '.join(protect) or 'none'} "
-            f"(baseline perplexity {sw.baseline_ppl:.1f}); their neurons are protected from pruning.")
-    return StageOut(text, figs, {"protect": protect}, {})
+            f"(baseline perplexity {sw.baseline_ppl:.1f}); they are kept when pruning.")
+    return StageOut(text, figs, {"protect": protect, "super_weights": coords}, {})
+
+
+class HeadAttribution(Strict):
+    """Attribution patching over every head: (z_clean - z_corr) . dmetric/dz, the top `top` by value."""
+
+    top: int = Field(5, ge=1)
+    by: str = Field("max", pattern="^(max|min|abs)$")
+
+
+@method(LOCATE, "head_attribution", HeadAttribution)
+def head_attribution(ctx) -> StageOut:
+    """AtP head scores from two forwards and one backward; the top heads go to the steer stage."""
+    from mechanic.locate.gradient import atp
+
+    s, model = ctx.settings, ctx.model
+    scores = atp(model, ctx.task, "head")
+    scores.save(ctx.dir / "heads.json")
+    heads = [site for site, _, _ in scores.top(s.top, by=s.by)]
+    figs = [scores_heatmap(scores, "heads_atp", f"Head attribution (AtP) on {ctx.task.name}", "head", "layer"),
+            attention_figure(model, ctx.task.examples[0].prompt, heads[0], "attention_top_head")]
+    text = (f"Attribution patching scores all {len(scores.sites)} heads on {len(ctx.task)} {ctx.task.name} pairs "
+            f"(clean vs corrupted, metric {ctx.task.metric}); the top {s.top} by {s.by}: {', '.join(heads)}.")
+    return StageOut(text, figs, {"heads": heads}, {"heads": "heads.json"})
 
 
 class ICLHeads(Strict):
@@ -260,9 +285,9 @@ def icl_heads(ctx) -> StageOut:
 class Refusal(Strict):
     """Refusal directions from the shipped train prompts: CAA (refusing vs complying openings) and harmful - harmless."""
 
-    layers: list[int] = Field([12, 15, 18], min_length=1)
-    layer: int = 18                 # where the steer stage acts (docs/SAFETY.md's sweep chose it)
-    coefficient: float = 0.25
+    layers: list[int] = Field([12, 16, 18], min_length=1)
+    layer: int = 16                 # where the steer stage acts (chosen in docs/SAFETY.md)
+    coefficient: float = 1.25
     n: int | None = Field(None, ge=2)   # train prompts per set (default: all 32)
 
 
@@ -276,7 +301,8 @@ def refusal(ctx) -> StageOut:
     s, model = ctx.settings, ctx.model
     if s.layer not in s.layers:
         raise ValueError(f"locate.layer {s.layer} must be one of locate.layers {s.layers}.")
-    harmful, harmless = instructions("harmful", "train")[: s.n], instructions("harmless", "train")[: s.n]
+    # the CAA vector from every train row; the condition from the even train rows (odd ones calibrate the gate)
+    harmful, harmless = instructions("harmful", "train")[: s.n:2], instructions("harmless", "train")[: s.n:2]
     steer = caa(model, refusal_pairs(model, rows("harmful", "train")[: s.n]), layers=s.layers, read="answer")
     cond = refusal_direction(model, harmful, harmless, layers=s.layers)
     steer.save(ctx.dir / "vector.safetensors")
@@ -299,7 +325,7 @@ def refusal(ctx) -> StageOut:
     text = (f"From {len(harmful)} harmful and {len(harmless)} harmless train instructions: the difference of means "
             f"separates them with balanced accuracy {acc[i]:.2f} at layer {s.layer}, but its cosine with the CAA "
             f"refusal direction (refusing vs complying openings) is {cos[i]:.2f}: the model represents harmfulness "
-            "and refusal separately. The steer stage adds the CAA direction; the control ablates the difference of "
-            "means.")
+            "and refusal separately, so the steer stage adds the CAA direction only to prompts the difference of means "
+            "flags (conditional steering); the control ablates the difference of means.")
     return StageOut(text, figs, {"layer": s.layer, "coefficient": s.coefficient, "separation": acc, "cosine": cos},
                     {"vector": "vector.safetensors", "condition": "condition.safetensors"})

@@ -18,7 +18,7 @@ def _refusal(name: str, kind: str, size: str):
     return m
 
 
-def target_measures(names: list[str], model, task, better: str | None, size: str) -> list:
+def target_measures(names: list[str], model, task, better: str | None, size: str, contrast: bool = False) -> list:
     """The measures of the behaviour the plan should change."""
     from mechanic.improve.evaluate import EditMeasure, TaskMeasure
     from mechanic.steer.edit import facts_from_task
@@ -28,7 +28,8 @@ def target_measures(names: list[str], model, task, better: str | None, size: str
         if name == "task":
             if task is None:
                 raise RecipeError("evaluate.target names 'task' but the recipe has no task; add `task:`.")
-            m = TaskMeasure(task, kind="target")
+            same = len({e.answer for e in task.examples}) == 1      # one answer for all: accuracy says nothing
+            m = TaskMeasure(task, [task.metric] if same else None, kind="target", contrast=contrast)
             if better:
                 m.better = {k: better if k != "accuracy" or better == "higher" else "none" for k in m.better}
             out.append(m)

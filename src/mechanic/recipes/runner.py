@@ -15,6 +15,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,11 +40,14 @@ def load_task(spec):
         raise RecipeError("task: give exactly one of `name` (a built-in suite) or `file` (a .jsonl/.csv path).")
     task = builtin(spec.name or spec.file, metric=spec.metric).subset(spec.n, spec.start)
     if spec.side == "corrupted":
-        from dataclasses import replace
-
         if any(e.corrupted is None for e in task.examples):
             raise RecipeError(f"task.side: corrupted, but task {task.name!r} has examples without a corrupted prompt.")
         task.examples = [replace(e, prompt=e.corrupted, corrupted=e.prompt) for e in task.examples]
+    if spec.answer is not None or spec.wrong is not None:
+        task.examples = [replace(e, answer=spec.answer or e.answer, wrong=spec.wrong or e.wrong, meta={})
+                         for e in task.examples]
+    if spec.label:
+        task.name = spec.label
     return task
 
 
@@ -165,7 +169,7 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
 
     def evaluation(d: Path) -> StageOut:
         spec = recipe.evaluate
-        targets = target_measures(spec.target, m, eval_task, spec.better, spec.size)
+        targets = target_measures(spec.target, m, eval_task, spec.better, spec.size, spec.contrast)
         exclude = [t.name for t in (task, eval_task) if t is not None]
         measures = targets + side_measures(spec, m, exclude)
         plan = Plan.load(steer_dir / "plan.safetensors")
@@ -174,7 +178,7 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
         figs = ev.figures()
         if control_dir is not None:
             cplan = Plan.load(control_dir / "plan.safetensors")
-            cev = evaluate(m, cplan, target_measures(spec.target, m, eval_task, spec.better, spec.size),
+            cev = evaluate(m, cplan, target_measures(spec.target, m, eval_task, spec.better, spec.size, spec.contrast),
                            seed=recipe.seed, n_boot=spec.n_boot, level=spec.level)
             data["control"] = cev.to_dict()
         write_text(d / "evaluation.json", json.dumps(data, indent=1))

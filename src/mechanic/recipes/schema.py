@@ -47,6 +47,9 @@ class TaskSpec(Strict):
     start: int = Field(0, ge=0)
     metric: str | None = None
     side: Literal["clean", "corrupted"] = "clean"   # corrupted: score the corrupted prompts (e.g. negative reviews)
+    answer: str | None = None      # the same answer for every example (e.g. " bar": logit_diff becomes a label bias)
+    wrong: str | None = None       # the same wrong answer for every example
+    label: str | None = None       # a name for the task so changed (kept apart from the built-in suite's name)
 
 
 class MethodSpec(BaseModel):
@@ -64,6 +67,7 @@ class EvaluateSpec(Strict):
     side_effects: Literal["default", "none"] | list[str] = "default"
     size: Literal["small", "full"] = "small"
     better: Literal["higher", "lower"] | None = None   # override for the task measure's direction
+    contrast: bool = False         # score the task as metric(clean) - metric(corrupted) per example (bias suites)
     n_boot: int = Field(2000, ge=100)
     level: float = Field(0.95, gt=0, lt=1)
 

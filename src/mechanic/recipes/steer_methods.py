@@ -125,6 +125,43 @@ def add_vector(ctx) -> StageOut:
                 data={"layer": layer, "coefficient": coef})
 
 
+class ConditionalVector(Strict):
+    """Add the located vector only to prompts whose `condition` score passes a threshold calibrated on held-in prompts."""
+
+    layer: int | None = None
+    coefficient: float | None = None
+    condition: str = "condition"    # the locate artifact holding the condition direction
+    score: str = Field("projection", pattern="^(projection|cosine)$")
+
+
+@method(STEER, "conditional_vector", ConditionalVector)
+def conditional_vector(ctx) -> StageOut:
+    """CAST-style plan: gate per prompt on the condition direction, calibrated on the odd train instructions."""
+    from mechanic.improve.refusal import chat_prompts, instructions
+    from mechanic.steer.conditional import conditional_vector as build
+    from mechanic.steer.vectors import Vector
+
+    s, model = ctx.settings, ctx.model
+    layer = s.layer if s.layer is not None else int(_found(ctx, "layer"))
+    coef = s.coefficient if s.coefficient is not None else float(_found(ctx, "coefficient"))
+    vec = Vector.load(ctx.found_dir / ctx.found.artifacts["vector"])
+    cond = Vector.load(ctx.found_dir / ctx.found.artifacts[s.condition])
+    pos = chat_prompts(model, instructions("harmful", "train")[1::2])
+    neg = chat_prompts(model, instructions("harmless", "train")[1::2])
+    plan = build(model, vec, cond, layer, coef, calibrate=(pos, neg), score=s.score)
+    cal = plan.settings.get("calibration", {})
+    figs = [{"kind": "bars", "id": "gate", "title": "Gate scores of the calibration prompts (the threshold separates them)",
+             "labels": ["harmful (should open)", "harmless (should stay closed)"],
+             "series": [{"name": "score", "mean": [float(torch.tensor(cal[k]).mean()) for k in ("positive", "negative")],
+                         "lo": [min(cal[k]) for k in ("positive", "negative")],
+                         "hi": [max(cal[k]) for k in ("positive", "negative")]}], "ylabel": f"{s.score} (min-max)"}] \
+        if cal.get("positive") else []
+    text = (f"Adding {coef:g} x the vector at layer {layer}, only for prompts whose {s.score} on the condition direction "
+            f"exceeds {plan.settings.get('threshold', float('nan')):.3g} (calibrated on {len(pos)} + {len(neg)} held-in "
+            f"prompts, balanced accuracy {cal.get('balanced_accuracy', float('nan')):.2f}).")
+    return _out(ctx, plan, text, figs, {"layer": layer, "coefficient": coef, "threshold": plan.settings.get("threshold")})
+
+
 class DirectionalAblation(Strict):
     """Project the located direction out of the residual stream at every layer (refusal-direction style)."""
 
@@ -176,18 +213,18 @@ def ablate_heads(ctx) -> StageOut:
                 data={"heads": heads})
 
 
-class PruneNeurons(Strict):
-    """Structured FFN pruning by a typical |activation| x |down_proj column|, keeping the located neurons."""
+class PruneWeights(Strict):
+    """Unstructured pruning of every down_proj by |W_ij| x typical |x_j| (Wanda-style, per output row)."""
 
-    fraction: float = Field(0.1, gt=0, lt=1)
-    curve: list[float] = [0.02, 0.05, 0.1, 0.2]
-    criterion: str = Field("median", pattern="^(median|mean)$")
+    fraction: float = Field(0.2, gt=0, lt=1)
+    curve: list[float] = [0.1, 0.2, 0.3, 0.5]
+    criterion: str = Field("median", pattern="^(median|mean)$")   # the typical |activation| of each neuron
     max_tokens: int = Field(1024, ge=128)
     protect: bool = True
 
 
-def _neuron_importance(model, max_tokens: int, criterion: str = "median") -> dict[str, float]:
-    """Median (or mean) |activation| x ||down_proj column|| of every dense FFN neuron on the calibration prose."""
+def typical_activation(model, max_tokens: int, criterion: str = "median") -> dict[int, torch.Tensor]:
+    """Per dense layer, the median (or mean) |activation| of every FFN neuron on the calibration prose."""
     from mechanic.data.text import calibration
     from mechanic.data.windows import batches, windows
 
@@ -201,51 +238,58 @@ def _neuron_importance(model, max_tokens: int, criterion: str = "median") -> dic
     out = {}
     for L in layers:
         a = torch.cat(acts.pop(L))
-        typical = a.median(0).values if criterion == "median" else a.mean(0)
-        W = model.arch.down_weight(model.layer_module(L, model.arch.down_proj))
-        col = W.norm(dim=1) if model.arch.conv1d else W.norm(dim=0)
-        out.update({f"L{L}.neuron{j}": v for j, v in enumerate((typical * col.float()).tolist())})
+        out[L] = a.median(0).values if criterion == "median" else a.mean(0)
     return out
 
 
-@method(STEER, "prune_neurons", PruneNeurons)
-def prune_neurons(ctx) -> StageOut:
-    """Zero the least important fraction of FFN neurons; the perplexity curve shows what protection buys."""
+def prune_plan(model, typical: dict[int, torch.Tensor], fraction: float, keep: list):
+    """Zero the `fraction` lowest-scoring weights of each down_proj row, never the (layer, row, col) in `keep`."""
+    from mechanic.steer.plan import Plan, WeightEdit
+
+    edits = []
+    for L, typ in typical.items():
+        mod = model.layer_module(L, model.arch.down_proj)
+        W = model.arch.down_weight(mod).detach().float()          # [d_model, d_ff]
+        score = W.abs() * typ[None, :]
+        for layer, row, col in keep:
+            if layer == L:
+                score[row, col] = float("inf")
+        k = int(round(fraction * W.shape[1]))
+        cut = score.topk(k, dim=1, largest=False).indices
+        new = W.clone().scatter_(1, cut, 0.0)
+        name = next(n for n, p in model.hf.named_parameters() if p is model.arch.down_weight(mod))
+        edits.append(WeightEdit(name, (new.T if model.arch.conv1d else new).to(W.dtype).contiguous(),
+                                note=f"L{L}: {k} of {W.shape[1]} weights per row zeroed"))
+    return Plan(edits=edits, method="prune_weights", fingerprint=model.fingerprint,
+                settings={"fraction": fraction, "kept": [list(x) for x in keep]})
+
+
+@method(STEER, "prune_weights", PruneWeights)
+def prune_weights(ctx) -> StageOut:
+    """Prune down_proj weights; the perplexity curve shows what keeping the located super weights buys."""
     from mechanic.data.text import heldout
     from mechanic.improve.perplexity import perplexity
-    from mechanic.steer.edit import neuron_edit
 
     s, model = ctx.settings, ctx.model
-    protect = set(_found(ctx, "protect")) if s.protect else set()
-    imp = _neuron_importance(model, s.max_tokens, s.criterion)
-    order = sorted(imp, key=imp.get)
-    rank = {n: i for i, n in enumerate(order)}
+    keep = [tuple(x) for x in _found(ctx, "super_weights")] if s.protect else []
+    typical = typical_activation(model, s.max_tokens, s.criterion)
 
-    def pruned(frac: float, keep: set) -> list[str]:
-        return [n for n in order if n not in keep][:int(round(frac * len(order)))]
-
-    def ppl(sites) -> float:
-        with model.applied(neuron_edit(model, sites, 0.0)):
+    def ppl(fraction: float, kept: list) -> float:
+        with model.applied(prune_plan(model, typical, fraction, kept)):
             return perplexity(model, heldout(), max_tokens=s.max_tokens).ppl
 
     base = perplexity(model, heldout(), max_tokens=s.max_tokens).ppl
     fracs = sorted(set(s.curve) | {s.fraction})
-    plain = [ppl(pruned(f, set())) for f in fracs]
-    kept = [ppl(pruned(f, protect)) for f in fracs] if protect else plain
-    sites = pruned(s.fraction, protect)
-    plan = neuron_edit(model, sites, 0.0)
-    plan.method, plan.settings = "prune_neurons", {"fraction": s.fraction, "protected": sorted(protect),
-                                                   "pruned": len(sites)}
-    ranks = {n: rank[n] / len(order) for n in protect}
+    plain = [ppl(f, []) for f in fracs]
+    kept = [ppl(f, keep) for f in fracs] if keep else plain
+    plan = prune_plan(model, typical, s.fraction, keep)
     figs = [{"kind": "line", "id": "prune_curve", "title": f"Held-out perplexity by pruned fraction (unpruned {base:.1f})",
-             "x": fracs, "series": [{"name": "prune by importance", "y": [round(v, 3) for v in plain]},
-                                    {"name": "same, located neurons kept", "y": [round(v, 3) for v in kept]}],
-             "xlabel": "fraction of FFN neurons zeroed", "ylabel": "perplexity"},
-            table("protected", "Located neurons: where the importance ranking puts them",
-                  ["neuron", "importance rank (0 = pruned first)"], [[n, r] for n, r in sorted(ranks.items())])]
+             "x": fracs, "series": [{"name": "prune by |W| x typical |x|", "y": [round(v, 3) for v in plain]},
+                                    {"name": "same, located super weights kept", "y": [round(v, 3) for v in kept]}],
+             "xlabel": "fraction of down_proj weights zeroed (per row)", "ylabel": "perplexity"}]
     i = fracs.index(s.fraction)
-    text = (f"Pruning the {s.fraction:.0%} least important FFN neurons ({len(sites)} of {len(order)}) by {s.criterion} "
-            f"|activation| x |down_proj column|: held-out perplexity {base:.1f} -> {plain[i]:.1f}, and "
-            f"{kept[i]:.1f} when the {len(protect)} located neuron(s) are kept.")
+    text = (f"Zeroing {s.fraction:.0%} of every down_proj row's weights by |W_ij| x {s.criterion} |x_j| (Wanda-style; "
+            f"the {s.criterion} ignores a neuron's rare spikes): held-out perplexity {base:.1f} -> {plain[i]:.1f}, and "
+            f"{kept[i]:.1f} when the {len(keep)} located super weight(s) are kept.")
     return _out(ctx, plan, text, figs, {"base_ppl": base, "fractions": fracs, "ppl_plain": plain,
-                                        "ppl_protected": kept, "pruned": len(sites)})
+                                        "ppl_protected": kept})

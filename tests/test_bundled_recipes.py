@@ -1,0 +1,91 @@
+"""Every bundled recipe runs end to end on SmolLM2 at its `ci` size and shows its effect (full size: docs/RESULTS.md)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mechanic.cli import app
+from mechanic.recipes import recipe_path
+from mechanic.recipes.runner import run
+
+pytestmark = pytest.mark.real
+
+
+def ci_run(name: str, tmp_path) -> dict:
+    return run(recipe_path(name), tmp_path / name, size="ci", log=lambda m: None)
+
+
+def row(ev: dict, rid: str) -> dict:
+    return next(r for r in ev["rows"] if r["id"] == rid)
+
+
+def test_demo_edits_facts_and_its_report_shows_the_results(tmp_path):
+    """`mechanic demo` = the fact-editing recipe; the page it writes renders and carries results.json's numbers."""
+    from mechanic.report.screenshot import opened
+    from test_report import check_keys, n_plots
+
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--size", "ci", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "report:" in res.output
+    results = json.loads((out / "results.json").read_text())
+    ev = results["evaluation"]
+    for metric in ("efficacy", "paraphrase", "reliability"):
+        assert row(ev, f"edit.{metric}")["after"]["mean"] > row(ev, f"edit.{metric}")["before"]["mean"], metric
+    assert {r["metric"] for r in ev["rows"]} >= {"efficacy", "paraphrase", "neighborhood", "reliability",
+                                                  "generalization", "locality"}
+    with opened(out / "report.html") as (page, errors):
+        view = page.evaluate("""() => ({rendered: document.body.dataset.plotsRendered,
+            keys: [...document.querySelectorAll('[data-key]')].map(e => [e.dataset.key, e.dataset.value])})""")
+        assert list(errors) == []
+    assert int(view["rendered"]) == n_plots(results)
+    check_keys(results, [tuple(kv) for kv in view["keys"]])
+
+
+def test_gender_bias_neuron_edit_lowers_held_out_bias(tmp_path):
+    ev = ci_run("gender-bias", tmp_path)["evaluation"]
+    r = row(ev, "gender.logit_diff")
+    assert r["after"]["mean"] < r["before"]["mean"] and r["delta"]["hi"] < 0
+
+
+def test_sentiment_vector_turns_negative_reviews_positive(tmp_path):
+    res = ci_run("sentiment-steering", tmp_path)
+    r = row(res["evaluation"], "sentiment.logit_diff")
+    assert r["before"]["mean"] < 0 < r["after"]["mean"]
+    assert res["summary"]["helped"]
+    sweep = next(s for s in res["stages"] if s["name"] == "locate")
+    assert {f["id"] for f in sweep["figures"]} == {"sweep_target", "sweep_kl", "sweep_ppl"}
+
+
+def test_ioi_circuit_heads_matter_more_than_random_heads(tmp_path):
+    res = ci_run("ioi-circuit", tmp_path)
+    circuit, control = row(res["evaluation"], "ioi.logit_diff"), row(res["control"], "ioi.logit_diff")
+    assert circuit["delta"]["mean"] < 0
+    assert circuit["delta"]["mean"] < 3 * control["delta"]["mean"] if control["delta"]["mean"] < 0 else True
+    curve = next(f for s in res["stages"] for f in s["figures"] if f["id"] == "faithfulness")
+    assert curve["series"][0]["y"][-1] > curve["series"][0]["y"][0]        # more edges, more faithful
+
+
+def test_efficiency_keeping_the_super_weight_saves_perplexity(tmp_path):
+    res = ci_run("efficiency", tmp_path)
+    kept, plain = row(res["evaluation"], "perplexity.ppl"), row(res["control"], "perplexity.ppl")
+    assert kept["after"]["mean"] * 2 < plain["after"]["mean"]
+    assert kept["after"]["mean"] < kept["before"]["mean"] * 1.5
+    locate = next(s for s in res["stages"] if s["name"] == "locate")
+    assert "L11.neuron1229" in locate["data"]["protect"]
+
+
+def test_icl_heads_removal_reduces_label_bias_more_than_random_heads(tmp_path):
+    res = ci_run("icl-heads", tmp_path)
+    r, c = row(res["evaluation"], "icl_label_bias.logit_diff"), row(res["control"], "icl_label_bias.logit_diff")
+    assert r["before"]["mean"] > 0                                   # the model prefers " bar"
+    assert r["delta"]["hi"] < 0 and r["delta"]["mean"] < c["delta"]["mean"]
+
+
+def test_safety_vector_raises_harmful_refusal_not_harmless(tmp_path):
+    res = ci_run("safety-refusal", tmp_path)
+    harmful, harmless = row(res["evaluation"], "refusal_harmful.refusal"), row(res["evaluation"],
+                                                                               "refusal_harmless.refusal")
+    assert harmful["after"]["mean"] > harmful["before"]["mean"]
+    assert harmless["after"]["mean"] <= 1 / 16
