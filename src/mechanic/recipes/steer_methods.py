@@ -213,83 +213,69 @@ def ablate_heads(ctx) -> StageOut:
                 data={"heads": heads})
 
 
-class PruneWeights(Strict):
-    """Unstructured pruning of every down_proj by |W_ij| x typical |x_j| (Wanda-style, per output row)."""
+class ClipWeights(Strict):
+    """Round-to-nearest quantization of every down_proj row with its scale set by clipping the largest weights."""
 
-    fraction: float = Field(0.2, gt=0, lt=1)
-    curve: list[float] = [0.1, 0.2, 0.3, 0.5]
-    criterion: str = Field("median", pattern="^(median|mean)$")   # the typical |activation| of each neuron
+    fraction: float = Field(0.003, ge=0, lt=1)     # of each row's weights, the largest |w| clipped to the bound
+    curve: list[float] = [0.0, 0.001, 0.003, 0.01]
+    bits: int = Field(8, ge=0, le=16)              # 0: clip only, no rounding
     max_tokens: int = Field(1024, ge=128)
     protect: bool = True
 
 
-def typical_activation(model, max_tokens: int, criterion: str = "median") -> dict[int, torch.Tensor]:
-    """Per dense layer, the median (or mean) |activation| of every FFN neuron on the calibration prose."""
-    from mechanic.data.text import calibration
-    from mechanic.data.windows import batches, windows
-
-    layers = [L for L in range(model.dims.n_layers) if not model.is_moe(L)]
-    acts: dict[int, list] = {L: [] for L in layers}
-    with torch.no_grad():
-        for ids in batches(windows(model, calibration(), 128, max_tokens), 8):
-            run = model.run(ids, cache=[f"L{L}.neuron" for L in layers])
-            for L in layers:
-                acts[L].append(run[f"L{L}.neuron"].abs().flatten(0, 1).float())
-    out = {}
-    for L in layers:
-        a = torch.cat(acts.pop(L))
-        out[L] = a.median(0).values if criterion == "median" else a.mean(0)
-    return out
-
-
-def prune_plan(model, typical: dict[int, torch.Tensor], fraction: float, keep: list):
-    """Zero the `fraction` lowest-scoring weights of each down_proj row, never the (layer, row, col) in `keep`."""
+def clip_plan(model, fraction: float, bits: int, keep: list):
+    """Clip each down_proj row at its (1 - fraction) |w| quantile and round to `bits`; `keep` weights stay exact."""
     from mechanic.steer.plan import Plan, WeightEdit
 
+    params = dict(model.hf.named_parameters())
     edits = []
-    for L, typ in typical.items():
+    for L in range(model.dims.n_layers):
+        if model.is_moe(L):
+            continue
         mod = model.layer_module(L, model.arch.down_proj)
         W = model.arch.down_weight(mod).detach().float()          # [d_model, d_ff]
-        score = W.abs() * typ[None, :]
+        bound = W.abs().quantile(1 - fraction, dim=1, keepdim=True) if fraction else W.abs().amax(1, keepdim=True)
+        new = W.clamp(-bound, bound)
+        if bits:
+            step = bound.clamp_min(1e-12) / (2 ** (bits - 1) - 1)
+            new = (new / step).round() * step
         for layer, row, col in keep:
             if layer == L:
-                score[row, col] = float("inf")
-        k = int(round(fraction * W.shape[1]))
-        cut = score.topk(k, dim=1, largest=False).indices
-        new = W.clone().scatter_(1, cut, 0.0)
-        name = next(n for n, p in model.hf.named_parameters() if p is model.arch.down_weight(mod))
+                new[row, col] = W[row, col]
+        name = next(n for n, p in params.items() if p is model.arch.down_weight(mod))
         edits.append(WeightEdit(name, (new.T if model.arch.conv1d else new).to(W.dtype).contiguous(),
-                                note=f"L{L}: {k} of {W.shape[1]} weights per row zeroed"))
-    return Plan(edits=edits, method="prune_weights", fingerprint=model.fingerprint,
-                settings={"fraction": fraction, "kept": [list(x) for x in keep]})
+                                note=f"L{L}: top {fraction:.2%} of |w| per row clipped, {bits or 'no'}-bit rounding"))
+    return Plan(edits=edits, method="clip_weights", fingerprint=model.fingerprint,
+                settings={"fraction": fraction, "bits": bits, "kept": [list(x) for x in keep]})
 
 
-@method(STEER, "prune_weights", PruneWeights)
-def prune_weights(ctx) -> StageOut:
-    """Prune down_proj weights; the perplexity curve shows what keeping the located super weights buys."""
+@method(STEER, "clip_weights", ClipWeights)
+def clip_weights(ctx) -> StageOut:
+    """Quantize down_proj with outlier clipping; the perplexity curve shows what keeping the super weights buys."""
     from mechanic.data.text import heldout
     from mechanic.improve.perplexity import perplexity
 
     s, model = ctx.settings, ctx.model
     keep = [tuple(x) for x in _found(ctx, "super_weights")] if s.protect else []
-    typical = typical_activation(model, s.max_tokens, s.criterion)
 
     def ppl(fraction: float, kept: list) -> float:
-        with model.applied(prune_plan(model, typical, fraction, kept)):
+        with model.applied(clip_plan(model, fraction, s.bits, kept)):
             return perplexity(model, heldout(), max_tokens=s.max_tokens).ppl
 
     base = perplexity(model, heldout(), max_tokens=s.max_tokens).ppl
     fracs = sorted(set(s.curve) | {s.fraction})
     plain = [ppl(f, []) for f in fracs]
     kept = [ppl(f, keep) for f in fracs] if keep else plain
-    plan = prune_plan(model, typical, s.fraction, keep)
-    figs = [{"kind": "line", "id": "prune_curve", "title": f"Held-out perplexity by pruned fraction (unpruned {base:.1f})",
-             "x": fracs, "series": [{"name": "prune by |W| x typical |x|", "y": [round(v, 3) for v in plain]},
-                                    {"name": "same, located super weights kept", "y": [round(v, 3) for v in kept]}],
-             "xlabel": "fraction of down_proj weights zeroed (per row)", "ylabel": "perplexity"}]
+    plan = clip_plan(model, s.fraction, s.bits, keep)
+    bits = f"{s.bits}-bit round-to-nearest" if s.bits else "clipping"
+    figs = [{"kind": "line", "id": "clip_curve", "title": f"Held-out perplexity by clipped fraction ({bits}; "
+             f"unquantized {base:.1f})", "x": fracs,
+             "series": [{"name": "clip every outlier", "y": [round(v, 3) for v in plain]},
+                        {"name": "same, located super weights kept", "y": [round(v, 3) for v in kept]}],
+             "xlabel": "fraction of each down_proj row clipped", "ylabel": "perplexity"}]
     i = fracs.index(s.fraction)
-    text = (f"Zeroing {s.fraction:.0%} of every down_proj row's weights by |W_ij| x {s.criterion} |x_j| (Wanda-style; "
-            f"the {s.criterion} ignores a neuron's rare spikes): held-out perplexity {base:.1f} -> {plain[i]:.1f}, and "
-            f"{kept[i]:.1f} when the {len(keep)} located super weight(s) are kept.")
+    text = (f"{bits} of every down_proj row with the largest {s.fraction:.2%} of its weights clipped to set the scale: "
+            f"held-out perplexity {base:.1f} -> {plain[i]:.1f}, and {kept[i]:.1f} when the {len(keep)} located super "
+            "weight(s) are kept exact.")
     return _out(ctx, plan, text, figs, {"base_ppl": base, "fractions": fracs, "ppl_plain": plain,
                                         "ppl_protected": kept})
