@@ -18,7 +18,8 @@ title: "Gender neurons, tiny"
 task: {name: gender, n: 6}
 locate: {method: neuron_attribution, top_k: 4, keep: 2}
 steer: {method: neuron_edit, factor: 0.0}
-evaluate: {target: [task], better: lower, task: {name: gender, start: 60, n: 8}, side_effects: [kl], n_boot: 200}
+evaluate: {target: [task], better: lower, contrast: true, task: {name: gender, start: 60, n: 8}, side_effects: [kl],
+           n_boot: 200}
 """
 
 
@@ -103,7 +104,7 @@ def test_runner_writes_reuses_and_resumes(tmp_path, monkeypatch):
 
     # a changed evaluate setting re-runs only the evaluation (content-addressed keys)
     logs.clear()
-    run(write(tmp_path, CHEAP.replace("n_boot: 200", "n_boot: 300")), out, log=logs.append)
+    run(write(tmp_path, CHEAP.replace("n_boot: 200", "n_boot: 300"), "r300.yaml"), out, log=logs.append)
     assert [m.split("]")[0] for m in logs if "reused" in m] == ["[locate", "[steer"]
 
     # interrupted during evaluation: finished stages stay, nothing half written, the re-run resumes
