@@ -95,7 +95,7 @@ def run_cmd(recipe: str = typer.Argument(None, help="A recipe .yaml file or a bu
 def eval_cmd(plan: Path = typer.Option(..., help="A plan.safetensors written by a steer command or a run."),
              task: str = typer.Option(..., help="Built-in suite or task file to measure the plan on."),
              n: Optional[int] = typer.Option(None, help="Use n examples of the task (from --start)."),
-             start: int = typer.Option(0, help="First example to use (e.g. 52 for the facts the demo edits)."),
+             start: int = typer.Option(0, help="First example to use (e.g. 77 for the facts the demo edits)."),
              target: str = typer.Option("task", help="Target measure: task (the task's metric) or edit (CounterFact + "
                                                      "EasyEdit scores of a facts task)."),
              side_effects: str = typer.Option("default", help="default (perplexity, KL, fluency, other suites) or none."),
