@@ -229,7 +229,7 @@ def outliers(ctx) -> StageOut:
              f"{big[0]['dim']} (median |activation| {min(ma.medians):.2f} to {max(ma.medians):.2f})") if big else \
         "no massive activations"
     text = (f"On the shipped calibration prose: {first}. Verified super weights: {', '.join(protect) or 'none'} "
-            f"(baseline perplexity {sw.baseline_ppl:.1f}); they are kept when pruning.")
+            f"(baseline perplexity {sw.baseline_ppl:.1f}); compression must keep them.")
     return StageOut(text, figs, {"protect": protect, "super_weights": coords}, {})
 
 

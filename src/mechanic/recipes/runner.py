@@ -170,7 +170,7 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     def evaluation(d: Path) -> StageOut:
         spec = recipe.evaluate
         targets = target_measures(spec.target, m, eval_task, spec.better, spec.size, spec.contrast)
-        exclude = [t.name for t in (task, eval_task) if t is not None]
+        exclude = [eval_task.name] if eval_task is not None else []   # the suite measured as the target
         measures = targets + side_measures(spec, m, exclude)
         plan = Plan.load(steer_dir / "plan.safetensors")
         ev = evaluate(m, plan, measures, seed=recipe.seed, n_boot=spec.n_boot, level=spec.level)
