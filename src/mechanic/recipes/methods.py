@@ -80,8 +80,6 @@ def settings_for(stage: str, spec, path: str = "<recipe>", root=None) -> Strict:
                           f"{describe(e, path, root, (stage,))}") from None
 
 
-check_settings = settings_for
-
 
 def run_method(stage: str, ctx_args: dict, spec) -> StageOut:
     """Validate the settings and call the method."""

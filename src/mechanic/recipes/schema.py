@@ -168,9 +168,9 @@ def load_recipe(path: str | Path, size: str | None = None) -> tuple[Recipe, dict
         except ValidationError as e:
             raise RecipeError(f"{path}: sizes.{size} makes the recipe invalid:\n"
                               f"{describe(e, str(path), root, ('sizes', size))}") from None
-    from mechanic.recipes.methods import check_settings
+    from mechanic.recipes.methods import settings_for
     for stage in ("locate", "steer", "control"):
         spec = getattr(recipe, stage)
         if spec is not None:
-            check_settings(stage, spec, str(path), root)
+            settings_for(stage, spec, str(path), root)
     return recipe, data
