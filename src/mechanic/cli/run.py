@@ -13,6 +13,7 @@ from mechanic.cli.common import app, console, emit_json, user_errors
 
 def _run(recipe: str, out: Path, size: Optional[str], model: Optional[str], reuse: bool, as_json: bool) -> dict:
     """Execute a recipe with a progress bar over its stages; print the verdict and where the report is."""
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mechanic.recipes import recipe_path
@@ -31,7 +32,7 @@ def _run(recipe: str, out: Path, size: Optional[str], model: Optional[str], reus
                 bar.update(job, description=f"{path.stem}: {msg[msg.index(']') + 2:]}" if " ..." in msg
                            else f"{path.stem}: {stage} finished")
             if not as_json:
-                bar.console.print(f"[dim]{msg}[/]", highlight=False)
+                bar.console.print(f"[dim]{escape(msg)}[/]", highlight=False)
 
         results = run(path, out, size=size, model=model, reuse=reuse, log=log)
         bar.update(job, completed=5, description=f"{path.stem}: done")
