@@ -102,10 +102,7 @@ class Runner:
             d = json.loads(done.read_text())
             out = StageOut(d["text"], d["figures"], d["data"], d["artifacts"])
             self.log(f"[{name}] reused {final.relative_to(self.out)} (finished earlier, same inputs)")
-            self.stages.append({"name": name, "title": title, "key": key, "seconds": d["seconds"], "reused": True,
-                                **out.to_dict(), "dir": str(final.relative_to(self.out))})
-            self.timings[name] = 0.0
-            return out, final
+            return self._record(name, title, key, out, final, d["seconds"], reused=True)
         tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -121,8 +118,12 @@ class Runner:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         self.log(f"[{name}] done in {seconds:.1f} s")
-        self.timings[name] = seconds
-        self.stages.append({"name": name, "title": title, "key": key, "seconds": seconds, "reused": False,
+        return self._record(name, title, key, out, final, seconds, reused=False)
+
+    def _record(self, name, title, key, out: StageOut, final: Path, seconds: float, reused: bool):
+        """Note a finished stage for results.json (a reused stage costs 0 s in this run's timings)."""
+        self.timings[name] = 0.0 if reused else seconds
+        self.stages.append({"name": name, "title": title, "key": key, "seconds": seconds, "reused": reused,
                             **out.to_dict(), "dir": str(final.relative_to(self.out))})
         return out, final
 

@@ -225,15 +225,14 @@ class ClipWeights(Strict):
 
 def clip_plan(model, fraction: float, bits: int, keep: list):
     """Clip each down_proj row at its (1 - fraction) |w| quantile and round to `bits`; `keep` weights stay exact."""
-    from mechanic.steer.plan import Plan, WeightEdit
+    from mechanic.steer.edit import down_proj_edit
+    from mechanic.steer.plan import Plan
 
-    params = dict(model.hf.named_parameters())
     edits = []
     for L in range(model.dims.n_layers):
         if model.is_moe(L):
             continue
-        mod = model.layer_module(L, model.arch.down_proj)
-        W = model.arch.down_weight(mod).detach().float()          # [d_model, d_ff]
+        W = model.arch.down_weight(model.layer_module(L, model.arch.down_proj)).detach().float()   # [d_model, d_ff]
         bound = W.abs().quantile(1 - fraction, dim=1, keepdim=True) if fraction else W.abs().amax(1, keepdim=True)
         new = W.clamp(-bound, bound)
         if bits:
@@ -242,9 +241,8 @@ def clip_plan(model, fraction: float, bits: int, keep: list):
         for layer, row, col in keep:
             if layer == L:
                 new[row, col] = W[row, col]
-        name = next(n for n, p in params.items() if p is model.arch.down_weight(mod))
-        edits.append(WeightEdit(name, (new.T if model.arch.conv1d else new).to(W.dtype).contiguous(),
-                                note=f"L{L}: top {fraction:.2%} of |w| per row clipped, {bits or 'no'}-bit rounding"))
+        edits.append(down_proj_edit(model, L, new, f"L{L}: top {fraction:.2%} of |w| per row clipped, "
+                                                  f"{bits or 'no'}-bit rounding"))
     return Plan(edits=edits, method="clip_weights", fingerprint=model.fingerprint,
                 settings={"fraction": fraction, "bits": bits, "kept": [list(x) for x in keep]})
 

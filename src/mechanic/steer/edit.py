@@ -170,8 +170,8 @@ def _down(model, layer: int):
     return mod, name
 
 
-def _set_down(model, layer: int, W: torch.Tensor, note: str) -> WeightEdit:
-    """A weight edit that makes layer's down_proj equal W ([d_model, d_mlp] orientation)."""
+def down_proj_edit(model, layer: int, W: torch.Tensor, note: str) -> WeightEdit:
+    """A weight edit that makes layer's down_proj equal W ([d_model, d_mlp] orientation, any layout on disk)."""
     mod, name = _down(model, layer)
     return WeightEdit(name, (W.T if model.arch.conv1d else W).detach().clone(), note=note)
 
@@ -226,7 +226,7 @@ def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | N
                         "moment is degenerate along the key); use more statistics text or another layer.")
     v = delta.double() / denom
     new = W + torch.outer(v, u)
-    edit = _set_down(model, layer, new.float(), f"ROME: {fact.subject} -> {fact.target_new!r}")
+    edit = down_proj_edit(model, layer, new.float(), f"ROME: {fact.subject} -> {fact.target_new!r}")
     settings = {"layer": layer, "fact": fact.__dict__ | {"paraphrases": list(fact.paraphrases),
                                                           "neighborhood": list(fact.neighborhood)},
                 "prefixes": prefixes, "key_norm": float(k.norm()), "value_norm": float(v0.norm()),
@@ -287,7 +287,7 @@ def memit(model, facts: list[Fact], layers: list[int] | None = None, *, n_prefix
             delta_w = torch.linalg.solve(lam * C + K @ K.T, K @ R.T).T  # R K^T (lam C + K K^T)^-1
             mod, _ = _down(model, L)
             W = model.arch.down_weight(mod).detach().double()
-            edit = _set_down(model, L, (W + delta_w).float(), f"MEMIT layer {L}: {len(facts)} facts")
+            edit = down_proj_edit(model, L, (W + delta_w).float(), f"MEMIT layer {L}: {len(facts)} facts")
             edits.append(edit)
             applied.append((edit, edit.apply(model)))  # later layers see this one's update
     finally:
