@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
 import mechanic
 from mechanic.steer.sweep import sweep
 from mechanic.steer.vectors import caa, pairs_from_task
@@ -15,17 +13,16 @@ TEXT = ["It was the best of times, it was the worst of times, it was the age of 
 
 
 @pytest.fixture(scope="module")
-def worded():
-    from mechanic.model.load import resolve
+def worded(word_tokenizer):
+    return mechanic.load(tiny_model("llama", vocab_size=len(word_tokenizer)), tokenizer=word_tokenizer)
 
-    tok = AutoTokenizer.from_pretrained(str(resolve("smollm2")))
-    return mechanic.load(tiny_model("llama", vocab_size=len(tok)), tokenizer=tok)
+
+TASK = Task("t", [Example("I loved this film, it was", " great", " awful", "I hated this film, it was"),
+                  Example("What a wonderful day, so", " happy", " sad", "What a terrible day, so")])
 
 
 def test_cells_equal_plain_steered_runs(worded):
-    m = worded
-    task = Task("t", [Example("I loved this film, it was", " great", " awful", "I hated this film, it was"),
-                      Example("What a wonderful day, so", " happy", " sad", "What a terrible day, so")])
+    m, task = worded, TASK
     v = caa(m, pairs_from_task(task), layers=[0, 1, 2])
     s = sweep(m, v, task, [1, 2], [0.0, 3.0], neutral=TEXT, neutral_tokens=64, seq_len=32)
     assert s.target.values.shape == (2, 2) and s.target.positions == ["0", "3"]
@@ -43,8 +40,48 @@ def test_cells_equal_plain_steered_runs(worded):
     rows = torch.arange(b.n)
     ld = (lg[rows, b.answer] - lg[rows, b.wrong]).mean().item()
     assert abs(s.target.values[1, 1].item() - ld) < 1e-4
-    assert s.best(max_kl=1e9) in [(1, 0.0), (1, 3.0), (2, 0.0), (2, 3.0)]
-    assert s.best(max_kl=-1.0) is None
+
+
+def hand_best(s, layers, coefs, max_kl, maximize=True):
+    """The cells (layer, coefficient) with the largest (smallest) target among those with KL <= max_kl, from the
+    sweep's own per-cell table; [] when no cell is under the bound."""
+    t, kl = s.target.values.tolist(), s.kl.values.tolist()
+    ok = [(i, j) for i in range(len(layers)) for j in range(len(coefs)) if kl[i][j] <= max_kl]
+    if not ok:
+        return []
+    pick = max if maximize else min
+    best = pick(t[i][j] for i, j in ok)
+    return [(layers[i], coefs[j]) for i, j in ok if t[i][j] == best]
+
+
+def test_best_is_the_strongest_cell_under_the_kl_bound(worded):
+    """best(max_kl) against the selection rule applied by hand to every bound that separates the cells."""
+    m, task = worded, TASK
+    layers, coefs = [0, 1, 2], [0.0, -4.0, 2.0, 6.0]
+    v = caa(m, pairs_from_task(task), layers=layers)
+    s = sweep(m, v, task, layers, coefs, neutral=TEXT, neutral_tokens=64, seq_len=32)
+    kl = sorted(set(s.kl.values.flatten().tolist()))
+    assert len(kl) >= 6                                   # the cells differ in KL: the bound has work to do
+    bounds = kl + [(a + b) / 2 for a, b in zip(kl, kl[1:])] + [kl[-1] + 1.0]
+    chosen = set()
+    for bound in bounds:
+        for maximize in (True, False):
+            want = hand_best(s, layers, coefs, bound, maximize)
+            got = s.best(max_kl=bound, maximize=maximize)
+            # ties only between coefficient-0 cells (the same unsteered run); any of them is the same choice
+            assert got in want and (len(want) == 1 or {c for _, c in want} == {0.0}), (bound, maximize, got, want)
+            chosen.add(got)
+    assert len(chosen) >= 3                               # different bounds pick different cells
+    # the unconstrained strongest cell is excluded by a bound just under its KL
+    top = hand_best(s, layers, coefs, float("inf"))
+    assert len(top) == 1
+    i, j = layers.index(top[0][0]), coefs.index(top[0][1])
+    top_kl = float(s.kl.values[i, j])
+    assert top_kl > 0 and s.best(max_kl=top_kl) == top[0]
+    below = max(k for k in kl if k < top_kl)
+    assert s.best(max_kl=below) != top[0] and s.best(max_kl=below) in hand_best(s, layers, coefs, below)
+    # no cell under the bound: the documented outcome is None (KL is >= 0, so a negative bound excludes all)
+    assert s.best(max_kl=-1e-3) is None and s.best(max_kl=-1e-3, maximize=False) is None
 
 
 @pytest.mark.real
