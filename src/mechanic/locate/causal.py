@@ -190,24 +190,3 @@ def _plan(pairs: list[tuple[_Unit, int]], batch_size: int, span: int):
         if chunk:
             plan.append((col, chunk))
     return plan
-
-
-def patch_naive(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all", direction: str = "denoise",
-                metric: str | None = None) -> torch.Tensor:
-    """Reference implementation: one full forward per patch and example (for tests and benchmarks)."""
-    batch = task.tokenize(model) if isinstance(task, Task) else task
-    fn = M.get(metric or (task.metric if isinstance(task, Task) else "logit_diff"))
-    target, source = (batch.corrupted, batch.clean) if direction == "denoise" else (batch.clean, batch.corrupted)
-    units, names, cols = _units(model, kind, positions, batch.seq)
-    src = _unit_values(model.run(source, cache=_layer_sites(names, kind)).cache, names, kind)
-    clean = fn(model.run(batch.clean).logits[:, -1], batch).mean()
-    corr = fn(model.run(batch.corrupted).logits[:, -1], batch).mean()
-    out = torch.zeros(len(names), len(cols) if cols is not None else 1)
-    for u in units:
-        for e in range(batch.n):
-            one = {k: v[e:e + 1] for k, v in target.items()}
-            value = src[u.site][e] if u.pos is None else src[u.site][e, u.pos]
-            logits = model.run(one, interventions=[replace(u.site, value, pos=u.pos)]).logits[:, -1]
-            out[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(fn(logits, batch.select([e]))[0])
-    out = M.normalise(out / batch.n, clean, corr)
-    return out if cols is not None else out[:, 0]
