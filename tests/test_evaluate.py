@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import mechanic
 from mechanic.improve import stats as S
@@ -21,12 +20,9 @@ from mechanic.testing.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
-def worded():
-    """A tiny random qwen2 that reads text with SmolLM2's tokenizer."""
-    from mechanic.model.load import resolve
-
-    tok = AutoTokenizer.from_pretrained(str(resolve("smollm2")))
-    return mechanic.load(tiny_model("qwen2", vocab_size=len(tok)), tokenizer=tok)
+def worded(word_tokenizer):
+    """A tiny random qwen2 that reads words (a BPE tokenizer trained on shipped text; no SmolLM2 needed)."""
+    return mechanic.load(tiny_model("qwen2", vocab_size=len(word_tokenizer)), tokenizer=word_tokenizer)
 
 
 FACTS = [Fact("Paris is a city in the country of", "Paris", " Italy", " France",
@@ -160,6 +156,92 @@ def test_edit_measure_counterfact_and_easyedit(worded):
         EditMeasure(FACTS, portability=[[]])
     bare = EditMeasure([Fact("Paris is in", "Paris", " Italy", neighborhood=("Lyon is in",))]).collect(worded, None)
     assert sorted(k for k in bare if not k.startswith("_")) == ["locality", "reliability"]   # no target_true
+
+
+LOCAL = [Fact("Paris is a city in the country of", "Paris", " Italy", " the French Republic of Europe", (),
+              ("Lyon is a city in the country of", "Nice is a city in the country of", "Lille is in",
+               "Marseille lies in")),
+         Fact("Toyota is a company from", "Toyota", " Germany", " the island nation of Japan", (),
+              ("Honda is a company from", "Sony was founded in"))]
+
+
+def hf_teacher_forced(m, prompt, target):
+    """(lm_head inputs, argmax tokens) at the positions that predict target's tokens, from a plain HF forward."""
+    a = m.tokenizer(prompt)["input_ids"]
+    b = m.tokenizer(target, add_special_tokens=False)["input_ids"]
+    saved = {}
+    h = m.hf.lm_head.register_forward_pre_hook(lambda mod, args: saved.__setitem__("h", args[0][0].detach()))
+    try:
+        with torch.no_grad():
+            logits = m.hf(torch.tensor([a + b])).logits[0]
+    finally:
+        h.remove()
+    pos = torch.arange(len(b)) + len(a) - 1
+    return saved["h"][pos], logits[pos].argmax(-1)
+
+
+def hand_locality(m, facts, before_tops):
+    """(per fact: mean over its neighbourhood prompts of the fraction of target_true tokens whose teacher-forced
+    argmax is the same as before, how many argmax tokens changed in all)."""
+    out, changed = [], 0
+    for f, olds in zip(facts, before_tops):
+        now = [hf_teacher_forced(m, p, f.target_true)[1] for p in f.neighborhood]
+        out.append(sum(float((a == b).float().mean()) for a, b in zip(now, olds)) / len(olds))
+        changed += sum(int((a != b).sum()) for a, b in zip(now, olds))
+    return torch.tensor(out, dtype=torch.float64), changed
+
+
+def test_easyedit_locality_after_weight_edits(worded):
+    """Locality after real weight edits: an unembedding edit that makes one token win at some (not all)
+    neighbourhood positions drops it by exactly the fraction of changed argmax tokens; doubling the unembedding
+    (every logit x 2, argmax unchanged) keeps it at 1."""
+    from mechanic.steer.plan import Plan, WeightEdit
+
+    m = worded
+    measure = EditMeasure(LOCAL)
+    before = measure.collect(m, None)
+    assert before["locality"].tolist() == [1.0, 1.0]
+    runs = [[hf_teacher_forced(m, p, f.target_true) for p in f.neighborhood] for f in LOCAL]
+    before_tops = [[top for _, top in fact] for fact in runs]
+    H = torch.cat([h for fact in runs for h, _ in fact])                 # [positions, d]
+    tops = torch.cat([t for t in before_tops for t in t])
+    assert len(tops) >= 20
+    W = m.hf.lm_head.weight.detach().clone()
+    logits = H @ W.T
+    # token z (never the argmax): push its logit along u = mean hidden state; z wins where alpha * (h . u) > margin
+    z = next(int(t) for t in logits.mean(0).argsort(descending=True) if not bool((tops == t).any()))
+    u = H.mean(0)
+    proj, margin = H @ u, logits.gather(1, tops[:, None])[:, 0] - logits[:, z]
+    need = torch.where(proj > 0, margin / proj, torch.tensor(float("inf"))).sort().values
+    k = len(need) // 2                                                    # about half the positions flip
+    alpha = float((need[k - 1] + need[k]) / 2)
+    flips_designed = int((proj * alpha > margin).sum())
+    assert 0 < flips_designed < len(tops)
+    edit = Plan(edits=[WeightEdit("lm_head.weight", (W[z] + alpha * u)[None].clone(), index=([z], None))],
+                method="unembed_edit")
+    with m.applied(edit):
+        after = measure.collect(m, before)
+        want, changed = hand_locality(m, LOCAL, before_tops)
+    print(f"\nlocality after the unembedding edit: {after['locality'].tolist()} (by hand {want.tolist()}), "
+          f"{changed} of {len(tops)} argmax tokens changed")
+    assert changed == flips_designed                                  # the edit did what it was built to do
+    assert (after["locality"] - want).abs().max().item() < 1e-12
+    assert ((want > 0) & (want < 1)).all()                            # each drop is a real fraction, not 0 or 1
+    ev = evaluate(m, edit, [measure], n_boot=200)
+    row = ev.row("edit.locality")
+    assert row["before"]["mean"] == 1.0 and abs(row["after"]["mean"] - want.mean().item()) < 1e-12
+    assert abs(row["delta"]["mean"] - (want.mean().item() - 1.0)) < 1e-12
+    # doubling every unembedding row doubles every logit exactly: the argmax, hence locality, cannot change
+    double = Plan(edits=[WeightEdit("lm_head.weight", 2 * W)], method="unembed_x2")
+    ids = torch.tensor([m.tokenizer("Lille is in the north of")["input_ids"]])
+    with torch.no_grad():
+        plain = m.hf(ids).logits
+        with m.applied(double):
+            same = measure.collect(m, before)
+            assert torch.equal(m.hf(ids).logits, 2 * plain)               # a real edit: every logit doubled
+    assert same["locality"].tolist() == [1.0, 1.0]
+    assert (same["reliability"] == before["reliability"]).all()
+    assert evaluate(m, double, [measure], n_boot=200).row("edit.locality")["after"]["mean"] == 1.0
 
 
 def test_perplexity_and_kl_measures(worded):
