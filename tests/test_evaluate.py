@@ -285,7 +285,8 @@ def test_evaluate_without_plan_changes_nothing(worded):
     for r in ev.rows:
         assert r["before"] == r["after"] and r["delta"]["mean"] == 0 and r["p"] == 1.0, r["id"]
         assert set(r) == {"id", "measure", "metric", "kind", "better", "n", "before", "after", "delta", "p",
-                          "description"}
+                          "bound", "mdc", "description"}
+        assert r["bound"] == {"lo": 0.0, "hi": 0.0} and r["mdc"] == 0.0, r["id"]
     assert ev.row("edit.efficacy")["n"] == 3 and ev.row("edit.paraphrase")["n"] == 2
     assert "CounterFact (probability comparison)" in ev.row("edit.efficacy")["description"]
     assert "EasyEdit (token accuracy)" in ev.row("edit.reliability")["description"]
@@ -321,7 +322,7 @@ def test_evaluate_rejects_bad_input(worded):
     m = TaskMeasure(load_task("facts", n=2))
     with pytest.raises(EvaluateError, match="unique"):
         evaluate(worded, None, [m, TaskMeasure(load_task("facts", n=3))])
-    with pytest.raises(EvaluateError, match="Plan or None"):
+    with pytest.raises(EvaluateError, match="a Plan, a Prompt"):
         evaluate(worded, [m], [m])
     with pytest.raises(EvaluateError, match="at least one measure"):
         evaluate(worded, None, [])
@@ -349,3 +350,22 @@ def test_rome_evaluation_on_smollm2(smollm2):
     assert {r["kind"] for r in ev.rows} == {"target", "side"} and "facts.accuracy" not in [r["id"] for r in ev.rows]
     assert ev.row("kl.kl")["after"]["mean"] > 0
     assert all(torch.equal(v, weights[k]) for k, v in smollm2.hf.state_dict().items())
+
+
+def test_prompt_baseline_prefixes_every_prompt_and_leaves_prose_alone(worded):
+    from dataclasses import replace
+
+    from mechanic.improve.evaluate import Prompt
+    from mechanic.tasks.task import Task
+
+    task = load_task("facts", n=6)
+    prefix = "Answer with the true country. "
+    ev = evaluate(worded, Prompt(prefix), [TaskMeasure(task), PerplexityMeasure(max_tokens=256, seq_len=64)],
+                  n_boot=200)
+    manual = Task(task.name, [replace(e, prompt=prefix + e.prompt, corrupted=prefix + e.corrupted)
+                              for e in task.examples], task.metric)
+    want = evaluate(worded, None, [TaskMeasure(manual)], n_boot=200).row("facts.logit_diff")["before"]["mean"]
+    got = ev.row("facts.logit_diff")
+    assert got["after"]["mean"] == pytest.approx(want, abs=1e-5)
+    assert got["after"]["mean"] != pytest.approx(got["before"]["mean"], abs=1e-4)   # the prefix changes the logits
+    assert ev.row("perplexity.nll")["delta"]["mean"] == 0.0 and ev.plan == "prompt"

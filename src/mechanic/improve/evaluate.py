@@ -39,6 +39,8 @@ Measures (mechanic.improve.measures.Measure; every one takes name= to rename its
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -82,7 +84,7 @@ class TaskMeasure(Measure):
     def collect(self, model, before):
         from mechanic.tasks import metrics as M
 
-        batch = self.task.tokenize(model)
+        batch = self.task.tokenize(model, align=True)   # last-position metrics: pairs need not match in length
         out = {m: [] for m in self.metrics}
         for s in range(0, batch.n, self.batch_size):
             part = batch.select(slice(s, s + self.batch_size))
@@ -98,6 +100,18 @@ class TaskMeasure(Measure):
     def settings(self):
         return {"task": self.task.name, "n": len(self.task), "metrics": self.metrics, "contrast": self.contrast,
                 "prompts": [e.prompt for e in self.task.examples]}
+
+    def prefixed(self, prefix: str) -> TaskMeasure:
+        from dataclasses import replace
+
+        from mechanic.tasks.task import Task
+
+        t = self.task
+        ex = [replace(e, prompt=prefix + e.prompt, corrupted=None if e.corrupted is None else prefix + e.corrupted)
+              for e in t.examples]
+        out = copy.copy(self)
+        out.task = Task(t.name, ex, t.metric, t.description)
+        return out
 
 
 class EditMeasure(Measure):
@@ -193,6 +207,16 @@ class EditMeasure(Measure):
                 "families": {"CounterFact (probability comparison)": ["efficacy", "paraphrase", "neighborhood"],
                              "EasyEdit (token accuracy)": ["reliability", "generalization", "locality",
                                                            "portability"]}}
+
+    def prefixed(self, prefix: str) -> EditMeasure:
+        from dataclasses import replace
+
+        out = copy.copy(self)
+        out.facts = [replace(f, prompt=prefix + f.prompt, paraphrases=tuple(prefix + p for p in f.paraphrases),
+                             neighborhood=tuple(prefix + p for p in f.neighborhood)) for f in self.facts]
+        out.portability = None if self.portability is None else [[(prefix + p, a) for p, a in qs]
+                                                                 for qs in self.portability]
+        return out
 
 
 def _windows(model, texts, max_tokens: int, seq_len: int) -> torch.Tensor:
@@ -299,6 +323,11 @@ class FluencyMeasure(Measure):
         return {"prompts": self.prompts, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
                 "decoding": "greedy", "ngrams": [2, 3], "weights": [2 / 3, 4 / 3]}
 
+    def prefixed(self, prefix: str) -> FluencyMeasure:
+        out = copy.copy(self)
+        out.prompts = [prefix + p for p in self.prompts]
+        return out
+
 
 # small: >= 8 items per row (the smallest n whose sign-flip test can reach p < 0.01), one SmolLM2 pass in seconds
 SIZES = {"small": {"examples": 12, "ppl_tokens": 512, "kl_tokens": 512, "seq_len": 64, "prompts": 8, "new_tokens": 32},
@@ -347,6 +376,18 @@ def _kind(kind: str) -> str:
 
 # ---------------------------------------------------------------- evaluation
 TRANSFORMS = {"exp": np.exp}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The prompting baseline: `prefix` (an instruction or few-shot demonstrations) before every prompt, no plan.
+
+    `evaluate(model, Prompt(prefix), measures)` compares each measure without and with the prefix
+    (Measure.prefixed); measures of raw prose (perplexity, KL windows) are read without it.
+    """
+
+    prefix: str
+    method: str = "prompt"
 
 
 @dataclass
@@ -442,10 +483,12 @@ def _row(m: Measure, metric: str, b, a, seed, n_boot, level, n_perm) -> dict:
         raise EvaluateError(f"Measure {m.name!r}, metric {metric!r}: {len(b)} items before but {len(a)} after; a "
                             "measure must score the same items with the plan off and on.")
     ci = S.paired_ci(b, a, seed, n_boot, level)
+    nb, na = S._paired(b, a)
     descriptions = getattr(m, "descriptions", {})
     return {"id": f"{m.name}.{metric}", "measure": m.name, "metric": metric, "kind": m.kind,
             "better": m.better.get(metric, "none"), "n": len(b), **ci, "p": S.paired_test(b, a, seed, n_perm),
-            "description": descriptions.get(metric, m.description)}
+            "bound": S.one_sided(S.bootstrap_means(na - nb, seed, n_boot), 1 - level),
+            "mdc": S.min_detectable(b, a, level), "description": descriptions.get(metric, m.description)}
 
 
 def _derived(m: Measure, metric: str, source: dict, b, a, how: str, seed, n_boot, level) -> dict:
@@ -457,18 +500,27 @@ def _derived(m: Measure, metric: str, source: dict, b, a, how: str, seed, n_boot
     after = {k: float(f(ca[k])) for k in ("mean", "lo", "hi")}
     delta = S.interval(f(ma) - f(mb), after["mean"] - before["mean"], level)
     return {**source, "id": f"{m.name}.{metric}", "metric": metric, "better": m.better.get(metric, "none"),
-            "before": before, "after": after, "delta": delta,
+            "before": before, "after": after, "delta": delta, "bound": S.one_sided(f(ma) - f(mb), 1 - level),
+            "mdc": source["mdc"] * float(f(cb["mean"])),   # first order: d exp(x) = exp(x) dx
             "description": getattr(m, "descriptions", {}).get(metric, f"{how}({source['metric']})")}
 
 
+def collect_before(model, measures, seed: int = 0) -> dict:
+    """Every measure's values with no plan: pass as evaluate(..., before=) to score many plans against one baseline."""
+    return {m.name: _collect(model, m, None, seed) for m in measures}
+
+
 def evaluate(model, plan, measures, *, seed: int = 0, n_boot: int = 2000, level: float = 0.95,
-             n_perm: int = 10000) -> Evaluation:
-    """Every measure before (plan off) and after (plan on): rows with paired bootstrap CIs and permutation p."""
+             n_perm: int = 10000, before: dict | None = None) -> Evaluation:
+    """Every measure before (plan off) and after (plan on): rows with paired bootstrap CIs and permutation p.
+
+    `before` (from collect_before with the same measures and seed) skips the plan-off pass.
+    """
     from mechanic.steer.plan import Plan
 
-    if plan is not None and not isinstance(plan, Plan):
-        raise EvaluateError(f"evaluate takes a Plan or None, got {type(plan).__name__}; wrap interventions as "
-                            "mechanic.steer.plan.Plan(interventions=[...]).")
+    if plan is not None and not isinstance(plan, (Plan, Prompt)):
+        raise EvaluateError(f"evaluate takes a Plan, a Prompt (the prompting baseline) or None, got "
+                            f"{type(plan).__name__}; wrap interventions as mechanic.steer.plan.Plan(interventions=[...]).")
     measures = list(measures)
     if not measures:
         raise EvaluateError("evaluate needs at least one measure (e.g. TaskMeasure(task) or default_side_effects).")
@@ -478,19 +530,24 @@ def evaluate(model, plan, measures, *, seed: int = 0, n_boot: int = 2000, level:
         raise EvaluateError(f"Measure names must be unique (they prefix row ids); {dup} occur more than once. "
                             "Pass name= to tell them apart.")
     S._check_level(level, n_boot)
-    seconds: dict[str, dict[str, float]] = {}
-    before, after = {}, {}
+    seconds: dict[str, dict[str, float]] = {m.name: {} for m in measures}
+    given, after = before, {}
+    before = {}
     for m in measures:
+        if given is not None and m.name in given:
+            before[m.name] = given[m.name]
+            continue
         t = time.perf_counter()
         before[m.name] = _collect(model, m, None, seed)
-        seconds[m.name] = {"before": time.perf_counter() - t}
+        seconds[m.name]["before"] = time.perf_counter() - t
     if plan is None:
         after = before
     else:
-        with model.applied(plan):
+        prompted = isinstance(plan, Prompt)
+        with contextlib.nullcontext() if prompted else model.applied(plan):
             for m in measures:
                 t = time.perf_counter()
-                after[m.name] = _collect(model, m, before[m.name], seed)
+                after[m.name] = _collect(model, m.prefixed(plan.prefix) if prompted else m, before[m.name], seed)
                 seconds[m.name]["after"] = time.perf_counter() - t
     rows, samples = [], []
     for m in measures:
@@ -513,5 +570,5 @@ def evaluate(model, plan, measures, *, seed: int = 0, n_boot: int = 2000, level:
                       (plan.method or "custom"), {k: {s: round(x, 3) for s, x in v.items()} for k, v in seconds.items()})
 
 
-__all__ = ["Evaluation", "EvaluateError", "evaluate", "TaskMeasure", "EditMeasure", "PerplexityMeasure", "KLMeasure",
+__all__ = ["Evaluation", "EvaluateError", "evaluate", "collect_before", "Prompt", "TaskMeasure", "EditMeasure", "PerplexityMeasure", "KLMeasure",
            "FluencyMeasure", "default_side_effects"]

@@ -27,3 +27,10 @@ class Measure:
     def settings(self) -> dict:
         """Everything needed to reproduce the measurement (sizes, seeds, text sources)."""
         return {}
+
+    def prefixed(self, prefix: str) -> Measure:
+        """The same measure with `prefix` before every prompt it sends (the prompting baseline).
+
+        Measures of raw prose (perplexity, KL on text windows) have no prompt and return themselves.
+        """
+        return self

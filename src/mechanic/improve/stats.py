@@ -94,3 +94,25 @@ def paired_test(before, after, seed: int = 0, n_perm: int = 10000) -> float:
     signs = np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(n_perm, n))
     hits = int(np.sum(np.abs(signs @ d) >= observed - tol))
     return (1 + hits) / (1 + n_perm)
+
+
+def one_sided(means: np.ndarray, alpha: float = 0.05) -> dict:
+    """{lo, hi}: the one-sided (1 - alpha) lower and upper bounds of bootstrap `means` (for non-inferiority)."""
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return {"lo": float(lo), "hi": float(hi)}
+
+
+def min_detectable(before, after, level: float = 0.95, power: float = 0.8) -> float:
+    """Smallest change of the mean a paired test at `level` detects with `power`: (z_(1-a/2) + z_power) sd(d) / sqrt(n).
+
+    sd(d) is the observed standard deviation of the paired differences (0 when nothing moved: then the
+    row's items are unchanged and any systematic change would show).
+    """
+    from statistics import NormalDist
+
+    b, a = _paired(before, after)
+    if b.size < 2:
+        return float("inf")
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2) + NormalDist().inv_cdf(power)
+    return float(z * (a - b).std(ddof=1) / np.sqrt(b.size))
+
