@@ -92,10 +92,10 @@ def _with_first(out, x):
     return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
 
 
-def hf_logits(hf, inputs, hooks=(), grad=False):
+def hf_logits(hf, inputs, hooks=(), grad=False, last=False):
     """Plain HF forward with hooks [(module, "in" | "out" | "raw", fn)]: fn gets the module's input (first
     argument) or output (first element) and returns the value to use instead ("raw": fn(module, args, output)
-    returns the output). Returns the logits."""
+    returns the output). Returns the logits (last: only at the last position, HF's logits_to_keep=1)."""
     handles = []
     try:
         for module, where, fn in hooks:
@@ -108,7 +108,7 @@ def hf_logits(hf, inputs, hooks=(), grad=False):
                 handles.append(module.register_forward_hook(
                     lambda m, args, out, fn=fn: _with_first(out, fn(_first(out)))))
         with torch.set_grad_enabled(grad):
-            return hf(**inputs, use_cache=False).logits
+            return hf(**inputs, use_cache=False, **({"logits_to_keep": 1} if last else {})).logits
     finally:
         for h in handles:
             h.remove()
@@ -123,7 +123,7 @@ def capture(hf, inputs, points):
             saved[key] = x.detach().clone()
             return x
         return fn
-    hf_logits(hf, inputs, [(m, w, keep(k)) for k, (m, w) in points.items()])
+    hf_logits(hf, inputs, [(m, w, keep(k)) for k, (m, w) in points.items()], last=True)
     return saved
 
 
@@ -222,7 +222,7 @@ def patch_reference(model, batch, kind, positions="all", direction="denoise", ab
         for L in sorted({j[1] for j in part}):
             mine = [(i, u, cols[ci], e) for i, (_, L2, u, ci, e) in enumerate(part) if L2 == L]
             hooks += _writers(hf, kind, L, mine, src[L], P)
-        logits = hf_logits(hf, rows(target, [j[4] for j in part]), hooks)
+        logits = hf_logits(hf, rows(target, [j[4] for j in part]), hooks, last=True)
         ex = torch.tensor([j[4] for j in part])
         vals = logit_diff(logits, batch.answer[ex], batch.wrong[ex])
         for (r, _, _, ci, _), v in zip(part, vals.tolist()):
@@ -298,3 +298,56 @@ def patch_tolerance(model, batch, normalise=True, factor=64):
                     - logit_diff(lx[:, None], batch.answer, batch.wrong).mean().item())
         tol /= denom
     return tol
+
+
+# ---------------------------------------------------------------- attribution patching (AtP), by plain autograd
+def mean_logit_diff(logits, batch):
+    return logit_diff(logits, batch.answer, batch.wrong).mean()
+
+
+def first_order(model, batch, module, where, groups, at="corrupted", metric=mean_logit_diff):
+    """d metric / d eps at eps = 0 when `module`'s input ("in") or output ("out") x in the run at `at` becomes
+    x + eps_g * (x_clean - x_corrupted) (at "corrupted"; at "clean": x - eps_g * (x_clean - x_corr)) for each cell
+    group g: groups(x) gives eps's shape, [positions] (per position), [k] with k dividing d (per slice: heads), or
+    [d] (per feature: neurons). That derivative is AtP's score of each group."""
+    other = batch.clean if at == "corrupted" else batch.corrupted
+    ref = capture(model.hf, other, {"x": (module, where)})["x"]
+    eps = torch.zeros(groups(ref), requires_grad=True)
+
+    def move(x):
+        diff = (ref - x).detach() if at == "corrupted" else (x - ref).detach()
+        return x + _expand(eps, x) * diff
+
+    run_in = batch.corrupted if at == "corrupted" else batch.clean
+    logits = hf_logits(model.hf, run_in, [(module, where, move)], grad=True)
+    (g,) = torch.autograd.grad(metric(logits, batch), eps)
+    return g
+
+
+def _expand(eps, x):
+    """eps [k] against x [b, p, d]: per position (k = p), per head slice (k divides d), per neuron (k = d)."""
+    if eps.dim() == 0:
+        return eps
+    if eps.shape[0] == x.shape[1] and eps.shape[0] != x.shape[-1]:
+        return eps[None, :, None]
+    return eps.repeat_interleave(x.shape[-1] // eps.shape[0])
+
+
+def expert_first_order(model, batch, layer, metric=mean_logit_diff):
+    """d metric / d eps_e at eps = 0 when expert e's weighted output moves by eps_e * w_e * (y_clean_e - y_corr_e),
+    by a plain hook on the fused experts module. An expert's value is 0 at tokens it is not routed to."""
+    hf = model.hf
+    experts = blocks(hf)[layer].mlp.experts
+    E = experts.num_experts
+    clean = expert_values(hf, batch.clean, layer)
+    clean = clean.reshape(-1, *clean.shape[2:])
+    eps = torch.zeros(E, requires_grad=True)
+
+    def move(mod, args, out):
+        x, idx, w = args
+        dense = torch.zeros(x.shape[0], E, dtype=w.dtype).scatter(1, idx, w)
+        y = all_experts(mod, x) * routed(idx, E)[..., None]
+        return out + torch.einsum("e,ne,ned->nd", eps, dense, (clean - y).detach())
+    logits = hf_logits(hf, batch.corrupted, [(experts, "raw", move)], grad=True)
+    (g,) = torch.autograd.grad(metric(logits, batch), eps)
+    return g
