@@ -41,19 +41,34 @@ def blocks(hf):
     raise ValueError(f"no decoder blocks found in {type(hf).__name__}")
 
 
+def _attn(blk):
+    for name in ("self_attn", "attention", "attn"):
+        if hasattr(blk, name):
+            return getattr(blk, name)
+    raise ValueError(f"no attention module in {type(blk).__name__}")
+
+
+def _out_proj(attn):
+    for name in ("o_proj", "dense", "c_proj"):
+        if hasattr(attn, name):
+            return getattr(attn, name)
+    raise ValueError(f"no output projection in {type(attn).__name__}")
+
+
 def point(hf, kind, layer):
-    """(module, "in" | "out") holding a site kind of one Llama-style layer; heads and neurons are slices of it."""
+    """(module, "in" | "out") holding a site kind of one layer (Llama-style, or GPT-NeoX for attention, mlp, heads);
+    heads and neurons are slices of it."""
     blk = blocks(hf)[layer]
     if kind == "resid_pre":
         return blk, "in"
     if kind == "resid_post":
         return blk, "out"
     if kind == "attn_out":
-        return blk.self_attn, "out"
+        return _attn(blk), "out"
     if kind == "mlp_out":
         return blk.mlp, "out"
     if kind == "head":
-        return blk.self_attn.o_proj, "in"
+        return _out_proj(_attn(blk)), "in"
     if kind == "neuron":
         return blk.mlp.down_proj, "in"
     raise ValueError(kind)
@@ -73,7 +88,7 @@ def n_units(hf, kind):
 def unit_slice(hf, kind, unit):
     """The last-dimension slice of the point tensor that is one unit (head h: its z columns; neuron j)."""
     if kind == "head":
-        dh = blocks(hf)[0].self_attn.o_proj.in_features // hf.config.num_attention_heads
+        dh = _out_proj(_attn(blocks(hf)[0])).in_features // hf.config.num_attention_heads
         return slice(unit * dh, (unit + 1) * dh)
     if kind == "neuron":
         return slice(unit, unit + 1)

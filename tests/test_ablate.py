@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from naive import hf_logits, point, unit_slice
 
 import mechanic
 from mechanic.locate.scores import Scores
@@ -20,15 +21,36 @@ def logits(m, x, plan=None):
         return m.run(x).logits
 
 
+def sliced(sl, value, col=None):
+    """A hook fn setting x[..., col, sl] (every column when col is None) to value (a number, or a function of it)."""
+    def fn(x):
+        x = x.clone()
+        c = slice(None) if col is None else col
+        x[:, c, sl] = value(x[:, c, sl]) if callable(value) else value
+        return x
+    return fn
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox", "qwen2_moe"])
-def test_zero_and_scale_equal_explicit_interventions(arch):
+def test_zero_and_scale_equal_plain_hooks(arch):
+    """Zero a head and a whole layer, scale a head at the last position: against plain hooks on the HF modules
+    (the head's slice of the attention output projection's input; the attention and MLP outputs)."""
     m = mechanic.load(tiny_model(arch))
     x = m.inputs(left_padded([5, 4], seed=0))
+    with torch.no_grad():
+        plain = m.hf(**x, use_cache=False).logits
+    tol = 64 * torch.finfo(torch.float32).eps * max(plain.abs().max().item(), 1.0)
     z = ablate(m, ["L0.head1", "L1"], "zero")
-    ref = m.run(x, interventions=[zero("L0.head1"), zero("L1.attn_out"), zero("L1.mlp_out")]).logits
-    assert torch.equal(logits(m, x, z), ref)
+    ref = hf_logits(m.hf, x, [(*point(m.hf, "head", 0), sliced(unit_slice(m.hf, "head", 1), 0.0)),
+                              (*point(m.hf, "attn_out", 1), torch.zeros_like),
+                              (*point(m.hf, "mlp_out", 1), torch.zeros_like)])
+    got = logits(m, x, z)
+    assert (got - ref).abs().max().item() < tol and (got - plain).abs().max().item() > 1e3 * tol
+    assert torch.equal(got, m.run(x, interventions=[zero("L0.head1"), zero("L1.attn_out"), zero("L1.mlp_out")]).logits)
     s = ablate(m, ["L1.head0"], "scale", factor=2.5, positions=[-1])
-    assert torch.equal(logits(m, x, s), m.run(x, interventions=[scale("L1.head0", 2.5, pos=[-1])]).logits)
+    ref = hf_logits(m.hf, x, [(*point(m.hf, "head", 1), sliced(unit_slice(m.hf, "head", 0), lambda v: 2.5 * v, -1))])
+    got = logits(m, x, s)
+    assert (got - ref).abs().max().item() < tol and (got - plain).abs().max().item() > 1e3 * tol
 
 
 def test_mean_ablation_uses_the_mean_of_real_tokens():

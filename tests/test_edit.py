@@ -3,7 +3,6 @@ a plain sum and are cached; on SmolLM2 an edit makes the new target win and leav
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import mechanic
 from mechanic.model.interventions import scale
@@ -17,14 +16,13 @@ FACT = Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower", " 
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from mechanic.model.load import resolve
-
-    return AutoTokenizer.from_pretrained(str(resolve("smollm2")))
+def tokenizer(word_tokenizer):
+    """A BPE tokenizer trained on shipped text (conftest): real words without SmolLM2."""
+    return word_tokenizer
 
 
 def worded(arch, tokenizer):
-    """A tiny random model that reads text with SmolLM2's tokenizer."""
+    """A tiny random model that reads words."""
     return mechanic.load(tiny_model(arch, vocab_size=len(tokenizer)), tokenizer=tokenizer)
 
 

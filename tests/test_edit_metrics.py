@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import mechanic
 from mechanic.improve.edit_metrics import counterfact, target_logprobs
@@ -11,11 +10,9 @@ from mechanic.testing.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
-def worded():
-    from mechanic.model.load import resolve
-
-    tok = AutoTokenizer.from_pretrained(str(resolve("smollm2")))
-    return mechanic.load(tiny_model("qwen2", vocab_size=len(tok)), tokenizer=tok)
+def worded(word_tokenizer):
+    """A tiny random qwen2 that reads words (a BPE tokenizer trained on shipped text; no SmolLM2 needed)."""
+    return mechanic.load(tiny_model("qwen2", vocab_size=len(word_tokenizer)), tokenizer=word_tokenizer)
 
 
 def naive(m, prompt, target):

@@ -51,6 +51,7 @@ def test_enumerated_sites_have_the_announced_shapes(tiny):
     assert len({str(s) for s in tiny.sites("head")}) == tiny.dims.n_layers * tiny.dims.n_heads
 
 
+@pytest.mark.real
 def test_sites_of_kind(smollm2):
     assert len(smollm2.sites("neuron")) == 30 * 1536
     assert len(smollm2.sites("resid_post")) == 30
