@@ -55,7 +55,9 @@ def _print_results(results: dict, out: Path) -> None:
     console.print(f"[bold]located:[/] {s['located']}", highlight=False)
     console.print(f"[bold]changed:[/] {s['changed']}", highlight=False)
     console.print(_table(results["evaluation"]))
-    badge = "[green]helped[/]" if s["helped"] else "[yellow]did not clearly help[/]"
+    label = s.get("label") or ("helped" if s["helped"] else "did not clearly help")
+    colour = {"helped": "green", "improved at a cost": "yellow"}.get(label, "red")
+    badge = f"[{colour}]{label}[/]"
     console.print(f"{badge}: {s['verdict']}", highlight=False)
     console.print(f"\nreport: [bold]{out / 'report.html'}[/]  (one self-contained file; open it in a browser)")
 

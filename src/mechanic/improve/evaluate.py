@@ -289,7 +289,15 @@ class KLMeasure(Measure):
 
 NEUTRAL_OPENINGS = ("The weather this morning", "My favourite way to spend a weekend is", "The history of the city",
                     "Scientists studying the ocean have", "When I was a child, I", "The best way to learn a new skill",
-                    "At the market yesterday,", "The old house at the end of the street")
+                    "At the market yesterday,", "The old house at the end of the street",
+                    "The train to the coast", "Our neighbours planted a garden", "The first thing I noticed about the town",
+                    "In the library there is", "The recipe my grandmother used", "After the meeting ended, we",
+                    "The river that runs through the valley", "On the first day of school,", "The museum opened a new room",
+                    "Every summer the village", "The letter arrived on a Tuesday", "The painter spent the afternoon",
+                    "A small boat crossed the lake", "The shop on the corner sells", "During the long winter,",
+                    "The teacher asked the class", "The bridge was built", "My brother likes to",
+                    "The forest behind the farm", "The concert last night", "The new bakery in town",
+                    "The children ran to the", "The map showed a road", "Late in the evening, the")
 
 
 class FluencyMeasure(Measure):
@@ -329,9 +337,10 @@ class FluencyMeasure(Measure):
         return out
 
 
-# small: >= 8 items per row (the smallest n whose sign-flip test can reach p < 0.01), one SmolLM2 pass in seconds
+# small: >= 8 items per row (the smallest n whose sign-flip test can reach p < 0.01), one SmolLM2 pass in seconds;
+# full: every row of each suite (>= 128 each, so a 2-point accuracy margin is testable) and 64 windows of prose
 SIZES = {"small": {"examples": 12, "ppl_tokens": 512, "kl_tokens": 512, "seq_len": 64, "prompts": 8, "new_tokens": 32},
-         "full": {"examples": 64, "ppl_tokens": 4096, "kl_tokens": 1024, "seq_len": 128, "prompts": 8,
+         "full": {"examples": None, "ppl_tokens": 8192, "kl_tokens": 4096, "seq_len": 128, "prompts": 32,
                   "new_tokens": 40}}
 
 
@@ -361,7 +370,8 @@ def default_side_effects(model, exclude=(), size: str = "small") -> list[Measure
         if name in exclude:
             continue
         task = load_task(name)
-        pick = np.unique(np.linspace(0, len(task) - 1, min(z["examples"], len(task))).round().astype(int))
+        k = len(task) if z["examples"] is None else min(z["examples"], len(task))
+        pick = np.unique(np.linspace(0, len(task) - 1, k).round().astype(int))
         out.append(TaskMeasure(Task(task.name, [task.examples[i] for i in pick], task.metric, task.description),
                                kind="side"))
     return out

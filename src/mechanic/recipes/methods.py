@@ -34,13 +34,15 @@ class StageOut:
 
 @dataclass
 class Context:
-    """Everything a method may use; `found` is the locate stage's output and `found_dir` its directory."""
+    """Everything a method may use: `task` is the train split, `validation` the split selections are made on;
+    `found` is the locate stage's output and `found_dir` its directory."""
 
     model: object
     task: object
     settings: Strict
     dir: Path
     seed: int = 0
+    validation: object = None
     found: StageOut | None = None
     found_dir: Path | None = None
 

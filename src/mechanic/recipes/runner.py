@@ -31,14 +31,17 @@ def key_of(*parts) -> str:
 
 
 def load_task(spec):
-    """The Task a TaskSpec names (a built-in suite or a file), cut to [start, start + n)."""
+    """The Task a TaskSpec names (a built-in suite or a file): its `split`, cut to [start, start + n)."""
     from mechanic.tasks.builtin import load_task as builtin
 
     if spec is None:
         return None
     if (spec.name is None) == (spec.file is None):
         raise RecipeError("task: give exactly one of `name` (a built-in suite) or `file` (a .jsonl/.csv path).")
-    task = builtin(spec.name or spec.file, metric=spec.metric).subset(spec.n, spec.start)
+    task = builtin(spec.name or spec.file, metric=spec.metric)
+    if spec.split is not None:
+        task = task.split(spec.split)
+    task = task.subset(spec.n, spec.start)
     if spec.side == "corrupted":
         if any(e.corrupted is None for e in task.examples):
             raise RecipeError(f"task.side: corrupted, but task {task.name!r} has examples without a corrupted prompt.")
@@ -130,13 +133,19 @@ class Runner:
 
 def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: str | None = None,
         reuse: bool = True, log: Callable[[str], None] = print, report: bool = True) -> dict:
-    """Execute a recipe into `out` and return results (also written to out/results.json)."""
+    """Execute a recipe into `out` and return results (also written to out/results.json).
+
+    locate, steer and control read the train split of the recipe's task (selections: its validation
+    split); only the evaluation reads the test split (mechanic.tasks.guard enforces it and records reads).
+    """
     import torch
 
     import mechanic
-    from mechanic.improve.evaluate import evaluate
+    from mechanic.recipes.evaluation import baseline_figures, run_evaluation, summary
     from mechanic.recipes.measures import side_measures, target_measures
+    from mechanic.recipes.schema import random_method
     from mechanic.steer.plan import Plan
+    from mechanic.tasks.guard import reading
 
     recipe, _ = load_recipe(recipe_path, size)
     if model:
@@ -147,53 +156,71 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
     m = mechanic.load(recipe.model)
-    task = load_task(recipe.task)
-    eval_task = load_task(recipe.evaluate.task) if recipe.evaluate.task else task
+    task, validation, eval_task = split_tasks(recipe)
     R = Runner(recipe, out, size, log, reuse)
     R.timings["load"] = time.perf_counter() - t0
     base = {"fingerprint": m.fingerprint, "task": recipe.task.model_dump() if recipe.task else None,
-            "task_file": file_digest(recipe.task), "seed": recipe.seed, "version": mechanic.__version__}
-    ctx = {"model": m, "task": task, "seed": recipe.seed}
+            "task_file": file_digest(recipe.task), "seed": recipe.seed, "version": mechanic.__version__,
+            "splits": split_hashes(task, validation, eval_task)}
+    reads: list[dict] = []
+    held_in = ("train", "validation")
+    ctx = {"model": m, "task": task, "validation": validation, "seed": recipe.seed}
+
+    def guarded(stage: str, allowed, fn):
+        def inner(d: Path) -> StageOut:
+            with reading(stage, allowed, reads):
+                return fn(d)
+        return inner
 
     lkey = key_of(base, "locate", recipe.locate.model_dump())
-    found, found_dir = R.stage("locate", lkey, f"Locate: {recipe.locate.method}",
-                               lambda d: run_method("locate", {**ctx, "dir": d}, recipe.locate))
+    found, found_dir = R.stage("locate", lkey, f"Locate: {recipe.locate.method}", guarded(
+        "locate", held_in, lambda d: run_method("locate", {**ctx, "dir": d}, recipe.locate)))
     steered = {**ctx, "found": found, "found_dir": found_dir}
+    if recipe.steer.method in EDIT_METHODS:      # an edit's requests are its input; their evaluation prompts are not
+        steered["task"] = edit_requests(eval_task)
     skey = key_of(base, "steer", recipe.steer.model_dump(), lkey)
-    _, steer_dir = R.stage("steer", skey, f"Steer: {recipe.steer.method}",
-                           lambda d: run_method("steer", {**steered, "dir": d}, recipe.steer))
+    _, steer_dir = R.stage("steer", skey, f"Steer: {recipe.steer.method}", guarded(
+        "steer", (*held_in, "request"), lambda d: run_method("steer", {**steered, "dir": d}, recipe.steer)))
     ckey = control_dir = None
     if recipe.control is not None:
         ckey = key_of(base, "control", recipe.control.model_dump(), lkey)
-        _, control_dir = R.stage("control", ckey, f"Control: {recipe.control.method}",
-                                 lambda d: run_method("control", {**steered, "dir": d}, recipe.control))
+        _, control_dir = R.stage("control", ckey, f"Control: {recipe.control.method}", guarded(
+            "control", (*held_in, "request"), lambda d: run_method("control", {**steered, "dir": d}, recipe.control)))
+
+    def random_plans(d: Path):
+        """The random baseline's plans, one per seed, built like the steer stage (held-in rows only)."""
+        spec = random_method(recipe.baselines.random)
+        for i in range(recipe.baselines.random.draws):
+            sub = d / f"random-{i}"
+            sub.mkdir()
+            with reading("baselines", (*held_in, "request"), reads):
+                run_method("control", {**steered, "seed": i, "dir": sub}, spec)
+            yield Plan.load(sub / "plan.safetensors")
 
     def evaluation(d: Path) -> StageOut:
         spec = recipe.evaluate
         targets = target_measures(spec.target, m, eval_task, spec.better, spec.size, spec.contrast)
         exclude = [eval_task.name] if eval_task is not None else []   # the suite measured as the target
-        measures = targets + side_measures(spec, m, exclude)
         plan = Plan.load(steer_dir / "plan.safetensors")
-        ev = evaluate(m, plan, measures, seed=recipe.seed, n_boot=spec.n_boot, level=spec.level)
-        data = {"evaluation": ev.to_dict()}
-        figs = ev.figures()
-        if control_dir is not None:
-            cplan = Plan.load(control_dir / "plan.safetensors")
-            cev = evaluate(m, cplan, target_measures(spec.target, m, eval_task, spec.better, spec.size, spec.contrast),
-                           seed=recipe.seed, n_boot=spec.n_boot, level=spec.level)
-            data["control"] = cev.to_dict()
-        write_text(d / "evaluation.json", json.dumps(data, indent=1))
-        return StageOut(verdict(data["evaluation"], data.get("control")), figs, data, {"evaluation": "evaluation.json"})
+        cplan = Plan.load(control_dir / "plan.safetensors") if control_dir is not None else None
+        with reading("evaluate", None, reads):
+            res = run_evaluation(recipe, m, d, targets + side_measures(spec, m, exclude), plan, cplan,
+                                 (lambda: random_plans(d)) if recipe.baselines.random else None)
+        write_text(d / "evaluation.json", json.dumps(res.data, indent=1))
+        return res
 
-    ekey = key_of(base, "evaluate", recipe.evaluate.model_dump(), file_digest(recipe.evaluate.task), skey, ckey)
-    ev_out, _ = R.stage("evaluate", ekey, "Improve: before / after evaluation", evaluation)
+    ekey = key_of(base, "evaluate", recipe.evaluate.model_dump(), recipe.baselines.model_dump(),
+                  file_digest(recipe.evaluate.task), skey, ckey)
+    ev_out, _ = R.stage("evaluate", ekey, "Improve: before / after evaluation with baselines", evaluation)
+    data = ev_out.data
     results = {"mechanic": mechanic.__version__, "recipe": recipe.model_dump(mode="json"),
-               "manifest": manifest(m, recipe, size, R.timings),
-               "summary": summary(recipe, R.stages, ev_out.data["evaluation"], ev_out.data.get("control")),
+               "manifest": {**manifest(m, recipe, size, R.timings), "splits": base["splits"], "reads": reads},
+               "summary": summary(recipe, R.stages, data),
                "stages": [s for s in R.stages if s["name"] != "evaluate"],
-               "evaluation": ev_out.data["evaluation"]}
-    if "control" in ev_out.data:
-        results["control"] = ev_out.data["control"]
+               "evaluation": data["evaluation"], "verdict": data["verdict"], "verdict_figures": baseline_figures(data)}
+    for k in ("control", "control_verdict", "baselines"):
+        if k in data:
+            results[k] = data[k]
     write_text(out / "manifest.json", json.dumps(results["manifest"], indent=1))
     write_text(out / "results.json", json.dumps(results, indent=1))
     if report:
@@ -203,62 +230,43 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     return results
 
 
-ALPHA = 0.05
+EDIT_METHODS = ("rome", "memit")
 
 
-def _significant(row: dict) -> bool:
-    """The change goes the `better` way, its CI excludes 0 and the paired test gives p < ALPHA."""
-    d = row["delta"]
-    if row["p"] >= ALPHA:
-        return False
-    if row["better"] == "higher":
-        return d["lo"] > 0
-    if row["better"] == "lower":
-        return d["hi"] < 0
-    return False
+def split_tasks(recipe: Recipe):
+    """(train task, validation task, test task) of a recipe: `task` defaults to its train split, the
+    validation task is the same suite's validation split, and evaluate.task (default: the same suite)
+    its test split; `n`/`start` of `task` cut the train split only."""
+    if recipe.task is None:
+        return None, None, load_task(_with_split(recipe.evaluate.task, "test")) if recipe.evaluate.task else None
+    task = load_task(_with_split(recipe.task, "train"))
+    whole = recipe.task.model_copy(update={"n": None, "start": 0, "split": None})
+    validation = load_task(_with_split(whole, "validation"))
+    ev = recipe.evaluate.task if recipe.evaluate.task is not None else whole
+    return task, validation, load_task(_with_split(ev, "test"))
 
 
-def _flipped(row: dict) -> dict:
-    """The row with `better` reversed: significant means significantly worse."""
-    return {**row, "better": {"higher": "lower", "lower": "higher"}.get(row["better"], "none")}
+def _with_split(spec, default: str):
+    return spec.model_copy(update={"split": spec.split or default})
 
 
-def _fmt(row: dict) -> str:
-    b, a, d = row["before"], row["after"], row["delta"]
-    return (f"{row['id']} {b['mean']:.3g} -> {a['mean']:.3g} (delta {d['mean']:+.3g}, "
-            f"CI [{d['lo']:+.3g}, {d['hi']:+.3g}], p={row['p']:.2g})")
+def edit_requests(task):
+    """The rows an editing method may read: prompt, subject and new target, without the evaluation prompts."""
+    from mechanic.tasks.task import Task
+
+    drop = ("paraphrases", "neighborhood")
+    ex = [replace(e, split="request", meta={k: v for k, v in e.meta.items() if k not in drop}) for e in task.examples]
+    return Task(task.name, ex, task.metric, task.description)
 
 
-def verdict(ev: dict, control: dict | None = None) -> str:
-    """One paragraph: which target metrics moved the right way, and the worst side effect."""
-    targets = [r for r in ev["rows"] if r["kind"] == "target" and r["better"] != "none"]
-    good = [r for r in targets if _significant(r)]
-    bad = [r for r in targets if _significant(_flipped(r))]
-    parts = [f"{len(good)} of {len(targets)} target metrics improved significantly and {len(bad)} got significantly "
-             f"worse (significant: the CI of the change excludes 0 and paired p < {ALPHA}): "
-             + "; ".join(_fmt(r) for r in targets) + "."]
-    side = [r for r in ev["rows"] if r["kind"] == "side" and r["better"] != "none"]
-    worse = [r for r in side if _significant(_flipped(r))]
-    parts.append(f"Side effects: {len(worse)} of {len(side)} got significantly worse"
-                 + (": " + "; ".join(_fmt(r) for r in worse) if worse else "") + ".")
-    if control:
-        ct = [r for r in control["rows"] if r["kind"] == "target" and r["better"] != "none"]
-        parts.append("Control: " + "; ".join(_fmt(r) for r in ct) + ".")
-    return " ".join(parts)
-
-
-def summary(recipe: Recipe, stages: list[dict], ev: dict, control: dict | None) -> dict:
-    """The report's opening card: what was located, what was changed, whether it helped, key numbers."""
-    by = {s["name"]: s for s in stages}
-    targets = [r for r in ev["rows"] if r["kind"] == "target" and r["better"] != "none"]
-    helped = any(_significant(r) for r in targets) and not any(_significant(_flipped(r)) for r in targets)
-    keys = []
-    for r in targets:
-        keys.append({"id": f"{r['id']}.before", "label": f"{r['id']} before", "value": r["before"]["mean"]})
-        keys.append({"id": f"{r['id']}.after", "label": f"{r['id']} after", "value": r["after"]["mean"]})
-    for r in ev["rows"]:
-        if r["kind"] == "side" and r["metric"] in ("ppl", "kl"):
-            keys.append({"id": f"{r['id']}.after", "label": f"{r['id']} after (before {r['before']['mean']:.3g})",
-                         "value": r["after"]["mean"]})
-    return {"title": recipe.title, "description": recipe.description, "located": by["locate"]["text"],
-            "changed": by["steer"]["text"], "verdict": by["evaluate"]["text"], "helped": helped, "key_numbers": keys}
+def split_hashes(*tasks) -> dict:
+    """sha256 of each task's rows (prompt, answers, corrupted prompt, split), keyed by name and split."""
+    out = {}
+    for t in tasks:
+        if t is None:
+            continue
+        rows = [[e.prompt, e.answer, e.wrong, e.corrupted, getattr(e, "split", None)] for e in t.examples]
+        split = sorted({str(r[-1]) for r in rows})
+        out[f"{t.name}:{'+'.join(split)}"] = {"rows": len(rows), "sha256": hashlib.sha256(
+            json.dumps(rows, sort_keys=True).encode()).hexdigest()}
+    return out

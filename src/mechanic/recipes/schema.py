@@ -50,6 +50,7 @@ class TaskSpec(Strict):
     answer: str | None = None      # the same answer for every example (e.g. " bar": logit_diff becomes a label bias)
     wrong: str | None = None       # the same wrong answer for every example
     label: str | None = None       # a name for the task so changed (kept apart from the built-in suite's name)
+    split: Literal["train", "validation", "test"] | None = None   # default: train for `task`, test for evaluate.task
 
 
 class MethodSpec(BaseModel):
@@ -57,6 +58,13 @@ class MethodSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     method: str
+
+
+class MarginSpec(Strict):
+    """How much worse a protected row may get: max_worse in its units, or as a fraction of its before value."""
+
+    max_worse: float = Field(ge=0)
+    relative: bool = False
 
 
 class EvaluateSpec(Strict):
@@ -70,6 +78,20 @@ class EvaluateSpec(Strict):
     contrast: bool = False         # score the task as metric(clean) - metric(corrupted) per example (bias suites)
     n_boot: int = Field(2000, ge=100)
     level: float = Field(0.95, gt=0, lt=1)
+    protect: dict[str, MarginSpec] = {}   # row-id pattern -> margin, over mechanic.improve.verdict.DEFAULT_MARGINS
+
+
+class RandomSpec(MethodSpec):
+    """The random-components baseline: a steer method (its random variant) run `draws` times with seeds 0..draws-1."""
+
+    draws: int = Field(20, ge=1)
+
+
+class BaselinesSpec(Strict):
+    """Baselines evaluated beside the plan on the same test split: a prompt prefix and random components."""
+
+    prompt: str | None = None       # an instruction or few-shot prefix asking for the target behaviour
+    random: RandomSpec | None = None
 
 
 class Recipe(Strict):
@@ -84,6 +106,7 @@ class Recipe(Strict):
     locate: MethodSpec
     steer: MethodSpec
     control: MethodSpec | None = None
+    baselines: BaselinesSpec = BaselinesSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     sizes: dict[str, dict] = {}
 
@@ -173,4 +196,12 @@ def load_recipe(path: str | Path, size: str | None = None) -> tuple[Recipe, dict
         spec = getattr(recipe, stage)
         if spec is not None:
             settings_for(stage, spec, str(path), root)
+    if recipe.baselines.random is not None:
+        settings_for("control", random_method(recipe.baselines.random), str(path), root)
     return recipe, data
+
+
+def random_method(spec: RandomSpec) -> MethodSpec:
+    """The steer method of a random baseline, without the baseline's own `draws` setting."""
+    return MethodSpec.model_validate({k: v for k, v in spec.model_dump().items() if k != "draws"})
+

@@ -39,7 +39,8 @@ def pieces(results: dict) -> Iterator[str]:
     import plotly.offline
 
     plots: list = []
-    body = [sections.summary(results.get("summary") or {}), _evaluation(results.get("evaluation") or {}, plots)]
+    body = [sections.summary(results.get("summary") or {}), _evaluation(results.get("evaluation") or {}, plots),
+            sections.verdict(results, plots)]
     body += [sections.stage(st, i, plots) for i, st in enumerate(results.get("stages", []))]
     body.append(sections.manifest(results))
     title = esc((results.get("summary") or {}).get("title", "mechanic run"))

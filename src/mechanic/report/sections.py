@@ -49,8 +49,10 @@ def num(key: str, value, shown: str | None = None, cls: str = "") -> str:
 def summary(s: dict) -> str:
     """Title card: what was located, what was changed, the verdict, a helped badge and the key numbers."""
     helped = s.get("helped")
-    badge = (f'<span class="badge {"good" if helped else "bad"}" data-key="summary.helped" '
-             f'data-value="{esc(json.dumps(helped))}">{"helped" if helped else "did not help"}</span>')
+    label = s.get("label") or ("helped" if helped else "did not help")
+    cls = {"helped": "good", "improved at a cost": "warn"}.get(label, "bad")
+    badge = (f'<span class="badge {cls}" data-key="summary.helped" '
+             f'data-value="{esc(json.dumps(helped))}">{esc(label)}</span>')
     lines = "".join(f'<div class="line"><span class="what">{w}</span><span>{esc(s.get(k, ""))}</span></div>'
                     for w, k in (("Located", "located"), ("Changed", "changed"), ("Verdict", "verdict")) if s.get(k))
     tiles = []
@@ -201,3 +203,34 @@ def manifest(results: dict) -> str:
             f'versions, seeds)</summary><div class="scroll"><table class="kv">{rows}</table></div></details>'
             f'<details><summary>recipe</summary><pre>{esc(recipe)}</pre></details>'
             f'<p class="note">mechanic {esc(results.get("mechanic", ""))}</p></section>')
+
+
+def verdict(results: dict, plots: list) -> str:
+    """The Pareto verdict: each protected row's harm bound against its margin, then the baselines' figures."""
+    v = results.get("verdict")
+    if not v:
+        return ""
+    rows = "".join(
+        f'<tr><td class="metric"><span class="name">{esc(p["id"])}</span></td><td>{esc(p["rule"])}</td>'
+        f'<td>{num("verdict." + p["id"] + ".worst", p["worst"], fmt(p["worst"], "+.3g"))}</td>'
+        f'<td>{num("verdict." + p["id"] + ".limit", p["limit"], fmt(p["limit"], ".3g"))}</td>'
+        f'<td class="delta {"better" if p["ok"] else "worse"}">{"non-inferior" if p["ok"] else "cost"}</td></tr>'
+        for p in v.get("protected", []))
+    table = (f'<div class="scroll"><table class="fig"><thead><tr><th>protected row</th><th>margin</th>'
+             f'<th>harm bound (one-sided {1 - v.get("alpha", 0.05):.0%})</th><th>allowed</th><th>result</th></tr></thead>'
+             f'<tbody>{rows}</tbody></table></div>') if rows else "<p>No protected rows.</p>"
+    base = results.get("baselines") or {}
+    figs_html = "".join(figure(f, f"verdict_figures.{j}", plots)
+                        for j, f in enumerate(results.get("verdict_figures") or []))
+    lines = []
+    if "control_verdict" in results:
+        lines.append(f"Control: {results['control_verdict']['label']}.")
+    if "prompt" in base:
+        lines.append(f"Prompting baseline ({base['prompt']['prefix']!r}): {base['prompt']['verdict']['label']}.")
+    if "random" in base:
+        lines += [f"{esc(k)}: the plan's change {fmt(x['located'], '+.3g')} beats "
+                  f"{num(f'baselines.random.{k}.percentile', x['percentile'], fmt(x['percentile'], '.0f'))}% of "
+                  f"{len(x['draws'])} random draws ({esc(base['random']['method'])})." for k, x in base["random"]["rows"].items()]
+    text = "".join(f"<p>{ln if '<span' in ln else esc(ln)}</p>" for ln in lines)
+    return (f'<section class="card verdict"><h2>Verdict: {esc(v["label"])}</h2><p>{esc(v["text"])}</p>{table}'
+            f"{text}{figs_html}</section>")

@@ -24,6 +24,7 @@ pre { white-space:pre-wrap; word-break:break-word; margin:4px 0 0; background:#f
 .badge { display:inline-block; padding:3px 12px; border-radius:999px; font-size:13px; font-weight:600; white-space:nowrap; }
 .badge.good { background:var(--good-bg); color:var(--good); }
 .badge.bad { background:var(--bad-bg); color:var(--bad); }
+.badge.warn { background:var(--warn-bg); color:var(--warn); }
 .badge.muted { background:#eef2f7; color:var(--muted); padding:1px 8px; font-weight:500; }
 .tiles { display:grid; grid-template-columns:repeat(auto-fit, minmax(170px, 1fr)); gap:12px; margin-top:16px; }
 .tile { border:1px solid var(--line); border-radius:8px; padding:12px 14px; background:#fbfcfe; }

@@ -200,6 +200,9 @@ def pairs_from_task(task, answers: bool = False) -> list[tuple]:
     The first is "the behaviour's prompt vs its opposite" (e.g. sentiment: positive vs negative review);
     the second is CAA's form, one prompt completed with the matching vs the other answer (read="answer").
     """
+    from mechanic.tasks.guard import check
+
+    check(f"task {task.name!r} (pairs)", [getattr(e, "split", None) for e in task.examples])
     if answers:
         missing = [i for i, e in enumerate(task.examples) if e.wrong is None]
         if missing:
