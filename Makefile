@@ -25,11 +25,11 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real"
 
-RECIPES := fact-editing gender-bias sentiment-steering ioi-circuit efficiency icl-heads safety-refusal
-results: setup   # every bundled recipe at full size, then docs/RESULTS.md from their results.json
-	for r in $(RECIPES); do $(BIN)/mechanic run $$r -o runs/full/$$r || exit 1; done
-	$(BIN)/python -m mechanic.report.markdown $(addprefix runs/full/,$(RECIPES)) > docs/RESULTS.md.body
-	cat docs/RESULTS.head.md docs/RESULTS.md.body > docs/RESULTS.md && rm docs/RESULTS.md.body
+RECIPES := efficiency fact-editing gender-bias icl-heads ioi-circuit safety-refusal sentiment-steering
+results: setup   # each recipe at full size into runs/full/, its results.json + manifest.json into results/, then docs/RESULTS.md
+	for r in $(RECIPES); do $(BIN)/mechanic run $$r -o runs/full/$$r || exit 1; \
+	  mkdir -p results/$$r && cp runs/full/$$r/results.json runs/full/$$r/manifest.json results/$$r/; done
+	$(BIN)/python -m mechanic.report.markdown results > docs/RESULTS.md.tmp && mv docs/RESULTS.md.tmp docs/RESULTS.md
 
 bench: setup
 	bash benchmarks/setup_peers.sh

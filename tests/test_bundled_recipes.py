@@ -13,7 +13,16 @@ pytestmark = pytest.mark.real
 
 
 def ci_run(name: str, tmp_path) -> dict:
-    return run(recipe_path(name), tmp_path / name, size="ci", log=lambda m: None)
+    res = run(recipe_path(name), tmp_path / name, size="ci", log=lambda m: None)
+    reads = res["manifest"]["reads"]
+    assert {x["stage"] for x in reads} >= {"locate", "evaluate"}, reads     # the guard saw the stages read rows
+    leaked = [x for x in reads if "test" in x["splits"] and x["stage"] != "evaluate"]
+    assert not leaked, f"{name}: a stage other than the evaluation read test rows: {leaked}"
+    return res
+
+
+def random_rows(res: dict, rid: str) -> dict:
+    return res["baselines"]["random"]["rows"][rid]
 
 
 def row(ev: dict, rid: str) -> dict:
@@ -53,16 +62,20 @@ def test_sentiment_vector_turns_negative_reviews_positive(tmp_path):
     res = ci_run("sentiment-steering", tmp_path)
     r = row(res["evaluation"], "sentiment.logit_diff")
     assert r["before"]["mean"] < 0 < r["after"]["mean"]
-    assert res["summary"]["helped"]
+    assert res["verdict"]["improved"] == ["sentiment.logit_diff"]
+    assert res["summary"]["label"] in ("helped", "improved at a cost")
+    assert "prompt" in res["baselines"] and random_rows(res, "sentiment.logit_diff")["percentile"] == 100.0
     sweep = next(s for s in res["stages"] if s["name"] == "locate")
     assert {f["id"] for f in sweep["figures"]} == {"sweep_target", "sweep_kl", "sweep_ppl"}
 
 
 def test_ioi_circuit_heads_matter_more_than_random_heads(tmp_path):
     res = ci_run("ioi-circuit", tmp_path)
-    circuit, control = row(res["evaluation"], "ioi.logit_diff"), row(res["control"], "ioi.logit_diff")
-    assert circuit["delta"]["mean"] < 0
-    assert circuit["delta"]["mean"] < 3 * control["delta"]["mean"] if control["delta"]["mean"] < 0 else True
+    circuit, rnd = row(res["evaluation"], "ioi.logit_diff"), random_rows(res, "ioi.logit_diff")
+    drop = -circuit["delta"]["mean"]
+    print(f"\nIOI logit diff change: circuit heads ablated {-drop:.3f}, random heads ablated {rnd['draws']}")
+    assert drop > 0 and circuit["delta"]["hi"] < 0          # ablating the circuit's heads hurts IOI ...
+    assert drop > 3 * max(abs(d) for d in rnd["draws"])     # ... far more than any draw of as many random heads
     curve = next(f for s in res["stages"] for f in s["figures"] if f["id"] == "faithfulness")
     assert curve["series"][0]["y"][-1] > curve["series"][0]["y"][0]        # more edges, more faithful
 
@@ -77,9 +90,9 @@ def test_efficiency_keeping_super_weights_exact_saves_perplexity(tmp_path):
 
 def test_icl_heads_removal_reduces_label_bias_more_than_random_heads(tmp_path):
     res = ci_run("icl-heads", tmp_path)
-    r, c = row(res["evaluation"], "icl_label_bias.logit_diff"), row(res["control"], "icl_label_bias.logit_diff")
+    r, rnd = row(res["evaluation"], "icl_label_bias.logit_diff"), random_rows(res, "icl_label_bias.logit_diff")
     assert r["before"]["mean"] > 0                                   # the model prefers " bar"
-    assert r["delta"]["hi"] < 0 and r["delta"]["mean"] < c["delta"]["mean"]
+    assert r["delta"]["hi"] < 0 and r["delta"]["mean"] < min(rnd["draws"])
 
 
 def test_safety_vector_raises_harmful_refusal_not_harmless(tmp_path):

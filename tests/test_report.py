@@ -20,7 +20,7 @@ KEY = re.compile(r'data-key="([^"]*)" data-value="([^"]*)"')
 
 def n_plots(results: dict) -> int:
     """Plots the page must draw: the before/after chart plus every heatmap, bars and line figure."""
-    figs = [f for st in results["stages"] for f in st["figures"]]
+    figs = [f for st in results["stages"] for f in st["figures"]] + results.get("verdict_figures", [])
     return 1 + sum(f["kind"] in PLOT_KINDS for f in figs)
 
 
@@ -30,7 +30,15 @@ def lookup(results: dict, key: str):
     if head == "summary":
         s = results["summary"]
         return s["helped"] if rest == "helped" else next(k["value"] for k in s["key_numbers"] if k["id"] == rest)
+    if head == "verdict":
+        rid, field = rest.rsplit(".", 1)
+        return next(p[field] for p in results["verdict"]["protected"] if p["id"] == rid)
+    if key.startswith("baselines.random."):
+        rid, field = key[len("baselines.random."):].rsplit(".", 1)
+        return results["baselines"]["random"]["rows"][rid][field]
     if head == "eval":
+        if rest.endswith(".mdc"):
+            return next(r["mdc"] for r in results["evaluation"]["rows"] if r["id"] == rest[:-4])
         rows = {r["id"]: r for r in results["evaluation"]["rows"]}
         for field in ("n", "p"):
             if rest.endswith("." + field) and rest[: -len(field) - 1] in rows:
@@ -44,8 +52,13 @@ def lookup(results: dict, key: str):
 
 
 def expected_keys(results: dict) -> set[str]:
-    """Keys the page must carry: every key number, the helped flag, and every number of every evaluation row."""
+    """Keys the page must carry: every key number, the helped flag, every number of every evaluation row, each
+    protected row's harm bound and margin, and the plan's percentile among random draws."""
     keys = {"summary.helped"} | {f"summary.{k['id']}" for k in results["summary"]["key_numbers"]}
+    for p in results.get("verdict", {}).get("protected", []):
+        keys |= {f"verdict.{p['id']}.worst", f"verdict.{p['id']}.limit"}
+    for rid in results.get("baselines", {}).get("random", {}).get("rows", {}):
+        keys.add(f"baselines.random.{rid}.percentile")
     for r in results["evaluation"]["rows"]:
         keys |= {f"eval.{r['id']}.{f}" for f in ("n", "p")}
         keys |= {f"eval.{r['id']}.{part}.{s}" for part in ("before", "after", "delta") for s in ("mean", "lo", "hi")}
@@ -71,6 +84,9 @@ def hostile() -> dict:
     r["stages"][0]["figures"][1]["rows"][0][0] = XSS
     r["stages"][1]["figures"][0]["x"][0] = XSS
     r["recipe"]["prompt"] = XSS
+    r["verdict"]["text"] = XSS
+    r["verdict"]["protected"][0]["rule"] = XSS
+    r["baselines"]["prompt"] = {"prefix": XSS, "verdict": {"label": XSS}, "evaluation": {"rows": []}}
     return r
 
 
@@ -158,7 +174,8 @@ def test_failed_write_leaves_old_report(tmp_path, monkeypatch):
 
 def test_run_without_evaluation_builds(tmp_path):
     r = sample_results()
-    del r["evaluation"]
+    for k in ("evaluation", "verdict", "baselines", "verdict_figures"):
+        del r[k]
     r["stages"] = r["stages"][1:2]
     html = build_report(r, tmp_path / "report.html").read_text(encoding="utf-8")
     assert 'data-plots-expected="1"' in html and "Evaluation" not in html and 'data-key="eval.' not in html

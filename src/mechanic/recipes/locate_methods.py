@@ -133,7 +133,8 @@ def vector_sweep(ctx) -> StageOut:
     vec = extract(model, pairs, s.vector, layers=s.layers)
     vec.save(ctx.dir / "vector.safetensors")
     vec.save(ctx.dir / "vector.gguf") if 0 not in s.layers else None
-    sw = sweep(model, vec, ctx.task, s.layers, s.coefficients, side=s.side, neutral_tokens=s.neutral_tokens)
+    chosen_on = ctx.validation if ctx.validation is not None else ctx.task   # selection never reads test rows
+    sw = sweep(model, vec, chosen_on, s.layers, s.coefficients, side=s.side, neutral_tokens=s.neutral_tokens)
     best = sw.best(s.max_kl)
     figs = []
     for name, sc, bar in (("target", sw.target, ctx.task.metric), ("kl", sw.kl, "KL"), ("ppl", sw.ppl, "perplexity")):
@@ -147,8 +148,9 @@ def vector_sweep(ctx) -> StageOut:
         best = (s.layers[0], min(s.coefficients, key=abs))
     else:
         r, c = s.layers.index(best[0]), s.coefficients.index(best[1])
-        text = (f"A {s.vector.upper()} vector from {len(pairs)} contrastive pairs, swept over layers {s.layers} x "
-                f"coefficients {s.coefficients}. Unsteered {ctx.task.metric} on the {s.side} prompts: "
+        text = (f"A {s.vector.upper()} vector from {len(pairs)} train pairs, swept over layers {s.layers} x "
+                f"coefficients {s.coefficients} on {len(chosen_on)} validation rows and calibration prose. Unsteered "
+                f"{ctx.task.metric} on the {s.side} prompts: "
                 f"{sw.baseline['target']:.3f}. Best cell with KL <= {s.max_kl}: layer {best[0]}, coefficient "
                 f"{best[1]:g} ({ctx.task.metric} {float(sw.target.values[r, c]):.3f}, KL {float(sw.kl.values[r, c]):.3f}, "
                 f"perplexity {sw.baseline['ppl']:.1f} -> {float(sw.ppl.values[r, c]):.1f}).")

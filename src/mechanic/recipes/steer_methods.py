@@ -25,6 +25,23 @@ def _found(ctx, key: str):
     return ctx.found.data[key]
 
 
+def random_like(ctx, located: list[str], kind: str) -> list[str]:
+    """As many sites of `kind` as `located`, drawn uniformly (seed ctx.seed) from the same layer range, none located."""
+    from mechanic.model.sites import Site
+
+    layers = [Site.parse(x).layer for x in located]
+    lo, hi = min(layers), max(layers)
+    pool = [str(x) for x in ctx.model.sites(kind) if lo <= x.layer <= hi and str(x) not in set(located)]
+    return sorted(random.Random(ctx.seed).sample(pool, len(located)))
+
+
+def random_direction(v: torch.Tensor, seed: int) -> torch.Tensor:
+    """A direction drawn uniformly on the sphere, with the norm of `v` (the random-vector control)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(v.shape, generator=g, dtype=torch.float32)
+    return (r / r.norm() * v.float().norm()).to(v.dtype)
+
+
 class Rome(Strict):
     """ROME on every fact of the task, one after the other (each edit computed on the already edited model)."""
 
@@ -83,9 +100,10 @@ def memit(ctx) -> StageOut:
 
 
 class NeuronEdit(Strict):
-    """Scale the located FFN neurons in the weights (0 = remove)."""
+    """Scale the located FFN neurons in the weights (0 = remove); random=True scales as many random neurons."""
 
     factor: float = 0.0
+    random: bool = False
 
 
 @method(STEER, "neuron_edit", NeuronEdit)
@@ -97,6 +115,8 @@ def neuron_edit(ctx) -> StageOut:
     if not sites:
         raise RecipeError("The locate stage selected no neurons (none lowered the metric when zeroed); there is "
                           "nothing to edit. Raise locate.top_k or check the task.")
+    if ctx.settings.random:
+        sites = random_like(ctx, sites, "neuron")
     plan = edit(ctx.model, sites, ctx.settings.factor)
     return _out(ctx, plan, f"Scaled {len(sites)} neurons by {ctx.settings.factor:g} in the weights "
                 f"({', '.join(sites)}).", data={"sites": sites})
@@ -107,6 +127,7 @@ class AddVector(Strict):
 
     layer: int | None = None
     coefficient: float | None = None
+    random: bool = False            # a random direction of the same norm (the random-vector control)
 
 
 @method(STEER, "add_vector", AddVector)
@@ -119,8 +140,10 @@ def add_vector(ctx) -> StageOut:
     layer = s.layer if s.layer is not None else int(_found(ctx, "layer"))
     coef = s.coefficient if s.coefficient is not None else float(_found(ctx, "coefficient"))
     vec = Vector.load(ctx.found_dir / ctx.found.artifacts["vector"])
+    if s.random:
+        vec.directions[layer] = random_direction(vec.directions[layer], ctx.seed)
     plan = Plan(vec.interventions(coef, layers=[layer]), method="add_vector", fingerprint=ctx.model.fingerprint,
-                settings={"layer": layer, "coefficient": coef, "vector": vec.method})
+                settings={"layer": layer, "coefficient": coef, "vector": vec.method, "random": s.random})
     return _out(ctx, plan, f"Adding {coef:g} x the vector at layer {layer}'s output, at every token.",
                 data={"layer": layer, "coefficient": coef})
 
@@ -132,6 +155,7 @@ class ConditionalVector(Strict):
     coefficient: float | None = None
     condition: str = "condition"    # the locate artifact holding the condition direction
     score: str = Field("projection", pattern="^(projection|cosine)$")
+    random: bool = False            # the added vector replaced by a random direction of the same norm (same gate)
 
 
 @method(STEER, "conditional_vector", ConditionalVector)
@@ -146,6 +170,8 @@ def conditional_vector(ctx) -> StageOut:
     coef = s.coefficient if s.coefficient is not None else float(_found(ctx, "coefficient"))
     vec = Vector.load(ctx.found_dir / ctx.found.artifacts["vector"])
     cond = Vector.load(ctx.found_dir / ctx.found.artifacts[s.condition])
+    if s.random:
+        vec.directions[layer] = random_direction(vec.directions[layer], ctx.seed)
     pos = chat_prompts(model, instructions("harmful", "train")[1::2])
     neg = chat_prompts(model, instructions("harmless", "train")[1::2])
     plan = build(model, vec, cond, layer, coef, calibrate=(pos, neg), score=s.score)
@@ -187,7 +213,7 @@ def directional_ablation(ctx) -> StageOut:
 
 
 class AblateHeads(Strict):
-    """Ablate or scale the located heads; random=True picks the same number of other heads (a control)."""
+    """Ablate or scale the located heads; random=True picks as many other heads from the same layer range (a control)."""
 
     how: str = Field("mean", pattern="^(zero|mean|scale)$")
     factor: float | None = None
@@ -202,8 +228,7 @@ def ablate_heads(ctx) -> StageOut:
     s, model = ctx.settings, ctx.model
     heads = list(_found(ctx, "heads"))
     if s.random:
-        pool = [str(h) for h in model.sites("head") if str(h) not in heads]
-        heads = sorted(random.Random(ctx.seed).sample(pool, len(heads)))
+        heads = random_like(ctx, heads, "head")
     factor = s.factor if s.how == "scale" else None
     if s.how == "scale" and factor is None:
         raise RecipeError("steer.how: scale needs steer.factor (e.g. 0 to remove, 0.5 to damp, 2 to amplify).")
@@ -221,6 +246,7 @@ class ClipWeights(Strict):
     bits: int = Field(8, ge=0, le=16)              # 0: clip only, no rounding
     max_tokens: int = Field(1024, ge=128)
     protect: bool = True
+    random: bool = False            # keep as many random down_proj weights of the same layers instead (a control)
 
 
 def clip_plan(model, fraction: float, bits: int, keep: list):
@@ -250,24 +276,28 @@ def clip_plan(model, fraction: float, bits: int, keep: list):
 @method(STEER, "clip_weights", ClipWeights)
 def clip_weights(ctx) -> StageOut:
     """Quantize down_proj with outlier clipping; the perplexity curve shows what keeping the super weights buys."""
-    from mechanic.data.text import heldout
+    from mechanic.data.text import calibration
     from mechanic.improve.perplexity import perplexity
 
     s, model = ctx.settings, ctx.model
     keep = [tuple(x) for x in _found(ctx, "super_weights")] if s.protect else []
+    if s.random and keep:
+        rng = random.Random(ctx.seed)
+        d_model, d_ff = model.dims.d_model, model.dims.d_mlp
+        keep = [(layer, rng.randrange(d_model), rng.randrange(d_ff)) for layer, _, _ in keep]
 
     def ppl(fraction: float, kept: list) -> float:
         with model.applied(clip_plan(model, fraction, s.bits, kept)):
-            return perplexity(model, heldout(), max_tokens=s.max_tokens).ppl
+            return perplexity(model, calibration(), max_tokens=s.max_tokens).ppl
 
-    base = perplexity(model, heldout(), max_tokens=s.max_tokens).ppl
+    base = perplexity(model, calibration(), max_tokens=s.max_tokens).ppl
     fracs = sorted(set(s.curve) | {s.fraction})
     plain = [ppl(f, []) for f in fracs]
     kept = [ppl(f, keep) for f in fracs] if keep else plain
     plan = clip_plan(model, s.fraction, s.bits, keep)
     bits = f"{s.bits}-bit round-to-nearest" if s.bits else "clipping"
     figs = [{"kind": "line", "id": "clip_curve", "title": f"Held-out perplexity by clipped fraction ({bits}; "
-             f"unquantized {base:.1f})", "x": fracs,
+             f"unquantized {base:.1f}; calibration prose, not the evaluation's held-out text)", "x": fracs,
              "series": [{"name": "clip every outlier", "y": [round(v, 3) for v in plain]},
                         {"name": "same, located super weights kept", "y": [round(v, 3) for v in kept]}],
              "xlabel": "fraction of each down_proj row clipped", "ylabel": "perplexity"}]

@@ -49,7 +49,9 @@ def _row(rid, kind, better, n, before, after, half, p, description, floor=None) 
     """One evaluation row in the shape of Evaluation.to_dict()."""
     return {"id": rid, "measure": rid.split(".")[0], "metric": rid.split(".", 1)[1], "kind": kind, "better": better,
             "n": n, "before": _ci(before, half if before else 0.0, floor), "after": _ci(after, half, floor),
-            "delta": _ci(round(after - before, 4), half * 0.8), "p": p, "description": description}
+            "delta": _ci(round(after - before, 4), half * 0.8), "p": p, "description": description,
+            "bound": {"lo": round(after - before - half * 0.65, 4), "hi": round(after - before + half * 0.65, 4)},
+            "mdc": round(half * 1.2, 4)}
 
 
 def sample_results() -> dict:
@@ -168,4 +170,15 @@ def sample_results() -> dict:
                          "facts": {"n": 32}},
         },
     }
+    from mechanic.improve.verdict import judge, resolve_margins
+
+    rows = results["evaluation"]["rows"]
+    results["verdict"] = judge(rows, resolve_margins({"neutral.perplexity": {"max_worse": 0.05, "relative": True}},
+                                                     rows))
+    results["baselines"] = {"random": {"method": "add_vector", "draws": 3, "rows": {"sentiment.logit_diff": {
+        "located": 2.29, "draws": [0.04, -0.11, 0.2], "min": -0.11, "median": 0.04, "max": 0.2, "percentile": 100.0}}}}
+    results["verdict_figures"] = [{"kind": "bars", "id": "baselines-sentiment.logit_diff", "title": "plan vs baselines",
+                                   "labels": ["plan", "random x3 (median, range)"], "ylabel": "change",
+                                   "series": [{"name": "change", "mean": [2.29, 0.04], "lo": [1.9, -0.11],
+                                               "hi": [2.6, 0.2]}]}]
     return json.loads(json.dumps(results))        # as read from results.json: no shared lists, JSON types only

@@ -104,7 +104,7 @@ def evaluation_table(ev: dict) -> str:
         rows = [r for r in ev["rows"] if r.get("kind") == kind]
         if not rows:
             continue
-        body.append(f'<tr class="group"><th colspan="6">{heading}</th></tr>')
+        body.append(f'<tr class="group"><th colspan="7">{heading}</th></tr>')
         for r in rows:
             rid, p = r["id"], r.get("p")
             spec, dspec = _spec(r["before"], r["after"]), _spec(r["delta"])
@@ -115,15 +115,18 @@ def evaluation_table(ev: dict) -> str:
                 f'<td class="n">{num(f"eval.{rid}.n", r["n"])}</td>'
                 f'<td>{_ci(rid, "before", r["before"], spec)}</td><td>{_ci(rid, "after", r["after"], spec)}</td>'
                 f'<td class="delta {_direction(r)}">{_ci(rid, "delta", r["delta"], dspec, sign=True)}</td>'
-                f'<td class="p">{num(f"eval.{rid}.p", p, "<0.001" if p is not None and p < 1e-3 else fmt(p))}</td></tr>')
+                f'<td class="p">{num(f"eval.{rid}.p", p, "<0.001" if p is not None and p < 1e-3 else fmt(p))}</td>'
+                f'<td class="n">{num(f"eval.{rid}.mdc", r["mdc"], fmt(r["mdc"], ".3g")) if r.get("mdc") is not None else "–"}'
+                '</td></tr>')
     level = ev.get("level")
     note = (f'Intervals: {num("evaluation.level", level, fmt(level, ".0%") if level is not None else None)} '
             f'bootstrap ({num("evaluation.n_boot", ev.get("n_boot"))} resamples, seed {num("evaluation.seed", ev.get("seed"))}); '
-            "p: paired sign-flip permutation test on after − before. Delta coloured when its interval excludes 0: "
+            "p: paired sign-flip permutation test on after − before; mdc: minimum detectable change (80% power). "
+            "Delta coloured when its interval excludes 0: "
             '<span class="delta better">better</span> <span class="delta worse">worse</span> '
             '<span class="delta moved">moved</span>.')
     return (f'<div class="scroll"><table class="eval"><thead><tr><th>metric</th><th>n</th><th>before</th>'
-            f'<th>after</th><th>delta</th><th>p</th></tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+            f'<th>after</th><th>delta</th><th>p</th><th>mdc</th></tr></thead><tbody>{"".join(body)}</tbody></table></div>'
             f'<p class="note">{note}</p>')
 
 

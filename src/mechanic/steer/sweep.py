@@ -38,10 +38,10 @@ class Sweep:
 
 
 def _neutral(model, texts, max_tokens: int, seq_len: int) -> torch.Tensor:
-    from mechanic.data.text import heldout
+    from mechanic.data.text import calibration
     from mechanic.data.windows import windows
 
-    wins = windows(model, heldout() if texts is None else texts, seq_len=seq_len, max_tokens=max_tokens)
+    wins = windows(model, calibration() if texts is None else texts, seq_len=seq_len, max_tokens=max_tokens)
     wins = [w for w in wins if w.numel() == seq_len] or wins[:1]
     return torch.stack(wins) if len({w.numel() for w in wins}) == 1 else wins[0][None]
 
