@@ -27,8 +27,7 @@ def smollm2():
 
 
 def build_word_tokenizer(vocab_size: int = 8192):
-    """A byte-level BPE tokenizer trained on mechanic's shipped prose and task suites: real words for tiny models,
-    without SmolLM2.
+    """A byte-level BPE tokenizer trained on mechanic's shipped prose: real words for tiny models, without SmolLM2.
 
     Training is deterministic (same text, same merges) and takes a fraction of a second, so `make test-fast`
     never needs the default model or its converted cache.
@@ -37,14 +36,11 @@ def build_word_tokenizer(vocab_size: int = 8192):
     from transformers import PreTrainedTokenizerFast
 
     from mechanic.data.text import passages
-    from mechanic.tasks.builtin import list_tasks, load_task
 
-    suites = [t for name in list_tasks() for e in load_task(name).examples
-              for t in (e.prompt, e.answer, e.wrong, e.corrupted) if t]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(list(passages()) + suites, trainers.BpeTrainer(
+    tok.train_from_iterator(passages(), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")

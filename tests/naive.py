@@ -244,9 +244,8 @@ def patch_reference(model, batch, kind, positions="all", direction="denoise", ab
             totals[r, ci] += v
     out = totals / n
     if normalise:
-        with torch.no_grad():
-            m_clean = logit_diff(hf(**batch.clean, use_cache=False).logits, batch.answer, batch.wrong).mean()
-            m_corr = logit_diff(hf(**batch.corrupted, use_cache=False).logits, batch.answer, batch.wrong).mean()
+        m_clean = logit_diff(hf_logits(hf, batch.clean, last=True), batch.answer, batch.wrong).mean()
+        m_corr = logit_diff(hf_logits(hf, batch.corrupted, last=True), batch.answer, batch.wrong).mean()
         out = (out - m_corr) / (m_clean - m_corr)
     return (out if cols != [None] else out[:, 0]), names
 

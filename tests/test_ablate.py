@@ -6,7 +6,7 @@ from naive import hf_logits, point, unit_slice
 
 import mechanic
 from mechanic.locate.scores import Scores
-from mechanic.model.interventions import scale, zero
+from mechanic.model.interventions import zero
 from mechanic.steer.ablate import ablate
 from mechanic.steer.plan import Plan, PlanError
 from mechanic.testing.tiny import left_padded, tiny_model
@@ -120,6 +120,10 @@ def test_from_scores_and_errors():
 
 @pytest.mark.real
 def test_ablating_located_ioi_heads_hurts_more_than_random_heads(smollm2):
+    """The 5 top AtP heads, mean-ablated, against 19 draws of 5 heads uniformly over all other heads (fixed seed).
+    If the located set were no better than a random one, it would beat all 19 draws with probability 1/20:
+    beating every draw is a rank test at p = 0.05. Measured (100 draws): located drop 4.55 logits; random drops
+    median 0.17, 90th percentile 0.62, max 1.90."""
     from mechanic.locate.gradient import atp
     from mechanic.tasks.builtin import load_task
 
@@ -129,9 +133,8 @@ def test_ablating_located_ioi_heads_hurts_more_than_random_heads(smollm2):
     b = task.tokenize(m)
     scores = atp(m, b, "head")
     top = [site for site, _, _ in scores.top(5, by="max")]
-    g = torch.Generator().manual_seed(0)
-    quiet = [scores.sites[i] for i in scores.values.abs().argsort()[:40].tolist()]
-    rand = [quiet[i] for i in torch.randperm(40, generator=g)[:5].tolist()]
+    others = [s for s in scores.sites if s not in top]
+    assert len(others) == len(scores.sites) - 5 == 265
 
     def ld(plan):
         with m.applied(plan):
@@ -139,7 +142,11 @@ def test_ablating_located_ioi_heads_hurts_more_than_random_heads(smollm2):
         rows = torch.arange(b.n)
         return float((lg[rows, b.answer] - lg[rows, b.wrong]).mean())
     base = ld(Plan())
-    located = ld(ablate(m, top, "mean", reference=task))
-    control = ld(ablate(m, rand, "mean", reference=task))
-    print(f"\nIOI logit diff: base {base:.2f}, top-5 AtP heads mean-ablated {located:.2f}, 5 quiet heads {control:.2f}")
-    assert base - located > 2 * abs(base - control)
+    located = base - ld(ablate(m, top, "mean", reference=task))
+    g = torch.Generator().manual_seed(0)
+    draws = [[others[i] for i in torch.randperm(len(others), generator=g)[:5].tolist()] for _ in range(19)]
+    random = torch.tensor([base - ld(ablate(m, heads, "mean", reference=task)) for heads in draws])
+    print(f"\nIOI logit diff {base:.2f}; drop when mean-ablating the top-5 AtP heads {located:.2f}; 19 uniform "
+          f"random 5-head sets: median {random.median():.2f}, 90th percentile {random.quantile(0.9):.2f}, "
+          f"max {random.max():.2f}")
+    assert located > random.max().item()          # rank 1 of 20: p = 0.05 under "located = a random set"
