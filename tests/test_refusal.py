@@ -47,15 +47,29 @@ def test_is_refusal_positives_and_negatives():
 
 
 def test_prompt_sets_and_splits():
+    from mechanic.tasks import Example, Task, TaskError
+    from mechanic.tasks.splits import check_disjoint
+
     harmful, harmless = R.rows("harmful"), R.rows("harmless")
     assert len(harmful) == 64 and len(harmless) == 64
     for kind in R.KINDS:
-        cats = [r["category"] for r in R.rows(kind)]
+        every = R.rows(kind)
+        cats = [r["category"] for r in every]
         assert len(set(cats)) == 8 and all(cats.count(c) == 8 for c in set(cats))
-        train, test = R.rows(kind, "train"), R.rows(kind, "test")
-        assert len(train) == len(test) == 32 and not {r["prompt"] for r in train} & {r["prompt"] for r in test}
-        assert all([r["category"] for r in train].count(c) == 4 for c in set(cats))
-        assert R.instructions(kind, "test") == [r["prompt"] for r in test]
+        train, val, test = (R.rows(kind, s) for s in ("train", "validation", "test"))
+        assert (len(train), len(val), len(test)) == (16, 16, 32)
+        assert test == every[1::2]                     # the test rows are the odd rows, as before validation existed
+        for part, per_cat in ((train, 2), (val, 2), (test, 4)):
+            assert all([r["category"] for r in part].count(c) == per_cat for c in set(cats))
+        prompts = [{r["prompt"] for r in part} for part in (train, val, test)]
+        assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+        assert R.instructions(kind, "validation") == [r["prompt"] for r in val]
+        task = Task("refusal", [Example(r["prompt"], "-", split=r["split"]) for r in every])
+        sizes = check_disjoint(task)                   # entity = the instruction
+        assert {s: d["rows"] for s, d in sizes.items()} == {"train": 16, "validation": 16, "test": 32}
+        leak = Task("refusal", task.examples + [Example(test[0]["prompt"], "-", split="train")])
+        with pytest.raises(TaskError, match="not disjoint"):
+            check_disjoint(leak)
     assert len({r["prompt"] for r in harmful + harmless}) == 128
     assert all(R.is_refusal(r["refuse"]) and not R.is_refusal(r["comply"]) for r in harmful)
     with pytest.raises(ValueError, match="split"):
@@ -130,7 +144,9 @@ def test_caa_refusal_steering_on_smollm2_held_out(smollm2):
     Measured there: harmful refusal 0/8 -> 2/8, harmless 0/8 -> 0/8 (greedy, 20 tokens); the bound
     asserted for harmless is at most 1 of 8.
     """
-    v = caa(smollm2, R.refusal_pairs(smollm2, R.rows("harmful", "train")), layers=[18], read="answer")
+    # the 32 rows the setting was chosen on (train + validation, in file order; never a test row)
+    held_in = [r for r in R.rows("harmful") if r["split"] in ("train", "validation")]
+    v = caa(smollm2, R.refusal_pairs(smollm2, held_in), layers=[18], read="answer")
     harmful = R.RefusalMeasure(R.instructions("harmful", "test")[::4], max_new_tokens=20)
     harmless = R.RefusalMeasure(R.instructions("harmless", "test")[::4], kind="side", max_new_tokens=20)
     before = harmful.collect(smollm2, None)

@@ -1,6 +1,8 @@
 """Built-in task suites, user task files (JSONL/CSV) and their errors, tokenization and the set metrics."""
 
+import json
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +10,8 @@ import torch
 
 from mechanic.tasks import (Example, Task, TaskError, from_csv, from_jsonl, list_tasks, load_task, to_jsonl)
 from mechanic.tasks import metrics as M
+from mechanic.tasks import splits as S
+from mechanic.tasks.splits import check_disjoint
 from mechanic.tasks.task import TaskBatch
 
 SUITES = ["ioi", "facts", "greater_than", "gender", "sentiment", "icl_labels"]
@@ -107,6 +111,143 @@ def test_icl_corruption_swaps_labels():
         assert {e.answer, e.wrong} == {" foo", " bar"}
         swapped = e.prompt.replace(" foo", " X").replace(" bar", " foo").replace(" X", " bar")
         assert swapped == e.corrupted
+
+
+# ---- splits ----------------------------------------------------------------------------------------
+
+SPLIT_NAMES = ("train", "validation", "test")
+# Split sizes the recipes rely on: enough rows to choose on (train, validation) and to test with power.
+MIN_ROWS = {"train": 40, "validation": 16, "test": 40}
+# Words that name each suite's entities in the prompts, read straight from meta (independent of splits.py).
+ENTITY_WORDS = {
+    "ioi": lambda m: {m["IO"], m["S"], m["C"]},
+    "gender": lambda m: {m["profession"], m["corrupted_profession"]},
+    "facts": lambda m: {m["subject"], m["corrupted_subject"]},
+    "sentiment": lambda m: {m["item"]},
+    "icl_labels": lambda m: {m["query"]},
+    "greater_than": lambda m: {m["event"], str(m["start"])} if m["kind"] == "year"
+    else {f"{m['a']} + {m['b']}", f"{m['corrupted_a']} + {m['corrupted_b']}"},
+}
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_suite_splits_are_labelled_and_entity_disjoint(name):
+    task = load_task(name)
+    assert all(e.split in SPLIT_NAMES for e in task.examples)      # every shipped row carries its label
+    parts = {s: load_task(name, split=s) for s in SPLIT_NAMES}
+    for s, part in parts.items():
+        assert len(part) >= MIN_ROWS[s], (name, s, len(part))
+        assert part.name == name and part.metric == task.metric and part.description == task.description
+        assert [e.prompt for e in part.examples] == [e.prompt for e in task.examples if e.split == s]
+    assert sum(map(len, parts.values())) == len(task)
+    # row-disjoint and entity-disjoint, computed here from meta without mechanic.tasks.splits
+    prompts = {s: {e.prompt for e in p.examples} for s, p in parts.items()}
+    ents = {s: set().union(*(ENTITY_WORDS[name](e.meta) for e in p.examples)) for s, p in parts.items()}
+    for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not prompts[a] & prompts[b] and not ents[a] & ents[b], (name, a, b, ents[a] & ents[b])
+    sizes = check_disjoint(task)
+    assert {s: d["rows"] for s, d in sizes.items()} == {s: len(p) for s, p in parts.items()}
+    assert {s: d["entities"] for s, d in sizes.items()} == {s: len(v) for s, v in ents.items()}
+    # check_disjoint can fail: a test row sharing an entity with another test row, relabelled as train
+    words = [ENTITY_WORDS[name](e.meta) if e.split == "test" else set() for e in task.examples]
+    i = next(i for i, w in enumerate(words) if any(w & v for j, v in enumerate(words) if j != i))
+    leaked = Task(name, [replace(e, split="train") if j == i else e for j, e in enumerate(task.examples)])
+    with pytest.raises(TaskError, match="not disjoint"):
+        check_disjoint(leaked)
+
+
+def test_held_out_entities_never_appear_in_train_prompts():
+    """The reviewer's check: no test profession / name / item occurs as a word in a train or validation prompt
+    (clean or corrupted)."""
+    for name, key in (("gender", "profession"), ("ioi", "IO"), ("sentiment", "item"), ("facts", "subject")):
+        held = {e.meta[key] for e in load_task(name, split="test").examples}
+        seen = " ".join(f"{e.prompt} {e.corrupted}" for e in load_task(name, split=["train", "validation"]).examples)
+        found = {w for w in held if re.search(rf"(?<!\w){re.escape(w)}(?!\w)", seen)}
+        assert not found, (name, sorted(found))
+
+
+def test_load_task_split_default_and_n():
+    from mechanic.tasks.builtin import suite_path
+
+    every = load_task("ioi")                # split=None: every row, in file order
+    in_file = [json.loads(line)["prompt"] for line in suite_path("ioi").read_text().splitlines()]
+    assert len(every) == 128 and [e.prompt for e in every.examples] == in_file
+    test = load_task("ioi", split="test", n=5)
+    assert len(test) == 5 and all(e.split == "test" for e in test.examples)
+    both = load_task("gender", split=["train", "validation"])
+    assert {e.split for e in both.examples} == {"train", "validation"}
+    assert len(both) == len(load_task("gender", split="train")) + len(load_task("gender", split="validation"))
+    with pytest.raises(TaskError, match=r"unknown split 'dev'.*'train', 'validation', 'test'"):
+        load_task("ioi", split="dev")
+
+
+def test_task_split_round_trip(tmp_path):
+    rows = [Example(f"p{i}", " a", " b", meta={"i": i}, split=s)
+            for i, s in enumerate(["train", "test", "validation", "test", "train"])]
+    task = Task("mine", rows, "prob", "mine, labelled")
+    test = task.split("test")
+    assert [e.prompt for e in test.examples] == ["p1", "p3"] and (test.name, test.metric) == ("mine", "prob")
+    assert test.description == "mine, labelled"
+    assert [e.prompt for e in task.split(["train", "validation"]).examples] == ["p0", "p2", "p4"]
+    again = from_jsonl(to_jsonl(task, tmp_path / "mine.jsonl"))
+    assert [(e.prompt, e.split, e.meta) for e in again.examples] == [(e.prompt, e.split, e.meta) for e in rows]
+    assert [e.prompt for e in again.split("validation").examples] == ["p2"]
+    assert Example("x", " y", split="train") == Example("x", " y", split="test")   # like meta, not compared
+    with pytest.raises(TaskError, match=r"'mine' has no validation rows \(rows per split: train 1, validation 0, "
+                                        r"test 1\)"):
+        task.subset(2).split("validation")
+    with pytest.raises(TaskError, match="unknown split 'eval'"):
+        task.split(["test", "eval"])
+    with pytest.raises(TaskError, match="unknown split"):
+        task.split([])
+    p = tmp_path / "mine.csv"
+    p.write_text("prompt,answer,split\na, b,test\nc, d,\n")
+    csv_task = from_csv(p)
+    assert [e.split for e in csv_task.examples] == ["test", None] and "split" not in csv_task.examples[0].meta
+
+
+def test_unlabelled_rows_get_a_stable_hash_split(tmp_path):
+    # sha256 of the key, first 8 bytes / 2**64: train < 0.5 <= validation < 0.7 <= test (values checked by hand
+    # with `printf %s alpha | sha256sum`: alpha 0.558, beta 0.954, delta 0.310)
+    assert {k: S.assign(k) for k in ("alpha", "beta", "delta", "gamma", "theta")} == \
+        {"alpha": "validation", "beta": "test", "delta": "train", "gamma": "test", "theta": "validation"}
+    counts = {s: 0 for s in SPLIT_NAMES}
+    for i in range(3000):
+        counts[S.assign(f"key{i}")] += 1
+    assert abs(counts["train"] / 3000 - 0.5) < 0.03 and abs(counts["validation"] / 3000 - 0.2) < 0.03
+    # a hand-made file without labels: rows about one entity (meta.entity) stay together, others split by prompt
+    p = tmp_path / "people.jsonl"
+    lines = [f'{{"prompt": "{who} works as a {job} and", "answer": " x", "meta": {{"entity": "{who}"}}}}'
+             for who in ("Ada", "Alan", "Grace", "Edsger", "Barbara", "Donald", "Frances", "John")
+             for job in ("teacher", "baker", "pilot")]
+    lines += [f'{{"prompt": "Fact {i} is", "answer": " y"}}' for i in range(20)]
+    p.write_text("\n".join(lines) + "\n")
+    first, second = (S.labels(load_task(str(p)).examples) for _ in range(2))
+    assert first == second and set(first) == set(SPLIT_NAMES)
+    by_entity = {}
+    for e, s in zip(load_task(str(p)).examples, first):
+        by_entity.setdefault(S.entity_key(e), set()).add(s)
+    assert all(len(v) == 1 for v in by_entity.values()) and len(by_entity) == 8 + 20
+    assert by_entity["Ada"] == {S.assign("Ada")} and by_entity["Fact 3 is"] == {S.assign("Fact 3 is")}
+    check_disjoint(load_task(str(p)))
+    parts = [load_task(str(p), split=s) for s in SPLIT_NAMES]
+    assert sum(map(len, parts)) == len(lines)
+    # an unlabelled row takes the label of a labelled row with the same entity
+    mixed = Task("m", [Example("Ada codes", " x", meta={"entity": "Ada"}, split="test"),
+                       Example("Ada sings", " x", meta={"entity": "Ada"})])
+    assert S.labels(mixed.examples) == ["test", "test"] and len(mixed.split("test")) == 2
+
+
+@pytest.mark.parametrize("value", ['"dev"', '"Test"', "3"])
+def test_bad_split_value_is_reported(tmp_path, value):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "ok", "answer": " fine", "split": "train"}\n'
+                 f'{{"prompt": "a", "answer": " b", "split": {value}}}\n')
+    with pytest.raises(TaskError) as err:
+        from_jsonl(p)
+    msg = str(err.value)
+    assert str(p) in msg and "line 2" in msg and repr(json.loads(value)) in msg
+    assert "'train', 'validation', 'test'" in msg and "\n" not in msg
 
 
 # ---- tokenization ---------------------------------------------------------------------------------

@@ -6,6 +6,14 @@ rebuilt or extended. Deterministic (fixed seed). Usage:
     python -m mechanic.tasks.build_suites [--model smollm2] [--out DIR] [--only ioi,facts]
 
 Prints each suite's size and the model's accuracy before/after filtering (numbers in docs/TASKS.md).
+
+Splits: every row gets a "split" label ("train" / "validation" / "test") such that the entity sets of the
+three splits are pairwise disjoint (entities per suite: mechanic.tasks.splits.ENTITIES). Each suite's
+entity pool (names, professions, subjects, items, query phrases, event nouns, sums) is partitioned into
+the splits before the rows are labelled (`partition`: seeded, stratified, 2:1:2); a row takes the split of
+its entities; a corrupted partner drawn from another split is re-drawn from the row's split (or, when there
+is none, the row is left out), so a rebuild reproduces the labels. `docs/TASKS.md` lists the sizes
+(`python -m mechanic.tasks.build_suites --sizes` prints them from the shipped files, without a model).
 """
 
 from __future__ import annotations
@@ -19,6 +27,50 @@ import torch
 
 SEED = 0
 SUITES_DIR = Path(__file__).parent / "suites"
+SPLITS = ("train", "validation", "test")
+# Entities are dealt to the splits in this cycle (2 train : 1 validation : 2 test), per stratum in turn.
+PATTERN = ("train", "test", "validation", "train", "test")
+
+
+def partition(strata, name: str) -> dict[str, str]:
+    """{entity: split}: each stratum (a list of entities, or of tuples of entities that must stay together)
+    is shuffled with a generator seeded by SEED and `name`, then PATTERN is dealt over it, continuing from
+    one stratum to the next, so every stratum of 3+ units is spread over all three splits in about 2:1:2."""
+    rng = random.Random(f"{SEED}:{name}")
+    out: dict[str, str] = {}
+    k = 0
+    for stratum in strata:
+        units = [u if isinstance(u, tuple) else (u,) for u in stratum]
+        units = [u for u in dict.fromkeys(units) if not any(x in out for x in u)]
+        rng.shuffle(units)
+        for u in units:
+            for x in u:
+                out[x] = PATTERN[k % len(PATTERN)]
+            k += 1
+    return out
+
+
+def label(rows: list[dict], suite: str, split_of: dict[str, str], grow: bool = False) -> list[dict]:
+    """Set each row's "split" to the split of its entities (mechanic.tasks.splits.entities); rows whose
+    entities lie in two splits are left out. grow=True: an entity not in `split_of` joins the split of the
+    row's known entities the first time it is seen (so a later row in another split that has it is left out)."""
+    from mechanic.tasks.splits import entities
+    from mechanic.tasks.task import Example
+
+    out = []
+    for r in rows:
+        ents = entities(Example(r["prompt"], r["answer"], meta=r["meta"]), suite)
+        known = {split_of[e] for e in ents if e in split_of}
+        unknown = [e for e in ents if e not in split_of]
+        if not known or (unknown and not grow):
+            raise KeyError(f"{suite}: no split for the entities {sorted(unknown)} of {r['prompt']!r}")
+        if len(known) > 1:      # its entities straddle splits
+            continue
+        (r["split"],) = known
+        for e in unknown:
+            split_of[e] = r["split"]
+        out.append(r)
+    return out
 
 # ---------------------------------------------------------------------------------------------
 # IOI
@@ -45,20 +97,32 @@ PLACES = "store park school office hospital restaurant station beach garden libr
 OBJECTS = "drink book ball letter gift bag key phone ring pen ticket basket".split()
 
 
+# The split of the k-th row of every (template, order) cell: 3 train, 1 validation, 4 test of 8.
+IOI_CELL = ("train", "test", "train", "test", "validation", "train", "test", "test")
+
+
+def ioi_names(tok) -> dict[str, str]:
+    """{name: split}: the names that are one token with a leading space, partitioned 2:1:2."""
+    return partition([[n for n in NAMES if len(tok(" " + n, add_special_tokens=False)["input_ids"]) == 1]], "ioi")
+
+
 def build_ioi(tok, rng: random.Random, per_cell: int = 8) -> list[dict]:
     """Templates x orders x random name triples. Corruption "ABC": the second mention of the subject (S2)
-    is replaced by a third name C, so nothing in the prompt says which of IO/S is the answer."""
-    names = [n for n in NAMES if len(tok(" " + n, add_special_tokens=False)["input_ids"]) == 1]
+    is replaced by a third name C, so nothing in the prompt says which of IO/S is the answer. The k-th row
+    of each cell is in split IOI_CELL[k] and draws its three names from that split's names only."""
+    split_of = ioi_names(tok)
+    pools = {sp: [n for n, s in split_of.items() if s == sp] for sp in SPLITS}
     out = []
     for ti, tpl in enumerate(IOI_TEMPLATES):
         for order in ("ABBA", "BABA"):
-            for _ in range(per_cell):
-                io, s, c = rng.sample(names, 3)
+            for k in range(per_cell):
+                split = IOI_CELL[k % len(IOI_CELL)]
+                io, s, c = rng.sample(pools[split], 3)
                 x, y = (io, s) if order == "ABBA" else (s, io)
                 fill = dict(place=rng.choice(PLACES), obj=rng.choice(OBJECTS))
                 prompt = tpl.format(X=x, Y=y, S=s, **fill)
                 out.append(dict(
-                    prompt=prompt, answer=" " + io, wrong=" " + s,
+                    prompt=prompt, answer=" " + io, wrong=" " + s, split=split,
                     corrupted=tpl.format(X=x, Y=y, S=c, **fill),
                     meta=dict(template=ti, order=order, IO=io, S=s, C=c,
                               corruption="ABC: S2 replaced by a third name C",
@@ -242,11 +306,23 @@ def build_fact_candidates(tok, rng: random.Random) -> list[dict]:
     return out
 
 
-def finish_facts(kept: list[dict], candidates: list[dict], tok, rng: random.Random, n_neigh: int = 3):
+def fact_subjects() -> dict[str, str]:
+    """{subject: split}: every subject of FACTS (as in meta, without a leading article), partitioned 2:1:2
+    with one stratum per relation (a subject of several relations counts in the first)."""
+    strip = lambda s: s[4:] if s.startswith("the ") else s  # noqa: E731
+    return partition([[strip(s) for subjects in table.values() for s in subjects] for _, table in FACTS.values()],
+                     "facts")
+
+
+def finish_facts(kept: list[dict], candidates: list[dict], tok, rng: random.Random, n_neigh: int = 3,
+                 split_of: dict[str, str] | None = None):
     """Neighbourhood prompts (other subjects, same true target; kept facts first) and a corrupted prompt:
     the prompt of another kept fact of the same relation, with another target (another first token) and the
     same token length; that target becomes the counterfactual one (`wrong`), so the corrupted prompt's true
-    answer is the clean prompt's wrong one. Facts with fewer than 2 neighbours or no partner are dropped."""
+    answer is the clean prompt's wrong one. Facts with fewer than 2 neighbours or no partner are dropped.
+    With `split_of` ({subject: split}), a partner from another split than the fact's is re-drawn from the kept
+    facts of the fact's split (a second generator, so the other facts keep theirs); with none there, the fact
+    is dropped."""
     n_tok = lambda s: len(tok(s)["input_ids"])  # noqa: E731
     final = []
     for f in kept:
@@ -275,11 +351,19 @@ def finish_facts(kept: list[dict], candidates: list[dict], tok, rng: random.Rand
         if len(still) == len(final):
             break
         final = still
+    repick = random.Random(f"{SEED}:facts-partners")
+    out = []
     for f in final:     # the counterfactual target is the partner's true target, as in a flipped IOI pair
         g = rng.choice(partners(f, final))
+        if split_of is not None and split_of[g["meta"]["subject"]] != split_of[f["meta"]["subject"]]:
+            same = [h for h in partners(f, kept) if split_of[h["meta"]["subject"]] == split_of[f["meta"]["subject"]]]
+            if not same:
+                continue
+            g = repick.choice(same)
         f["corrupted"], f["wrong"] = g["prompt"], " " + g["meta"]["target_true"]
         f["meta"].update(target_new=g["meta"]["target_true"], corrupted_subject=g["meta"]["subject"])
-    return final
+        out.append(f)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,21 +376,34 @@ DIGITS = [str(d) for d in range(10)]
 SHOTS = [(1, 1), (3, 2), (2, 4), (4, 3), (1, 6), (5, 2), (2, 2), (6, 1)]
 
 
-def build_greater_than(rng: random.Random, n_years: int = 240) -> list[dict]:
+def greater_than_entities() -> dict[str, str]:
+    """{entity: split} for the event nouns and the sums "a + b" (a start year takes the split of the event it
+    is first drawn with: build_greater_than re-draws a year another split already has, and `label` adds it)."""
+    sums = [f"{a} + {b}" for a in range(1, 9) for b in range(1, 9) if a + b <= 9]
+    return partition([EVENTS, sums], "greater_than")
+
+
+def build_greater_than(rng: random.Random, n_years: int = 240, split_of: dict[str, str] | None = None) -> list[dict]:
     """Years: "The war lasted from the year 1732 to the year 173" -> a last digit > 2 (SmolLM2 tokenizes
     digits one by one, so the decade is given and the comparison is on the last digit; the start digit
     is 1..8). Corrupted: the start's last digit set to 0 (as Hanna et al.'s "01" start year).
     Arithmetic: 3 solved examples then "a + b = " -> the digit a+b (sums <= 9); corrupted: one operand
-    changed (sum still one digit, so the answer changes)."""
+    changed (sum still one digit, so the answer changes). With `split_of` ({event or sum: split}), a start
+    year already drawn for an event of another split, or a corrupted sum from another split than the clean
+    one, is re-drawn (a second generator, so the other rows keep theirs), so no year or sum is in two splits."""
+    repick = random.Random(f"{SEED}:greater_than-repick")
     out = []
+    year_split: dict[str, str] = {}
     for _ in range(n_years):
         century, decade, s = rng.randint(11, 19), rng.randint(0, 9), rng.randint(1, 8)
         ev = rng.choice(EVENTS)
+        while split_of is not None and year_split.setdefault(f"{century}{decade}{s}", split_of[ev]) != split_of[ev]:
+            century, decade, s = repick.randint(11, 19), repick.randint(0, 9), repick.randint(1, 8)
         stem = f"The {ev} lasted from the year {century}{decade}"
         prompt = f"{stem}{s} to the year {century}{decade}"
         out.append(dict(
             prompt=prompt, answer=str(s + 1), wrong=str(s), corrupted=f"{stem}0 to the year {century}{decade}",
-            meta=dict(kind="year", start=int(f"{century}{decade}{s}"), start_digit=s,
+            meta=dict(kind="year", event=ev, start=int(f"{century}{decade}{s}"), start_digit=s,
                       answers=DIGITS[s + 1:], wrongs=DIGITS[:s + 1],
                       metric_note="prob_diff: p(next digit > start digit) - p(next digit <= start digit); "
                                   "answer/wrong are the next and the same year (for logit_diff)")))
@@ -316,13 +413,17 @@ def build_greater_than(rng: random.Random, n_years: int = 240) -> list[dict]:
             shots = rng.sample([p for p in SHOTS if p != (a, b)], 3)
             pre = "".join(f"{x} + {y} = {x + y}\n" for x, y in shots)
             # corrupted: one operand changed, the sum still one digit (so the answer changes)
-            a2, b2 = rng.choice([(a, c) for c in range(1, 10 - a) if c != b] +
-                                [(c, b) for c in range(1, 10 - b) if c != a])
+            options = [(a, c) for c in range(1, 10 - a) if c != b] + [(c, b) for c in range(1, 10 - b) if c != a]
+            a2, b2 = rng.choice(options)
+            if split_of is not None and split_of[f"{a2} + {b2}"] != split_of[f"{a} + {b}"]:
+                same = [(x, y) for x, y in options if split_of[f"{x} + {y}"] == split_of[f"{a} + {b}"]]
+                a2, b2 = repick.choice(same) if same else (a2, b2)
             total = a + b
             wrong = total + 1 if total < 9 else total - 1
             out.append(dict(
                 prompt=f"{pre}{a} + {b} = ", answer=str(total), wrong=str(wrong), corrupted=f"{pre}{a2} + {b2} = ",
-                meta=dict(kind="arithmetic", a=a, b=b, corrupted_a=a2, corrupted_b=b2, answers=[str(total)],
+                meta=dict(kind="arithmetic", a=a, b=b, corrupted_a=a2, corrupted_b=b2, problem=f"{a} + {b}",
+                          corrupted_problem=f"{a2} + {b2}", answers=[str(total)],
                           wrongs=[d for d in DIGITS if d != str(total)],
                           metric_note="prob_diff: p(sum) - p(any other digit); wrong = off by one")))
     return out
@@ -344,11 +445,21 @@ PROFESSIONS = {
 GENDER_TEMPLATES = ["The {p} said that", "The {p} was late because", "The {p} finished the work and then"]
 
 
-def build_gender(tok, rng: random.Random) -> list[dict]:
+def gender_professions(tok) -> dict[str, str]:
+    """{profession: split}, partitioned 2:1:2 within each (stereotype, token length) stratum, so every split
+    has same-length professions of both stereotypes for the corrupted prompts."""
+    n_tok = lambda p: len(tok(" " + p, add_special_tokens=False)["input_ids"])  # noqa: E731
+    lengths = sorted({n_tok(p) for ps in PROFESSIONS.values() for p in ps})
+    return partition([[p for p in ps if n_tok(p) == n] for ps in PROFESSIONS.values() for n in lengths], "gender")
+
+
+def build_gender(tok, rng: random.Random, split_of: dict[str, str] | None = None) -> list[dict]:
     """Answer = the stereotyped pronoun, wrong = the other, so logit_diff > 0 means the model follows the
     stereotype. Corrupted: the same template with a profession of the other stereotype and the same
-    token length."""
+    token length. With `split_of`, a corrupted profession from another split than the clean one is re-drawn
+    from the clean one's split (a second generator, so the other rows keep theirs; none there: row left out)."""
     n_tok = lambda p: len(tok(" " + p, add_special_tokens=False)["input_ids"])  # noqa: E731
+    repick = random.Random(f"{SEED}:gender-corrupted")
     out = []
     for ti, tpl in enumerate(GENDER_TEMPLATES):
         for g, profs in PROFESSIONS.items():
@@ -358,6 +469,11 @@ def build_gender(tok, rng: random.Random) -> list[dict]:
                 if not partners:    # no same-length profession of the other stereotype: leave it out
                     continue
                 q = rng.choice(partners)
+                if split_of is not None and split_of[q] != split_of[p]:
+                    same = [x for x in partners if split_of[x] == split_of[p]]
+                    if not same:
+                        continue
+                    q = repick.choice(same)
                 he_she = (" she", " he") if g == "female" else (" he", " she")
                 out.append(dict(prompt=tpl.format(p=p), answer=he_she[0], wrong=he_she[1],
                                 corrupted=tpl.format(p=q),
@@ -386,6 +502,11 @@ SENT_TEMPLATES = [
     "Honestly, I {v} the {item} and the {aspect} was {adj}. My verdict: the {item} was",
 ]
 SENT_ANSWERS = [(" great", " terrible"), (" good", " bad"), (" excellent", " awful")]
+
+
+def sentiment_items() -> dict[str, str]:
+    """{item: split}, 2:1:2 over the items ("movie" and "film" together: the same thing)."""
+    return partition([[("movie", "film")] + [i for i, _ in SENT_ITEMS if i not in ("movie", "film")]], "sentiment")
 
 
 def build_sentiment(tok, rng: random.Random, n: int = 240) -> list[dict]:
@@ -426,6 +547,11 @@ ICL_NEG = ("a horrible mess|a terrible meal|an awful smell|a boring movie|a rude
            "a dirty room|a sad ending|a broken promise|a nasty cold|a bad dream|an ugly fight|"
            "a cruel joke|a rainy funeral|a long delay|a stolen wallet").split("|")
 ICL_FORMAT = "Input: {x}\nOutput:{y}\n\n"
+
+
+def icl_queries() -> dict[str, str]:
+    """{query phrase: split}, 2:1:2 within the positive and within the negative phrases."""
+    return partition([ICL_POS, ICL_NEG], "icl_labels")
 
 
 def build_icl(rng: random.Random, n: int = 200, shots: int = 8) -> list[dict]:
@@ -485,8 +611,38 @@ def write(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps({k: r.get(k) for k in ("prompt", "answer", "wrong", "corrupted", "meta")},
+            f.write(json.dumps({k: r.get(k) for k in ("prompt", "answer", "wrong", "corrupted", "split", "meta")},
                                ensure_ascii=False) + "\n")
+
+
+def finish(rows: list[dict], suite: str, split_of: dict[str, str], stats: dict, grow: bool = False) -> list[dict]:
+    """Label the rows' splits (`label`), check the splits are entity-disjoint, and add their sizes to stats."""
+    from mechanic.tasks.splits import check_disjoint
+    from mechanic.tasks.task import Example, Task
+
+    rows = label(rows, suite, split_of, grow)
+    task = Task(suite, [Example(r["prompt"], r["answer"], meta=r["meta"], split=r["split"]) for r in rows])
+    stats[f"{suite}/splits"] = check_disjoint(task)
+    return rows
+
+
+def sizes_table() -> str:
+    """Rows and distinct entities per split of every shipped suite and of the refusal instruction sets."""
+    from mechanic.tasks.builtin import list_tasks, load_task
+    from mechanic.tasks.splits import ENTITIES, check_disjoint
+    from mechanic.tasks.task import Example, Task
+
+    lines = ["| suite | entities | train | validation | test |", "|---|---|---|---|---|"]
+    cell = lambda d: f"{d['rows']} rows / {d['entities']} entities"  # noqa: E731
+    for name in list_tasks():
+        sizes = check_disjoint(load_task(name))
+        lines.append(f"| `{name}` | {', '.join(ENTITIES[name])} | " + " | ".join(cell(sizes[s]) for s in SPLITS) + " |")
+    for kind in ("harmful", "harmless"):
+        text = (Path(__file__).parents[1] / "data" / "safety" / f"{kind}.jsonl").read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        sizes = check_disjoint(Task("refusal", [Example(r["prompt"], "-", split=r["split"]) for r in rows]))
+        lines.append(f"| refusal `{kind}` | instruction | " + " | ".join(cell(sizes[s]) for s in SPLITS) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -496,7 +652,12 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", type=Path, default=SUITES_DIR)
     ap.add_argument("--only", default="ioi,facts,greater_than,gender,sentiment,icl_labels")
+    ap.add_argument("--sizes", action="store_true", help="print the split sizes of the shipped suites (a "
+                    "markdown table, as in docs/TASKS.md) and exit; needs no model")
     args = ap.parse_args(argv)
+    if args.sizes:
+        print(sizes_table())
+        return
     torch.manual_seed(SEED)
     model = mechanic.load(args.model)
     tok = model.tokenizer
@@ -504,7 +665,7 @@ def main(argv=None) -> None:
     stats = {}
 
     if "ioi" in only:
-        rows = build_ioi(tok, random.Random(SEED))
+        rows = finish(build_ioi(tok, random.Random(SEED)), "ioi", ioi_names(tok), stats)
         check_lengths(tok, rows, "ioi")
         ld, top1, _ = score(model, rows)
         ld_c, _, _ = score(model, rows, "corrupted")
@@ -520,7 +681,8 @@ def main(argv=None) -> None:
         kept = [c for c, ok in zip(cands, top1.tolist()) if ok]
         for c in kept:
             c["meta"]["model_check"] = "true target's first token is the top-1 prediction"
-        rows = finish_facts(kept, cands, tok, rng)
+        subjects = fact_subjects()
+        rows = finish(finish_facts(kept, cands, tok, rng, split_of=subjects), "facts", subjects, stats)
         check_lengths(tok, rows, "facts")
         para = [dict(prompt=p, answer=r["answer"], wrong=r["wrong"]) for r in rows for p in r["meta"]["paraphrases"]]
         pld, _, _ = score(model, para)
@@ -532,12 +694,13 @@ def main(argv=None) -> None:
         write(rows, args.out / "facts.jsonl")
 
     if "greater_than" in only:
-        cands = build_greater_than(random.Random(SEED))
+        entities = greater_than_entities()
+        cands = build_greater_than(random.Random(SEED), split_of=entities)
         check_lengths(tok, cands, "greater_than")
         logits = last_logits(model, [c["prompt"] for c in cands])
         top = logits.argmax(-1).tolist()
         ok = [tok.decode([t]) in c["meta"]["answers"] for c, t in zip(cands, top)]
-        rows = [c for c, o in zip(cands, ok) if o]
+        rows = finish([c for c, o in zip(cands, ok) if o], "greater_than", entities, stats, grow=True)
         for kind in ("year", "arithmetic"):
             sel = [o for c, o in zip(cands, ok) if c["meta"]["kind"] == kind]
             stats[f"greater_than/{kind}"] = dict(candidates=len(sel), correct=sum(sel),
@@ -546,7 +709,8 @@ def main(argv=None) -> None:
         write(rows, args.out / "greater_than.jsonl")
 
     if "gender" in only:
-        rows = build_gender(tok, random.Random(SEED))
+        professions = gender_professions(tok)
+        rows = finish(build_gender(tok, random.Random(SEED), professions), "gender", professions, stats)
         check_lengths(tok, rows, "gender")
         ld, _, _ = score(model, rows)
         sign = torch.tensor([r["meta"]["sign_he_minus_she"] for r in rows])
@@ -563,14 +727,14 @@ def main(argv=None) -> None:
         ld, _, _ = score(model, cands)
         ld_c, _, _ = score(model, cands, "corrupted")
         ok = (ld > 0) & (ld_c < 0)
-        rows = [c for c, o in zip(cands, ok.tolist()) if o]
+        rows = finish([c for c, o in zip(cands, ok.tolist()) if o], "sentiment", sentiment_items(), stats)
         stats["sentiment"] = dict(candidates=len(cands), clean_right=float((ld > 0).float().mean()),
                                   corrupted_right=float((ld_c < 0).float().mean()),
                                   both_right=float(ok.float().mean()), n=len(rows))
         write(rows, args.out / "sentiment.jsonl")
 
     if "icl_labels" in only:
-        rows = build_icl(random.Random(SEED))
+        rows = finish(build_icl(random.Random(SEED)), "icl_labels", icl_queries(), stats)
         check_lengths(tok, rows, "icl_labels")
         ld, top1, _ = score(model, rows)
         ld_c, _, _ = score(model, rows, "corrupted")

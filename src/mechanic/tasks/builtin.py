@@ -36,11 +36,13 @@ def suite_path(name: str) -> Path:
     return Path(str(resources.files("mechanic.tasks") / "suites" / f"{name}.jsonl"))
 
 
-def load_task(name: str, n: int | None = None, metric: str | None = None) -> Task:
-    """A built-in suite by name (first n examples if given), or a task file (.jsonl/.csv) by path."""
+def load_task(name: str, n: int | None = None, metric: str | None = None, split=None) -> Task:
+    """A built-in suite by name, or a task file (.jsonl/.csv) by path. `split` ("train", "validation", "test"
+    or a list of them) keeps only those rows (Task.split; entity-disjoint for the built-in suites); then the
+    first n rows if n is given. split=None: every row, in file order."""
     if name not in SUITES and Path(name).suffix.lower() in (".jsonl", ".json", ".ndjson", ".csv", ".tsv"):
         task = load_file(name, **({"metric": metric} if metric else {}))
-        return task.subset(n) if n is not None else task
+        return _pick(task, n, split)
     _check(name)
     default, description = SUITES[name]
     path = suite_path(name)
@@ -49,6 +51,11 @@ def load_task(name: str, n: int | None = None, metric: str | None = None) -> Tas
                         "installed without its suites/*.jsonl files. Reinstall mechanic, or rebuild them with "
                         "`python -m mechanic.tasks.build_suites`.")
     task = from_jsonl(path, name=name, metric=metric or default, description=description)
+    return _pick(task, n, split)
+
+
+def _pick(task: Task, n: int | None, split) -> Task:
+    task = task.split(split) if split is not None else task
     return task.subset(n) if n is not None else task
 
 

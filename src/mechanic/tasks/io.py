@@ -1,9 +1,11 @@
 """Load your own tasks from JSONL or CSV (and save a task as JSONL), with errors that name the file and line.
 
 JSONL: one JSON object per line with "prompt" and "answer" (strings), optionally "wrong", "corrupted"
-(strings or null) and "meta" (an object); any other key is kept in meta. CSV: a header row with at least
-the columns prompt and answer, optionally wrong, corrupted and meta (a JSON object); every other column
-goes to meta. Empty wrong/corrupted cells mean "none".
+(strings or null), "meta" (an object) and "split" ("train", "validation" or "test"); any other key is kept
+in meta. CSV: a header row with at least the columns prompt and answer, optionally wrong, corrupted, split
+and meta (a JSON object); every other column goes to meta. Empty wrong/corrupted/split cells mean "none".
+Rows without a split get one from a hash of their entity key when a split is asked for
+(mechanic.tasks.splits).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import json
 from pathlib import Path
 
 from mechanic.tasks import metrics
+from mechanic.tasks.splits import SPLITS
 from mechanic.tasks.task import Example, Task, TaskError
 
-FIELDS = ("prompt", "answer", "wrong", "corrupted", "meta")
+FIELDS = ("prompt", "answer", "wrong", "corrupted", "meta", "split")
 _EXPECT = ('"prompt" and "answer" (non-empty strings), and optionally "wrong" and "corrupted" (strings, '
            'or empty/null for none) and "meta" (a JSON object)')
 
@@ -72,7 +75,7 @@ def from_csv(path, name: str | None = None, metric: str = "logit_diff", descript
                         row["meta"] = json.loads(v)
                     except json.JSONDecodeError as e:
                         raise _row_error(path, lineno, f"the meta cell is not valid JSON ({e.msg})") from None
-            elif k in ("wrong", "corrupted"):
+            elif k in ("wrong", "corrupted", "split"):
                 row[k] = v if v != "" else None
             else:
                 row[k] = v
@@ -81,12 +84,14 @@ def from_csv(path, name: str | None = None, metric: str = "logit_diff", descript
 
 
 def to_jsonl(task: Task, path) -> Path:
-    """Write a task's examples as JSONL (the format from_jsonl reads)."""
+    """Write a task's examples as JSONL (the format from_jsonl reads; "split" only on labelled rows)."""
     path = Path(path)
     with path.open("w", encoding="utf-8") as f:
         for e in task.examples:
-            f.write(json.dumps(dict(prompt=e.prompt, answer=e.answer, wrong=e.wrong, corrupted=e.corrupted,
-                                    meta=e.meta), ensure_ascii=False) + "\n")
+            row = dict(prompt=e.prompt, answer=e.answer, wrong=e.wrong, corrupted=e.corrupted, meta=e.meta)
+            if e.split is not None:
+                row["split"] = e.split
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 
@@ -127,12 +132,18 @@ def _example(row: dict, path: Path, lineno: int) -> Example:
         v = row.get(k)
         if v is not None and not isinstance(v, str):
             raise _row_error(path, lineno, f'"{k}" is a {type(v).__name__} ({v!r}), not a string')
+    split = row.get("split")
+    if split is not None and split not in SPLITS:
+        raise TaskError(f'{path}, line {lineno}: "split" is {split!r}, which is not one of '
+                        f'{", ".join(map(repr, SPLITS))}. Use one of these, or leave "split" out and the row '
+                        "gets one from a hash of its entity key (mechanic.tasks.splits).")
     meta = row.get("meta") or {}
     if not isinstance(meta, dict):
         raise _row_error(path, lineno, f'"meta" is a {type(meta).__name__}, not an object')
     extra = {k: v for k, v in row.items() if k not in FIELDS}
     meta = {**extra, **meta}
-    return Example(row["prompt"], row["answer"], row.get("wrong") or None, row.get("corrupted") or None, meta)
+    return Example(row["prompt"], row["answer"], row.get("wrong") or None, row.get("corrupted") or None, meta,
+                   split=split)
 
 
 def _task(examples: list[Example], path: Path, name, metric, description) -> Task:

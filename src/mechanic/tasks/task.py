@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -15,13 +15,16 @@ class TaskError(ValueError):
 class Example:
     """One example: the clean prompt, its answer (first token counts), and optionally a wrong answer
     and a corrupted prompt with the same token length (for patching). meta["answers"] / meta["wrongs"]
-    (lists of strings), when given, are the full sets of acceptable / unacceptable answers (prob_diff)."""
+    (lists of strings), when given, are the full sets of acceptable / unacceptable answers (prob_diff).
+    `split` is "train", "validation", "test" or None (unlabelled: Task.split assigns one from a hash of the
+    example's entity, see mechanic.tasks.splits)."""
 
     prompt: str
     answer: str
     wrong: str | None = None
     corrupted: str | None = None
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    split: str | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass
@@ -73,6 +76,25 @@ class Task:
         """The first n examples (from start), same metric."""
         end = None if n is None else start + n
         return Task(self.name, self.examples[start:end], self.metric, self.description)
+
+    def split(self, which) -> Task:
+        """Only the rows of split `which` ("train", "validation", "test", or a list of them), in their order,
+        same name, metric and description. Unlabelled rows get their split from mechanic.tasks.splits
+        (a hash of the entity key, so the same on every run and machine); the returned examples carry it."""
+        from mechanic.tasks.splits import SPLITS, labels
+
+        names = [which] if isinstance(which, str) else list(which)
+        bad = [w for w in names if w not in SPLITS]
+        if bad or not names:
+            raise TaskError(f"Task {self.name!r}: unknown split {bad[0] if bad else which!r}; the splits are "
+                            f"{', '.join(map(repr, SPLITS))} (or a list of them).")
+        labelled = labels(self.examples)
+        kept = [replace(e, split=s) for e, s in zip(self.examples, labelled) if s in names]
+        if not kept:
+            have = {s: labelled.count(s) for s in SPLITS}
+            raise TaskError(f"Task {self.name!r} has no {' or '.join(names)} rows (rows per split: "
+                            f"{', '.join(f'{k} {v}' for k, v in have.items())}).")
+        return Task(self.name, kept, self.metric, self.description)
 
     def tokenize(self, model, align: bool = False) -> TaskBatch:
         """Tokenize for `model`. Clean and corrupted prompts must have equal token lengths (so positions
