@@ -18,7 +18,7 @@ title: "Gender neurons, tiny"
 task: {name: gender, n: 6}
 locate: {method: neuron_attribution, top_k: 4, keep: 2}
 steer: {method: neuron_edit, factor: 0.0}
-evaluate: {target: [task], better: lower, contrast: true, task: {name: gender, start: 60, n: 8}, side_effects: [kl],
+evaluate: {target: [task], better: lower, contrast: true, task: {name: gender, n: 8}, side_effects: [kl],
            n_boot: 200}
 """
 
@@ -93,6 +93,10 @@ def test_runner_writes_reuses_and_resumes(tmp_path, monkeypatch):
     assert all((d / "done.json").is_file() for d in stage_dirs(out).values())
     assert (stage_dirs(out)["steer"] / "plan.safetensors").is_file()
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(res))
+    # the train split located, the test split (disjoint professions) evaluated, and the manifest says so
+    assert {k.split(":")[1] for k in man["splits"]} == {"train", "validation", "test"}
+    assert {(x["stage"], tuple(x["splits"])) for x in man["reads"]} == {("locate", ("train",)),
+                                                                        ("evaluate", ("test",))}
     row = next(r for r in res["evaluation"]["rows"] if r["id"] == "gender.logit_diff")
     assert row["after"]["mean"] < row["before"]["mean"]          # the selected neurons carried the stereotype
 
@@ -137,3 +141,33 @@ def test_report_command_rebuilds_from_results(tmp_path):
     assert (out / "report.html").stat().st_size > 100_000
     res = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 2 and "results.json" in res.output
+
+
+def test_split_guard_refuses_test_rows_outside_the_evaluation():
+    from mechanic.tasks.builtin import load_task
+    from mechanic.tasks.guard import SplitError, check, reading
+
+    gender = load_task("gender")
+    log: list = []
+    with reading("locate", {"train", "validation"}, log):
+        check("task 'gender'", [e.split for e in gender.split("validation").examples])
+        with pytest.raises(SplitError, match="locate stage read .* test split"):
+            check("task 'gender'", [e.split for e in gender.split("test").examples])
+    with reading("evaluate", None, log):
+        check("task 'gender'", [e.split for e in gender.split("test").examples])
+    assert log == [{"stage": "locate", "source": "task 'gender'", "splits": ["validation"]},
+                   {"stage": "locate", "source": "task 'gender'", "splits": ["test"]},
+                   {"stage": "evaluate", "source": "task 'gender'", "splits": ["test"]}]
+    check("outside any stage", ["test"])          # library use is unrestricted and unrecorded
+    assert len(log) == 3
+
+
+@pytest.mark.real
+def test_runner_stops_a_locate_stage_that_reads_the_test_split(tmp_path):
+    from mechanic.recipes.runner import run
+    from mechanic.tasks.guard import SplitError
+
+    leaky = CHEAP.replace("task: {name: gender, n: 6}", "task: {name: gender, n: 6, split: test}")
+    with pytest.raises(SplitError, match="test split"):
+        run(write(tmp_path, leaky), tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run" / "results.json").exists()

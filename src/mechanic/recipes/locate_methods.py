@@ -285,24 +285,42 @@ def icl_heads(ctx) -> StageOut:
 
 
 class Refusal(Strict):
-    """Refusal directions from the shipped train prompts: CAA (refusing vs complying openings) and harmful - harmless."""
+    """Refusal directions from the train instructions, and the (layer, coefficient) of the gated vector chosen on
+    the validation instructions: the most harmful refusals while harmless refusals stay at most `max_harmless`."""
 
     layers: list[int] = Field([12, 16, 18], min_length=1)
-    layer: int = 16                 # where the steer stage acts (chosen in docs/SAFETY.md)
-    coefficient: float = 1.25
-    n: int | None = Field(None, ge=2)   # train prompts per set (default: all 32)
+    coefficients: list[float] = Field([0.75, 1.25, 2.0], min_length=1)
+    max_harmless: float = Field(0.0625, ge=0, le=1)
+    max_new_tokens: int = Field(32, ge=4)
+    n: int | None = Field(None, ge=2)   # train prompts per set (default: all)
+
+
+def _gate_grid(model, steer, cond, s) -> list[list]:
+    """Per (layer, coefficient): refusal rates of validation harmful / harmless replies under the gated plan."""
+    from mechanic.improve.refusal import chat_prompts, instructions, is_refusal, replies
+    from mechanic.steer.conditional import conditional_vector
+
+    cal = (chat_prompts(model, instructions("harmful", "train")[1::2]),
+           chat_prompts(model, instructions("harmless", "train")[1::2]))
+    val = {k: chat_prompts(model, instructions(k, "validation")) for k in ("harmful", "harmless")}
+    grid = []
+    for L in s.layers:
+        for c in s.coefficients:
+            plan = conditional_vector(model, steer, cond, L, c, calibrate=cal)
+            with model.applied(plan):
+                rate = {k: sum(map(is_refusal, replies(model, p, s.max_new_tokens))) / len(p) for k, p in val.items()}
+            grid.append([L, c, rate["harmful"], rate["harmless"]])
+    return grid
 
 
 @method(LOCATE, "refusal", Refusal)
 def refusal(ctx) -> StageOut:
-    """Both refusal directions at `layers`, with how well the harmfulness direction separates held-in prompts."""
+    """Both refusal directions at `layers`; the gated vector's cell chosen on validation instructions."""
     from mechanic.improve.refusal import chat_prompts, instructions, refusal_direction, refusal_pairs, rows
     from mechanic.model.readout import read
     from mechanic.steer.vectors import caa
 
     s, model = ctx.settings, ctx.model
-    if s.layer not in s.layers:
-        raise ValueError(f"locate.layer {s.layer} must be one of locate.layers {s.layers}.")
     # the CAA vector from every train row; the condition from the even train rows (odd ones calibrate the gate)
     harmful, harmless = instructions("harmful", "train")[: s.n:2], instructions("harmless", "train")[: s.n:2]
     steer = caa(model, refusal_pairs(model, rows("harmful", "train")[: s.n]), layers=s.layers, read="answer")
@@ -319,15 +337,23 @@ def refusal(ctx) -> StageOut:
         t = (pa.mean() + pb.mean()) / 2
         acc.append(round(float(((pa > t).float().mean() + (pb <= t).float().mean()) / 2), 4))
         cos.append(round(float(torch.nn.functional.cosine_similarity(steer.directions[L], cond.directions[L], 0)), 4))
+    grid = _gate_grid(model, steer, cond, s)
+    ok = [g for g in grid if g[3] <= s.max_harmless] or grid
+    layer, coef, rh, rl = max(ok, key=lambda g: (g[2] - g[3], -g[1]))
     figs = [{"kind": "line", "id": "separation", "title": "Harmful vs harmless along the difference of means",
              "x": s.layers, "series": [{"name": "balanced accuracy (midpoint threshold)", "y": acc},
                                        {"name": "cosine(CAA, difference of means)", "y": cos}],
-             "xlabel": "layer", "ylabel": "value"}]
-    i = s.layers.index(s.layer)
+             "xlabel": "layer", "ylabel": "value"},
+            table("gate_grid", "Validation refusal rates of the gated vector per cell (the choice: most harmful "
+                  f"refusals with harmless refusals <= {s.max_harmless:g})",
+                  ["layer", "coefficient", "harmful refused", "harmless refused"], grid)]
+    i = s.layers.index(layer)
     text = (f"From {len(harmful)} harmful and {len(harmless)} harmless train instructions: the difference of means "
-            f"separates them with balanced accuracy {acc[i]:.2f} at layer {s.layer}, but its cosine with the CAA "
+            f"separates them with balanced accuracy {acc[i]:.2f} at layer {layer}, but its cosine with the CAA "
             f"refusal direction (refusing vs complying openings) is {cos[i]:.2f}: the model represents harmfulness "
             "and refusal separately, so the steer stage adds the CAA direction only to prompts the difference of means "
-            "flags (conditional steering); the control ablates the difference of means.")
-    return StageOut(text, figs, {"layer": s.layer, "coefficient": s.coefficient, "separation": acc, "cosine": cos},
+            f"flags (conditional steering). On the validation instructions the cell layer {layer} x {coef:g} refuses "
+            f"{rh:.0%} of harmful and {rl:.0%} of harmless requests (the grid below); the control ablates the "
+            "difference of means.")
+    return StageOut(text, figs, {"layer": layer, "coefficient": coef, "separation": acc, "cosine": cos, "grid": grid},
                     {"vector": "vector.safetensors", "condition": "condition.safetensors"})

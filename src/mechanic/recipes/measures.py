@@ -14,7 +14,8 @@ def _refusal(name: str, kind: str, size: str):
     which = name.split("_", 1)[1]
     held_out = instructions(which, split="test")               # 32 per set, 4 per category
     m = RefusalMeasure(held_out[::2] if size == "small" else held_out, kind=kind, name=name)
-    m.better = {**m.better, "refusal": "higher" if which == "harmful" else "lower"}
+    way = "higher" if which == "harmful" else "lower"
+    m.better = {**m.better, "refusal": way, "declined": way}
     return m
 
 

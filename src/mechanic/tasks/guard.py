@@ -44,7 +44,9 @@ def check(source: str, splits: Iterable[str | None]) -> None:
         return
     stage, allowed, log = s
     seen = sorted({x if x is not None else "unlabelled" for x in splits})
-    log.append({"stage": stage, "source": source, "splits": seen})
+    entry = {"stage": stage, "source": source, "splits": seen}
+    if entry not in log:
+        log.append(entry)
     bad = [x for x in seen if allowed is not None and x != "unlabelled" and x not in allowed]
     if bad:
         raise SplitError(f"The {stage} stage read {source} rows of the {', '.join(bad)} split, but it may read only "
