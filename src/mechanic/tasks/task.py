@@ -99,6 +99,9 @@ class Task:
     def tokenize(self, model, align: bool = False) -> TaskBatch:
         """Tokenize for `model`. Clean and corrupted prompts must have equal token lengths (so positions
         match) unless align=True, which left-pads each pair to a common length (ends aligned)."""
+        from mechanic.tasks.guard import check
+
+        check(f"task {self.name!r}", [e.split for e in self.examples])   # a recipe stage may read only its splits
         tok = model.tokenizer
         if tok is None:
             raise TaskError("This model has no tokenizer; tasks need one to turn prompts into tokens.")
