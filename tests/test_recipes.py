@@ -171,3 +171,16 @@ def test_runner_stops_a_locate_stage_that_reads_the_test_split(tmp_path):
     with pytest.raises(SplitError, match="test split"):
         run(write(tmp_path, leaky), tmp_path / "run", log=lambda m: None)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_declared_margins_reach_the_verdict():
+    from mechanic.improve.verdict import Margin, resolve_margins
+    from mechanic.recipes.schema import load_recipe
+
+    recipe, _ = load_recipe(recipe_path("fact-editing"))
+    declared = {k: v.model_dump() for k, v in recipe.evaluate.protect.items()}
+    rows = [{"id": "edit.neighborhood", "kind": "target", "better": "higher"},
+            {"id": "edit.efficacy", "kind": "target", "better": "higher"},
+            {"id": "ioi.accuracy", "kind": "side", "better": "higher"}]
+    m = resolve_margins(declared, rows)
+    assert m == {"edit.neighborhood": Margin(0.05), "ioi.accuracy": Margin(0.02)}

@@ -48,7 +48,7 @@ def run_evaluation(recipe: Recipe, m, d: Path, measures: list, plan, control_pla
     before = collect_before(m, measures, recipe.seed)
     ev = evaluate(m, plan, measures, before=before, **kw)
     data: dict = {"evaluation": ev.to_dict()}
-    margins = resolve_margins(spec.protect, ev.rows)
+    margins = resolve_margins({k: v.model_dump() for k, v in spec.protect.items()}, ev.rows)
     data["verdict"] = judge(ev.rows, margins)
     figs = ev.figures()
     if control_plan is not None:
