@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -29,7 +30,7 @@ def main() -> None:
     p.add_argument("--acdc-start", type=int, default=300, help="ACDC prunes the top-n EAP-IG circuit")
     p.add_argument("--acdc-threshold", type=float, default=0.01)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))  # benchmarks/run.py --threads
     m = mechanic.load(args.model)
     suite = load_task("ioi")
     step = max(1, len(suite) // args.n)

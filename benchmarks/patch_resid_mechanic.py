@@ -1,17 +1,24 @@
-"""mechanic side of the patching benchmark: resid_pre layers x positions for one IOI pair, against a naive
-one-hook-per-run loop and simple batching (64 runs a forward) written with plain torch hooks."""
+"""mechanic side of the patching benchmark: resid_pre layers x positions for one clean/corrupted pair, against a
+naive one-hook-per-run loop and simple batching (64 runs a forward) written with plain torch hooks.
+
+Every method is timed with benchmarks/peers/_common.time_against_plain, as the TransformerLens side is: the same
+repeats after the same warm-up, each run preceded by a plain HF forward of the corrupted prompt."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent / "peers"))
 
-import mechanic
-from mechanic.locate.causal import patch
-from mechanic.tasks import Example, Task
+import torch  # noqa: E402
+from _common import setup_torch, time_against_plain  # noqa: E402
+
+import mechanic  # noqa: E402
+from mechanic.locate.causal import patch  # noqa: E402
+from mechanic.tasks import Example, Task  # noqa: E402
 
 
 def plain_runs(model, pair, batch_rows: int) -> torch.Tensor:
@@ -54,34 +61,35 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--pair", required=True)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--naive", action="store_true", help="Also time the one-run-per-patch loop (slow).")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    setup_torch()
     pair = json.load(open(args.pair))
     model = mechanic.load(args.model)
-    task = Task("ioi-pair", [Example(pair["clean"], pair["answer"], pair["wrong"], pair["corrupted"])])
-    assert task.tokenize(model).clean["input_ids"][0].tolist() == pair["clean_ids"]
-    patch(model, task, "resid_pre", progress=False)  # warm-up
-    times, scores = [], None
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        scores = patch(model, task, "resid_pre", positions="all", progress=False)
-        times.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    every = patch(model, task, "resid_pre", positions="all", progress=False, skip_unchanged=False)
-    every_s = time.perf_counter() - t
-    t = time.perf_counter()
-    batched = plain_runs(model, pair, 64)
-    batched_s = time.perf_counter() - t
-    result = {"peer": "mechanic", "version": mechanic.__version__, "tool_s": times, "values": scores.values.tolist(),
-              "runs_computed": scores.settings["runs_computed"],
-              "every_s": every_s, "every_values": every.values.tolist(), "batched64_s": batched_s, "batched64_values": batched.tolist()}
+    task = Task("pair", [Example(pair["clean"], pair["answer"], pair["wrong"], pair["corrupted"])])
+    ids = task.tokenize(model)
+    assert ids.clean["input_ids"][0].tolist() == pair["clean_ids"]
+    assert ids.corrupted["input_ids"][0].tolist() == pair["corrupted_ids"]
+    corr = torch.tensor([pair["corrupted_ids"]])
+    fns = {"tool": lambda: patch(model, task, "resid_pre", positions="all", progress=False),
+           "every": lambda: patch(model, task, "resid_pre", positions="all", progress=False, skip_unchanged=False),
+           "batched64": lambda: plain_runs(model, pair, 64)}
     if args.naive:
-        t = time.perf_counter()
-        naive = plain_runs(model, pair, 1)
-        result["naive_s"] = time.perf_counter() - t
-        result["naive_values"] = naive.tolist()
+        fns["naive"] = lambda: plain_runs(model, pair, 1)
+    times, outs = time_against_plain(lambda: model.hf(corr), fns, args.repeats, args.warmup)
+    result = {"peer": "mechanic", "version": mechanic.__version__, "transformers": __import__("transformers").__version__,
+              "torch": torch.__version__, "repeats": args.repeats, "warmup": args.warmup,
+              "plain_s": times.pop("plain"), "tool_s": times.pop("tool"), "values": outs["tool"].values.tolist(),
+              "runs_computed": outs["tool"].settings["runs_computed"],
+              "runs_unchanged": outs["tool"].settings["runs_unchanged"],
+              "every_s": times["every"], "every_values": outs["every"].values.tolist(),
+              "every_runs_computed": outs["every"].settings["runs_computed"],
+              "batched64_s": times["batched64"], "batched64_values": outs["batched64"].tolist()}
+    if args.naive:
+        result["naive_s"] = times["naive"]
+        result["naive_values"] = outs["naive"].tolist()
     print(json.dumps(result))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -23,7 +24,7 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=5)
     p.add_argument("--stats-tokens", type=int, default=32768)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))  # benchmarks/run.py --threads
     m = mechanic.load(args.model)
     # subjects past the first token (SmolLM2's first token is an attention sink: see docs/STEERING.md)
     pool = [f for f in facts_from_task(load_task("facts")) if subject_positions(m, f.prompt, f.subject)[-1] > 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from mechanic.model.interventions import add  # noqa: E402
 
 def main() -> None:
     args = parse_args(__doc__)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))  # benchmarks/run.py --threads
     m = mechanic.load(args.model)
     inputs = batch(m.tokenizer)
     ivs = [add(f"L{LAYER}.resid_post", vector(m.dims.d_model), coef=COEF)]

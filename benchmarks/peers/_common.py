@@ -29,7 +29,10 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def setup_torch() -> None:
-    torch.set_num_threads(2)
+    """Threads from $BENCH_THREADS (benchmarks/run.py --threads; 2 by default), no autograd."""
+    import os
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     torch.set_grad_enabled(False)
 
 
@@ -163,6 +166,30 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
             if r >= warmup:
                 times[k].append(dt)
     return times
+
+
+def time_against_plain(plain: Callable[[], object], fns: dict[str, Callable[[], object]], repeats: int,
+                       warmup: int) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Slow methods timed with the plain forward right before each run, so their ratio cancels machine noise.
+
+    Round r runs, for every method k in order: plain(), then fn_k(). Rounds < warmup are untimed. Returns
+    (seconds: {"plain": [...repeats * len(fns)], k: [...repeats]}, the last output of each method). Every
+    benchmark process (mechanic or peer) calls this with the same repeats and warmup.
+    """
+    times: dict[str, list[float]] = {"plain": [], **{k: [] for k in fns}}
+    outs: dict[str, object] = {}
+    for r in range(warmup + repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            plain()
+            t1 = time.perf_counter()
+            outs[k] = fn()
+            t2 = time.perf_counter()
+            if r >= warmup:
+                times["plain"].append(t1 - t0)
+                times[k].append(t2 - t1)
+            log(f"round {r}{' (warm-up)' if r < warmup else ''}: plain {1e3 * (t1 - t0):.0f} ms, {k} {t2 - t1:.2f} s")
+    return times, outs
 
 
 def report(peer: str, package: str, times: dict[str, list[float]], diff: float, meta: dict) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from _common import load_model, shared_weight_twin
 from _steer import COEF, LAYER, NEW, batch, parse_args, run, vector
@@ -10,7 +12,7 @@ from repeng import ControlModel, ControlVector
 
 def main() -> None:
     args = parse_args(__doc__)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))  # benchmarks/run.py --threads
     model, tok = load_model(args.model)
     inputs = batch(tok)
     gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from _common import load_model
 from _steer import COEF, LAYER, NEW, batch, parse_args, run, vector
@@ -10,7 +12,7 @@ from steering_vectors import SteeringVector
 
 def main() -> None:
     args = parse_args(__doc__)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))  # benchmarks/run.py --threads
     model, tok = load_model(args.model)
     inputs = batch(tok)
     sv = SteeringVector({LAYER: vector(model.config.hidden_size)}, "decoder_block")
