@@ -199,11 +199,11 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
 
     def evaluation(d: Path) -> StageOut:
         spec = recipe.evaluate
-        targets = target_measures(spec.target, m, eval_task, spec.better, spec.size, spec.contrast)
         exclude = [eval_task.name] if eval_task is not None else []   # the suite measured as the target
         plan = Plan.load(steer_dir / "plan.safetensors")
         cplan = Plan.load(control_dir / "plan.safetensors") if control_dir is not None else None
-        with reading("evaluate", None, reads):
+        with reading("evaluate", None, reads):      # measures load their rows here (refusal: the test split)
+            targets = target_measures(spec.target, m, eval_task, spec.better, spec.size, spec.contrast)
             res = run_evaluation(recipe, m, d, targets + side_measures(spec, m, exclude), plan, cplan,
                                  (lambda: random_plans(d)) if recipe.baselines.random else None)
         write_text(d / "evaluation.json", json.dumps(res.data, indent=1))
