@@ -59,7 +59,7 @@ def resolve_margins(declared: dict | None, rows: list[dict], defaults: bool = Tr
     Default patterns apply to side-effect rows only; a declared pattern may also protect a target
     measure's row (e.g. "edit.neighborhood"), which then counts as protected, not as a target.
     """
-    pats = {**({k: v for k, v in DEFAULT_MARGINS.items()} if defaults else {}),
+    pats = {**(DEFAULT_MARGINS if defaults else {}),
             **{k: (v if isinstance(v, Margin) else Margin(**v)) for k, v in (declared or {}).items()}}
     out: dict[str, Margin] = {}
     for r in rows:

@@ -8,8 +8,6 @@ random variant, seeds 0..draws-1) scored on the target rows, with the plan's per
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from mechanic.recipes.methods import StageOut
 from mechanic.recipes.schema import Recipe
 
@@ -38,7 +36,7 @@ def random_summary(ev: dict, draws: list[dict]) -> dict:
     return out
 
 
-def run_evaluation(recipe: Recipe, m, d: Path, measures: list, plan, control_plan, random_plans) -> StageOut:
+def run_evaluation(recipe: Recipe, m, measures: list, plan, control_plan, random_plans) -> StageOut:
     """Evaluate the plan, control, prompt baseline and random draws; the StageOut holds every evaluation and verdict."""
     from mechanic.improve.evaluate import Prompt, collect_before, evaluate
     from mechanic.improve.verdict import judge, resolve_margins

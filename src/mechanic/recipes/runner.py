@@ -204,7 +204,7 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
         cplan = Plan.load(control_dir / "plan.safetensors") if control_dir is not None else None
         with reading("evaluate", None, reads):      # measures load their rows here (refusal: the test split)
             targets = target_measures(spec.target, m, eval_task, spec.better, spec.size, spec.contrast)
-            res = run_evaluation(recipe, m, d, targets + side_measures(spec, m, exclude), plan, cplan,
+            res = run_evaluation(recipe, m, targets + side_measures(spec, m, exclude), plan, cplan,
                                  (lambda: random_plans(d)) if recipe.baselines.random else None)
         write_text(d / "evaluation.json", json.dumps(res.data, indent=1))
         return res
@@ -265,7 +265,7 @@ def split_hashes(*tasks) -> dict:
     for t in tasks:
         if t is None:
             continue
-        rows = [[e.prompt, e.answer, e.wrong, e.corrupted, getattr(e, "split", None)] for e in t.examples]
+        rows = [[e.prompt, e.answer, e.wrong, e.corrupted, e.split] for e in t.examples]
         split = sorted({str(r[-1]) for r in rows})
         out[f"{t.name}:{'+'.join(split)}"] = {"rows": len(rows), "sha256": hashlib.sha256(
             json.dumps(rows, sort_keys=True).encode()).hexdigest()}

@@ -225,15 +225,15 @@ def verdict(results: dict, plots: list) -> str:
     base = results.get("baselines") or {}
     figs_html = "".join(figure(f, f"verdict_figures.{j}", plots)
                         for j, f in enumerate(results.get("verdict_figures") or []))
-    lines = []
+    lines = []                                   # each line built from escaped pieces
     if "control_verdict" in results:
-        lines.append(f"Control: {results['control_verdict']['label']}.")
+        lines.append(esc(f"Control: {results['control_verdict']['label']}."))
     if "prompt" in base:
-        lines.append(f"Prompting baseline ({base['prompt']['prefix']!r}): {base['prompt']['verdict']['label']}.")
+        lines.append(esc(f"Prompting baseline ({base['prompt']['prefix']!r}): {base['prompt']['verdict']['label']}."))
     if "random" in base:
-        lines += [f"{esc(k)}: the plan's change {fmt(x['located'], '+.3g')} beats "
+        lines += [f"{esc(k)}: the plan's change {esc(fmt(x['located'], '+.3g'))} beats "
                   f"{num(f'baselines.random.{k}.percentile', x['percentile'], fmt(x['percentile'], '.0f'))}% of "
                   f"{len(x['draws'])} random draws ({esc(base['random']['method'])})." for k, x in base["random"]["rows"].items()]
-    text = "".join(f"<p>{ln if '<span' in ln else esc(ln)}</p>" for ln in lines)
+    text = "".join(f"<p>{ln}</p>" for ln in lines)
     return (f'<section class="card verdict"><h2>Verdict: {esc(v["label"])}</h2><p>{esc(v["text"])}</p>{table}'
             f"{text}{figs_html}</section>")

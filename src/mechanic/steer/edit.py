@@ -49,7 +49,7 @@ def facts_from_task(task) -> list[Fact]:
     """Facts from a CounterFact-style task (the built-in `facts` suite): meta subject, paraphrases, neighbourhood."""
     from mechanic.tasks.guard import check
 
-    check(f"task {task.name!r} (facts)", [getattr(e, "split", None) for e in task.examples])
+    check(f"task {task.name!r} (facts)", [e.split for e in task.examples])
     out = []
     for e in task.examples:
         m = e.meta

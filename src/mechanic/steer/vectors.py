@@ -202,7 +202,7 @@ def pairs_from_task(task, answers: bool = False) -> list[tuple]:
     """
     from mechanic.tasks.guard import check
 
-    check(f"task {task.name!r} (pairs)", [getattr(e, "split", None) for e in task.examples])
+    check(f"task {task.name!r} (pairs)", [e.split for e in task.examples])
     if answers:
         missing = [i for i, e in enumerate(task.examples) if e.wrong is None]
         if missing:
