@@ -556,8 +556,12 @@ def evaluate(model, plan, measures, *, seed: int = 0, n_boot: int = 2000, level:
         prompted = isinstance(plan, Prompt)
         with contextlib.nullcontext() if prompted else model.applied(plan):
             for m in measures:
+                now = m.prefixed(plan.prefix) if prompted else m
+                if now is m and prompted:        # a prompt cannot reach raw prose: after is before, no second pass
+                    after[m.name] = before[m.name]
+                    continue
                 t = time.perf_counter()
-                after[m.name] = _collect(model, m.prefixed(plan.prefix) if prompted else m, before[m.name], seed)
+                after[m.name] = _collect(model, now, before[m.name], seed)
                 seconds[m.name]["after"] = time.perf_counter() - t
     rows, samples = [], []
     for m in measures:
