@@ -300,6 +300,14 @@ NEUTRAL_OPENINGS = ("The weather this morning", "My favourite way to spend a wee
                     "The children ran to the", "The map showed a road", "Late in the evening, the")
 
 
+VALIDATION_OPENINGS = ("The kitchen smelled of", "Our plan for the holiday was", "The road into the mountains",
+                       "Yesterday the library announced", "The garden in spring", "A fisherman on the pier",
+                       "The students in the hall", "The price of bread", "My aunt told me that",
+                       "The lighthouse on the island", "Before the storm arrived,", "The local football team",
+                       "The story begins in a", "Walking through the park, I", "The factory at the edge of town",
+                       "The doctor explained that")
+
+
 class FluencyMeasure(Measure):
     """ROME's n-gram entropy of greedy continuations of neutral openings, one value per prompt."""
 
@@ -338,14 +346,21 @@ class FluencyMeasure(Measure):
 
 
 # small: >= 8 items per row (the smallest n whose sign-flip test can reach p < 0.01), one SmolLM2 pass in seconds;
-# full: every row of each suite (>= 128 each, so a 2-point accuracy margin is testable) and 64 windows of prose
+# full: every row of each suite outside its validation split (>= 112 each, so a 2-point accuracy margin is testable)
+# and 64 windows of prose
 SIZES = {"small": {"examples": 12, "ppl_tokens": 512, "kl_tokens": 512, "seq_len": 64, "prompts": 8, "new_tokens": 32},
          "full": {"examples": None, "ppl_tokens": 8192, "kl_tokens": 4096, "seq_len": 128, "prompts": 32,
                   "new_tokens": 40}}
 
 
-def default_side_effects(model, exclude=(), size: str = "small") -> list[Measure]:
-    """Perplexity, KL and fluency on neutral text, and every built-in suite not in `exclude` (kind "side")."""
+def default_side_effects(model, exclude=(), size: str = "small", selection: bool = False) -> list[Measure]:
+    """Perplexity, KL and fluency on neutral text, and every built-in suite not in `exclude` (kind "side").
+
+    The validation rows of every suite are kept for selections: `selection=True` gives those rows,
+    calibration prose and the validation openings (what a selection may read); the default gives every
+    other row, held-out prose and the evaluation openings (what the evaluation reads).
+    """
+    from mechanic.data.text import calibration
     from mechanic.tasks.builtin import list_tasks, load_task
     from mechanic.tasks.task import Task
 
@@ -360,19 +375,22 @@ def default_side_effects(model, exclude=(), size: str = "small") -> list[Measure
         raise EvaluateError(f"Cannot exclude {bad}: the default side effects are {', '.join(known)}.")
     z = SIZES[size]
     out: list[Measure] = []
+    prose = calibration() if selection else None
+    openings = VALIDATION_OPENINGS if selection else NEUTRAL_OPENINGS
     if "perplexity" not in exclude:
-        out.append(PerplexityMeasure(max_tokens=z["ppl_tokens"], seq_len=z["seq_len"]))
+        out.append(PerplexityMeasure(prose, max_tokens=z["ppl_tokens"], seq_len=z["seq_len"]))
     if "kl" not in exclude:
-        out.append(KLMeasure(max_tokens=z["kl_tokens"], seq_len=z["seq_len"]))
+        out.append(KLMeasure(prose, max_tokens=z["kl_tokens"], seq_len=z["seq_len"]))
     if "fluency" not in exclude:
-        out.append(FluencyMeasure(list(NEUTRAL_OPENINGS[:z["prompts"]]), max_new_tokens=z["new_tokens"]))
+        out.append(FluencyMeasure(list(openings[:z["prompts"]]), max_new_tokens=z["new_tokens"]))
     for name in list_tasks():
         if name in exclude:
             continue
         task = load_task(name)
-        k = len(task) if z["examples"] is None else min(z["examples"], len(task))
-        pick = np.unique(np.linspace(0, len(task) - 1, k).round().astype(int))
-        out.append(TaskMeasure(Task(task.name, [task.examples[i] for i in pick], task.metric, task.description),
+        rows = [e for e in task.examples if (e.split == "validation") == selection]
+        k = len(rows) if z["examples"] is None else min(z["examples"], len(rows))
+        pick = np.unique(np.linspace(0, len(rows) - 1, k).round().astype(int))
+        out.append(TaskMeasure(Task(task.name, [rows[i] for i in pick], task.metric, task.description),
                                kind="side"))
     return out
 
