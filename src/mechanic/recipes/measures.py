@@ -8,19 +8,20 @@ TARGETS = ("task", "edit", "perplexity", "refusal_harmful", "refusal_harmless")
 SIDE = ("perplexity", "kl", "fluency", "suites")
 
 
-def _refusal(name: str, kind: str, size: str):
+def _refusal(name: str, kind: str, size: str, split: str):
     from mechanic.improve.refusal import RefusalMeasure, instructions
 
     which = name.split("_", 1)[1]
-    held_out = instructions(which, split="test")               # 32 per set, 4 per category
-    m = RefusalMeasure(held_out[::2] if size == "small" else held_out, kind=kind, name=name)
+    rows = instructions(which, split=split)               # test: 32 per set, 4 per category
+    m = RefusalMeasure(rows[::2] if size == "small" else rows, kind=kind, name=name)
     way = "higher" if which == "harmful" else "lower"
     m.better = {**m.better, "refusal": way, "declined": way}
     return m
 
 
-def target_measures(names: list[str], model, task, better: str | None, size: str, contrast: bool = False) -> list:
-    """The measures of the behaviour the plan should change."""
+def target_measures(names: list[str], model, task, better: str | None, size: str, contrast: bool = False,
+                    split: str = "test") -> list:
+    """The measures of the behaviour the plan should change (`split`: the refusal sets' rows to read)."""
     from mechanic.improve.evaluate import EditMeasure, TaskMeasure
     from mechanic.steer.edit import facts_from_task
 
@@ -42,34 +43,33 @@ def target_measures(names: list[str], model, task, better: str | None, size: str
             m.kind = "target"
             out.append(m)
         elif name.startswith("refusal_"):
-            out.append(_refusal(name, "target", size))
+            out.append(_refusal(name, "target", size, split))
         else:
             raise RecipeError(f"evaluate.target {name!r} is not a measure; choose from {', '.join(TARGETS)}.")
     return out
 
 
-def side_measures(spec, model, exclude: list[str]) -> list:
-    """Side effects: the default set (perplexity, KL, fluency, other suites) or the named ones."""
-    from mechanic.improve.evaluate import FluencyMeasure, KLMeasure, PerplexityMeasure, default_side_effects
+def side_measures(spec, model, exclude: list[str], selection: bool = False) -> list:
+    """Side effects: the default set (perplexity, KL, fluency, other suites) or the named ones.
 
+    `selection=True` gives what a selection may read (validation rows, calibration prose), else what
+    the evaluation reads (see improve.evaluate.default_side_effects).
+    """
+    from mechanic.improve.evaluate import default_side_effects
     from mechanic.tasks.builtin import list_tasks
 
     exclude = [x for x in exclude if x in list_tasks()]   # a user's task file is not among the built-in suites
     if spec.side_effects == "none":
         return []
+    every = default_side_effects(model, exclude=exclude, size=spec.size, selection=selection)
     if spec.side_effects == "default":
-        return default_side_effects(model, exclude=exclude, size=spec.size)
+        return every
     out = []
     for name in spec.side_effects:
-        if name == "perplexity":
-            out.append(PerplexityMeasure())
-        elif name == "kl":
-            out.append(KLMeasure())
-        elif name == "fluency":
-            out.append(FluencyMeasure())
+        if name in ("perplexity", "kl", "fluency"):
+            out += [m for m in every if m.name == name]
         elif name == "suites":
-            out += [m for m in default_side_effects(model, exclude=exclude, size=spec.size)
-                    if m.name not in ("perplexity", "kl", "fluency")]
+            out += [m for m in every if m.name not in ("perplexity", "kl", "fluency")]
         else:
             raise RecipeError(f"evaluate.side_effects {name!r} is not a measure; choose 'default', 'none' or a "
                               f"list of {', '.join(SIDE)}.")

@@ -135,8 +135,8 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
         reuse: bool = True, log: Callable[[str], None] = print, report: bool = True) -> dict:
     """Execute a recipe into `out` and return results (also written to out/results.json).
 
-    locate, steer and control read the train split of the recipe's task (selections: its validation
-    split); only the evaluation reads the test split (mechanic.tasks.guard enforces it and records reads).
+    locate, steer and control read the train split of the recipe's task (selections, the select stage
+    included: validation splits); only the evaluation reads the test split (mechanic.tasks.guard enforces it and records reads).
     """
     import torch
 
@@ -178,9 +178,18 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     steered = {**ctx, "found": found, "found_dir": found_dir}
     if recipe.steer.method in EDIT_METHODS:      # an edit's requests are its input; their evaluation prompts are not
         steered["task"] = edit_requests(eval_task)
-    skey = key_of(base, "steer", recipe.steer.model_dump(), lkey)
+    steer_spec, random_spec, choice_key = recipe.steer, recipe.baselines.random, None
+    if recipe.select is not None:
+        choice_key = key_of(base, "select", recipe.select.model_dump(), recipe.steer.model_dump(),
+                            recipe.evaluate.model_dump(), lkey)
+        chosen, _ = R.stage("select", choice_key, f"Select: {recipe.steer.method} settings on validation rows",
+                            guarded("select", (*held_in, "request"), lambda d: select(recipe, m, steered, d)))
+        steer_spec = recipe.steer.model_copy(update=chosen.data["choice"])
+        if random_spec is not None:      # the random draws take the same count and strength as the plan
+            random_spec = random_spec.model_copy(update=chosen.data["choice"])
+    skey = key_of(base, "steer", steer_spec.model_dump(), lkey, choice_key)
     _, steer_dir = R.stage("steer", skey, f"Steer: {recipe.steer.method}", guarded(
-        "steer", (*held_in, "request"), lambda d: run_method("steer", {**steered, "dir": d}, recipe.steer)))
+        "steer", (*held_in, "request"), lambda d: run_method("steer", {**steered, "dir": d}, steer_spec)))
     ckey = control_dir = None
     if recipe.control is not None:
         ckey = key_of(base, "control", recipe.control.model_dump(), lkey)
@@ -189,8 +198,8 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
 
     def random_plans(d: Path):
         """The random baseline's plans, one per seed, built like the steer stage (held-in rows only)."""
-        spec = random_method(recipe.baselines.random)
-        for i in range(recipe.baselines.random.draws):
+        spec = random_method(random_spec)
+        for i in range(random_spec.draws):
             sub = d / f"random-{i}"
             sub.mkdir()
             with reading("baselines", (*held_in, "request"), reads):
@@ -205,12 +214,12 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
         with reading("evaluate", None, reads):      # measures load their rows here (refusal: the test split)
             targets = target_measures(spec.target, m, eval_task, spec.better, spec.size, spec.contrast)
             res = run_evaluation(recipe, m, targets + side_measures(spec, m, exclude), plan, cplan,
-                                 (lambda: random_plans(d)) if recipe.baselines.random else None)
+                                 (lambda: random_plans(d)) if random_spec else None)
         write_text(d / "evaluation.json", json.dumps(res.data, indent=1))
         return res
 
     ekey = key_of(base, "evaluate", recipe.evaluate.model_dump(), recipe.baselines.model_dump(),
-                  file_digest(recipe.evaluate.task), skey, ckey)
+                  file_digest(recipe.evaluate.task), skey, ckey, None if random_spec is None else random_spec.model_dump())
     ev_out, _ = R.stage("evaluate", ekey, "Improve: before / after evaluation with baselines", evaluation)
     data = ev_out.data
     results = {"mechanic": mechanic.__version__, "recipe": recipe.model_dump(mode="json"),
@@ -231,6 +240,28 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
 
 
 EDIT_METHODS = ("rome", "memit")
+
+
+def select(recipe: Recipe, m, steered: dict, d: Path) -> StageOut:
+    """The select stage: candidates judged on the evaluation task's validation split and the side suites'
+    validation rows (recipes.selection)."""
+    from mechanic.recipes.measures import side_measures, target_measures
+    from mechanic.recipes.selection import run_selection
+
+    spec = recipe.evaluate
+    task = validation_of_evaluation(recipe)
+    exclude = [task.name] if task is not None else []
+    measures = (target_measures(spec.target, m, task, spec.better, spec.size, spec.contrast, split="validation")
+                + side_measures(spec, m, exclude, selection=True))
+    return run_selection(recipe, m, steered, measures, d)
+
+
+def validation_of_evaluation(recipe: Recipe):
+    """The validation split of the evaluation task (evaluate.task, default the recipe's task), cut like it."""
+    spec = recipe.evaluate.task
+    if spec is None and recipe.task is not None:
+        spec = recipe.task.model_copy(update={"n": None, "start": 0})
+    return None if spec is None else load_task(spec.model_copy(update={"split": "validation"}))
 
 
 def split_tasks(recipe: Recipe):

@@ -94,6 +94,12 @@ class BaselinesSpec(Strict):
     random: RandomSpec | None = None
 
 
+class SelectSpec(Strict):
+    """Steer settings to choose on validation rows: every combination of `grid` values is one candidate."""
+
+    grid: dict[str, list] = Field(min_length=1)   # steer setting -> values to try, e.g. {count: [1, 3, 10]}
+
+
 class Recipe(Strict):
     """One locate -> steer -> improve loop on one model and task."""
 
@@ -105,6 +111,7 @@ class Recipe(Strict):
     task: TaskSpec | None = None
     locate: MethodSpec
     steer: MethodSpec
+    select: SelectSpec | None = None      # steer settings chosen on validation rows (recipes.selection)
     control: MethodSpec | None = None
     baselines: BaselinesSpec = BaselinesSpec()
     evaluate: EvaluateSpec = EvaluateSpec()

@@ -103,6 +103,7 @@ class NeuronEdit(Strict):
     """Scale the located FFN neurons in the weights (0 = remove); random=True scales as many random neurons."""
 
     factor: float = 0.0
+    count: int | None = Field(None, ge=1)   # the top `count` located neurons (default: all of them)
     random: bool = False
 
 
@@ -111,7 +112,7 @@ def neuron_edit(ctx) -> StageOut:
     """Scale (zero by default) the down_proj columns of the neurons locate selected."""
     from mechanic.steer.edit import neuron_edit as edit
 
-    sites = list(_found(ctx, "sites"))
+    sites = list(_found(ctx, "sites"))[: ctx.settings.count]
     if not sites:
         raise RecipeError("The locate stage selected no neurons (none lowered the metric when zeroed); there is "
                           "nothing to edit. Raise locate.top_k or check the task.")
@@ -217,6 +218,7 @@ class AblateHeads(Strict):
 
     how: str = Field("mean", pattern="^(zero|mean|scale)$")
     factor: float | None = None
+    count: int | None = Field(None, ge=1)   # the top `count` located heads (default: all of them)
     random: bool = False
 
 
@@ -226,7 +228,7 @@ def ablate_heads(ctx) -> StageOut:
     from mechanic.steer.ablate import ablate
 
     s, model = ctx.settings, ctx.model
-    heads = list(_found(ctx, "heads"))
+    heads = list(_found(ctx, "heads"))[: s.count]
     if s.random:
         heads = random_like(ctx, heads, "head")
     factor = s.factor if s.how == "scale" else None
