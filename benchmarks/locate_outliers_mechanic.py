@@ -15,7 +15,7 @@ import torch
 
 import mechanic
 from mechanic.data.text import calibration, heldout
-from mechanic.improve.perplexity import perplexity
+from mechanic.model.perplexity import perplexity
 from mechanic.locate.magnitude import attention_sinks, massive_activations, super_weights
 
 

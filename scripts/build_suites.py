@@ -1,9 +1,9 @@
-"""Build the built-in task suites (JSONL files under suites/) from templates, filtered with a model.
+"""Build the built-in task suites (JSONL files under src/mechanic/tasks/suites/) from templates, filtered with a model.
 
 The JSONL files are the shipped product; this script is how they were made, kept so they can be
 rebuilt or extended. Deterministic (fixed seed). Usage:
 
-    python -m mechanic.tasks.build_suites [--model smollm2] [--out DIR] [--only ioi,facts]
+    python scripts/build_suites.py [--model smollm2] [--out DIR] [--only ioi,facts]
 
 Prints each suite's size and the model's accuracy before/after filtering (numbers in docs/TASKS.md).
 
@@ -13,7 +13,7 @@ entity pool (names, professions, subjects, items, query phrases, event nouns, su
 the splits before the rows are labelled (`partition`: seeded, stratified, 2:1:2); a row takes the split of
 its entities; a corrupted partner drawn from another split is re-drawn from the row's split (or, when there
 is none, the row is left out), so a rebuild reproduces the labels. `docs/TASKS.md` lists the sizes
-(`python -m mechanic.tasks.build_suites --sizes` prints them from the shipped files, without a model).
+(`python scripts/build_suites.py --sizes` prints them from the shipped files, without a model).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 SEED = 0
-SUITES_DIR = Path(__file__).parent / "suites"
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mechanic"   # the source tree this script sits beside
+SUITES_DIR = PACKAGE / "tasks" / "suites"
 SPLITS = ("train", "validation", "test")
 # Entities are dealt to the splits in this cycle (2 train : 1 validation : 2 test), per stratum in turn.
 PATTERN = ("train", "test", "validation", "train", "test")
@@ -638,7 +639,7 @@ def sizes_table() -> str:
         sizes = check_disjoint(load_task(name))
         lines.append(f"| `{name}` | {', '.join(ENTITIES[name])} | " + " | ".join(cell(sizes[s]) for s in SPLITS) + " |")
     for kind in ("harmful", "harmless"):
-        text = (Path(__file__).parents[1] / "data" / "safety" / f"{kind}.jsonl").read_text(encoding="utf-8")
+        text = (PACKAGE / "data" / "safety" / f"{kind}.jsonl").read_text(encoding="utf-8")
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         sizes = check_disjoint(Task("refusal", [Example(r["prompt"], "-", split=r["split"]) for r in rows]))
         lines.append(f"| refusal `{kind}` | instruction | " + " | ".join(cell(sizes[s]) for s in SPLITS) + " |")

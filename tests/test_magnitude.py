@@ -7,7 +7,7 @@ import torch
 
 import mechanic
 from mechanic.data.windows import batches, windows
-from mechanic.improve.perplexity import perplexity
+from mechanic.model.perplexity import perplexity
 from mechanic.locate import magnitude as mg
 from mechanic.model.interventions import Intervention, scale, zero
 from mechanic.testing.tiny import tiny_model

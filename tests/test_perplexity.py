@@ -8,7 +8,7 @@ import torch
 import mechanic
 from mechanic.data import text
 from mechanic.data.windows import TextError, batches, windows
-from mechanic.improve.perplexity import perplexity
+from mechanic.model.perplexity import perplexity
 from mechanic.model.interventions import zero
 from mechanic.testing.tiny import tiny_model
 

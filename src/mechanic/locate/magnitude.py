@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mechanic.data.windows import batches, windows
-from mechanic.improve.perplexity import perplexity
+from mechanic.model.perplexity import perplexity
 from mechanic.locate.scores import Scores
 from mechanic.model.interventions import Intervention, apply_fn, zero
 

@@ -187,7 +187,7 @@ class ProbeResult:
     def vector(self, sites: Iterable[str] | None = None):
         """The probe directions of per-layer sites of one kind as a unit-norm steering Vector."""
         from mechanic.model.sites import Site
-        from mechanic.steer.vectors import KINDS, Vector
+        from mechanic.model.vector import KINDS, Vector
 
         names = list(self.directions) if sites is None else [str(Site.parse(s)) for s in sites]
         parsed = [Site.parse(s) for s in names]

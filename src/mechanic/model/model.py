@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,11 +220,16 @@ class Model:
 
         return generate(self, inputs, interventions=interventions, **kwargs)
 
+    @contextmanager
     def applied(self, plan, check: bool = True):
-        """`with model.applied(plan): ...` runs the block with the plan applied, undone afterwards."""
-        from mechanic.steer.plan import applied
-
-        return applied(self, plan, check)
+        """`with model.applied(plan): ...` runs the block with the plan applied, undone afterwards (even on
+        errors). Any plan value works: `plan.apply(model, check)` returns a handle with `undo()`
+        (mechanic.steer.plan.Plan is one); the engine knows no steering method."""
+        handle = plan.apply(self, check=check)
+        try:
+            yield self
+        finally:
+            handle.undo()
 
     def save(self, path) -> Path:
         """Write the model as it is now (weight edits included) to a NEW directory that plain transformers

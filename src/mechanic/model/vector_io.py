@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from mechanic.files import atomic_path
-from mechanic.steer.vectors import Vector, VectorError
+from mechanic.model.vector import Vector, VectorError
 
 FORMAT = "mechanic-vector/1"
 META_KEY = "mechanic.vector"          # safetensors header key, and an extra GGUF string key (ignored by llama.cpp)

@@ -1,6 +1,6 @@
 """Steer: change what located sites do. Steering vectors (CAA, PCA, ActAdd, probe directions) and their files."""
 
-from mechanic.steer.vector_io import from_gguf, to_gguf
+from mechanic.model.vector_io import from_gguf, to_gguf
 from mechanic.steer.vectors import (Vector, VectorError, actadd, caa, extract, from_probe, pairs_from_task,
                                     pca_center, pca_diff)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,11 +257,6 @@ class Applied:
         self.active = False
 
 
-@contextmanager
 def applied(model, plan: Plan, check: bool = True):
-    """Apply `plan` to `model` for the duration of a with-block, undone even on errors."""
-    handle = plan.apply(model, check=check)
-    try:
-        yield model
-    finally:
-        handle.undo()
+    """Apply `plan` to `model` for the duration of a with-block, undone even on errors (= model.applied)."""
+    return model.applied(plan, check)

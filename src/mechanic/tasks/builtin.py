@@ -49,7 +49,7 @@ def load_task(name: str, n: int | None = None, metric: str | None = None, split=
     if not path.is_file():
         raise TaskError(f"The data file of the built-in task {name!r} is missing ({path}); the package was "
                         "installed without its suites/*.jsonl files. Reinstall mechanic, or rebuild them with "
-                        "`python -m mechanic.tasks.build_suites`.")
+                        "`python scripts/build_suites.py` in a source checkout.")
     task = from_jsonl(path, name=name, metric=metric or default, description=description)
     return _pick(task, n, split)
 

@@ -7,7 +7,7 @@ held out.
 
 Where a row's split comes from:
 
-* Built-in suites: every row carries a `"split"` label, written by `mechanic.tasks.build_suites`, which
+* Built-in suites: every row carries a `"split"` label, written by `scripts/build_suites.py`, which
   partitions each suite's entity pool (seeded) so that the entity sets of the three splits are pairwise
   disjoint (`ENTITIES` says what the entities of each suite are; `check_disjoint` verifies it).
 * Your own files: a row may carry a top-level `"split"` ("train" | "validation" | "test"). A row without
