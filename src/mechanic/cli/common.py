@@ -27,15 +27,27 @@ def user_errors(fn):
         from mechanic.recipes.schema import RecipeError
         from mechanic.steer.plan import PlanError
         from mechanic.steer.vectors import VectorError
+        from mechanic.files import DISK_ERRNOS, BusyError, disk_message
         from mechanic.tasks.task import TaskError
 
         try:
             return fn(*args, **kwargs)
         except (LoadError, SiteError, UnknownArchitecture, TaskError, TraceError, PlanError, VectorError, TextError, RecipeError,
-                FileNotFoundError, FileExistsError) as e:
-            errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
-            raise typer.Exit(2)
+                FileNotFoundError, FileExistsError, BusyError) as e:
+            fail(str(e))
+        except OSError as e:
+            if e.errno not in DISK_ERRNOS:
+                raise
+            fail(str(e) if type(e).__name__ == "WriteError" else disk_message(e, e.filename or "a file"))
     return wrapper
+
+
+def fail(message: str) -> None:
+    """Print one paragraph (user text shown as written, never read as rich markup) and exit with code 2."""
+    from rich.markup import escape
+
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
+    raise typer.Exit(2)
 
 
 def emit_json(data) -> None:

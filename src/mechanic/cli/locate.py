@@ -260,10 +260,9 @@ def outliers(model: str = MODEL,
         sinks = mg.attention_sinks(m, held, max_tokens=tokens)
         seconds = time.perf_counter() - t0
     except (TextError, mg.MagnitudeError) as e:
-        from mechanic.cli.common import errors
+        from mechanic.cli.common import fail
 
-        errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
-        raise typer.Exit(2)
+        fail(str(e))
     results = {"massive_activations": massive.scores, "super_weights": weights and weights.scores,
                "super_experts": experts and experts.scores, "attention_sinks": sinks}
     if out is not None:

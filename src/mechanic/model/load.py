@@ -50,10 +50,28 @@ def smollm2_gguf() -> Path:
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF checkpoint to fp32 and save it (with its tokenizer) as a safetensors directory, atomically."""
+    from mechanic.files import locked
+
+    if _converted(out):
+        return out
+    # One converter per cache entry: a second process waits here, then finds the entry made and reuses it.
+    with locked(out.with_name(f".{out.name}.lock"), f"The model cache entry {out}", wait=True):
+        if _converted(out):
+            return out
+        return _convert(gguf, out)
+
+
+def _converted(out: Path) -> bool:
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def _convert(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
+    from mechanic.files import partial_name
+
+    for stale in out.parent.glob(partial_name(out) + "*"):   # left by a killed converter (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         quant = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -68,7 +86,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     plain = Auto.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quant.state_dict(), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=partial_name(out), dir=out.parent))
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)

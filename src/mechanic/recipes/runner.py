@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from mechanic.files import write_text
+from mechanic.files import locks_run_dir, partial_name, write_text
 from mechanic.recipes.methods import StageOut, run_method
 from mechanic.recipes.schema import Recipe, RecipeError, load_recipe
 
@@ -106,7 +106,7 @@ class Runner:
             out = StageOut(d["text"], d["figures"], d["data"], d["artifacts"])
             self.log(f"[{name}] reused {final.relative_to(self.out)} (finished earlier, same inputs)")
             return self._record(name, title, key, out, final, d["seconds"], reused=True)
-        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+        tmp = final.with_name(f"{partial_name(final)}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.log(f"[{name}] {title} ...")
@@ -131,6 +131,7 @@ class Runner:
         return out, final
 
 
+@locks_run_dir   # one writer per run directory; a killed run's half-written files are removed first
 def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: str | None = None,
         reuse: bool = True, log: Callable[[str], None] = print, report: bool = True) -> dict:
     """Execute a recipe into `out` and return results (also written to out/results.json).
