@@ -8,6 +8,7 @@ from mechanic.cli.common import app
 from mechanic.cli import locate as _locate  # noqa: F401  (registers the `locate` group)
 from mechanic.cli import model as _model  # noqa: F401  (registers inspect, check)
 from mechanic.cli import run as _run  # noqa: F401  (registers run, eval, report, demo)
+from mechanic.cli import sae as _sae  # noqa: F401  (registers the `sae` group)
 from mechanic.cli import steer as _steer  # noqa: F401  (registers the `steer` group)
 
 __all__ = ["app", "main"]

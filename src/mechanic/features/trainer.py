@@ -1,0 +1,276 @@
+"""One dictionary's optimisation: init from data, losses per architecture, Adam, decoder norms, dead latents.
+
+Inputs are scaled so E||x|| = sqrt(d_in) (outputs likewise for transcoders); the factors are folded into
+the weights when training ends, so saved files need no normalisation. Losses (on scaled values,
+squared error summed over the vector and averaged over tokens):
+  relu      ||e||^2 + l1 * sum_i a_i ||W_dec,i||          (Anthropic's April 2024 L1 form, decoder free)
+  topk      ||e||^2 + aux * AuxK                           (Gao et al. 2024; decoder rows kept at norm 1)
+  batchtopk ||e||^2 + aux * AuxK, top k*B over the batch   (Bussmann et al. 2024; threshold = running mean
+                                                            of the smallest kept activation, SAELens's rule)
+  jumprelu  ||e||^2 + l0 * L0 via a straight-through step  (Rajamanoharan et al. 2024; log-threshold learnt;
+                                                            bandwidth 0.05 on unit-scale inputs, since the
+                                                            paper's 0.001 leaves thresholds frozen for
+                                                            billions of tokens, SAELens issue 494)
+AuxK: latents that have not fired for `dead_after` tokens reconstruct the residual with their top k_aux.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mechanic.features.dictionary import Dictionary, topk_acts
+from mechanic.features.errors import FeaturesError
+from mechanic.features.saelens import fold_scale
+
+DEFAULT_COEF = {"relu": 5.0, "jumprelu": 0.5, "topk": 1 / 32, "batchtopk": 1 / 32}
+
+
+@dataclass
+class DictConfig:
+    """What to train: where (site, out_site for a transcoder), which architecture, how wide, how sparse."""
+
+    site: str
+    architecture: str = "topk"
+    expansion: int = 16
+    d_sae: int | None = None
+    k: int = 32
+    out_site: str | None = None
+    skip: bool = False
+    lr: float | None = None           # default 2e-4 * sqrt(2^14 / d_sae) (Gao et al. scaling)
+    coef: float | None = None          # l1 (relu), l0 (jumprelu) or AuxK (topk, batchtopk) weight; DEFAULT_COEF
+    dead_after: int = 1_000_000        # tokens without firing before a latent counts as dead
+    bandwidth: float = 0.05            # jumprelu straight-through width
+    init_threshold: float = 0.1        # jumprelu
+    name: str | None = None
+
+    def __post_init__(self):
+        if self.architecture not in DEFAULT_COEF:
+            raise FeaturesError(f"mechanic trains {', '.join(DEFAULT_COEF)} dictionaries; gated ones load and save "
+                                f"but do not train (got {self.architecture!r}).")
+        if self.skip and self.out_site is None:
+            raise FeaturesError("skip=True is a transcoder's skip connection; give out_site too (e.g. L3.mlp_out).")
+
+    @property
+    def label(self) -> str:
+        where = self.site + (f"-{self.out_site}" if self.out_site else "")
+        return self.name or f"{where}.{self.architecture}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class _Step(torch.autograd.Function):
+    """Heaviside step of (x - theta) with a rectangle straight-through gradient to theta only."""
+
+    @staticmethod
+    def forward(ctx, x, theta, bw):
+        ctx.save_for_backward(x, theta)
+        ctx.bw = bw
+        return (x > theta).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, theta = ctx.saved_tensors
+        rect = ((x - theta).abs() < ctx.bw / 2).to(x.dtype)
+        return None, (-(1.0 / ctx.bw) * rect * g).sum(tuple(range(g.dim() - 1))), None
+
+
+class _JumpReLU(torch.autograd.Function):
+    """x * H(x - theta): gradient to x through the mask, to theta by the rectangle estimator."""
+
+    @staticmethod
+    def forward(ctx, x, theta, bw):
+        ctx.save_for_backward(x, theta)
+        ctx.bw = bw
+        return x * (x > theta).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, theta = ctx.saved_tensors
+        rect = ((x - theta).abs() < ctx.bw / 2).to(x.dtype)
+        return (x > theta).to(x.dtype) * g, (-(theta / ctx.bw) * rect * g).sum(tuple(range(g.dim() - 1))), None
+
+
+class Trainer:
+    """Trains one Dictionary on (x, y) batches; y is x for an SAE and the output site for a transcoder."""
+
+    def __init__(self, cfg: DictConfig, d_in: int, d_out: int, total_tokens: int, batch_size: int, seed: int):
+        self.cfg = cfg
+        self.d_sae = cfg.d_sae or cfg.expansion * d_in
+        arch = cfg.architecture
+        self.dict = Dictionary(d_in, self.d_sae, arch, k=cfg.k if arch in ("topk", "batchtopk") else None,
+                               site=cfg.site, out_site=cfg.out_site, d_out=d_out, skip=cfg.skip,
+                               transcoder=cfg.out_site is not None)
+        if arch == "jumprelu":
+            self.log_threshold = torch.nn.Parameter(torch.full((self.d_sae,), math.log(cfg.init_threshold)))
+        self.coef = DEFAULT_COEF[arch] if cfg.coef is None else cfg.coef
+        self.lr = cfg.lr or 2e-4 * math.sqrt(2 ** 14 / self.d_sae)
+        self.total_steps = max(1, total_tokens // batch_size)
+        self.step_no = 0
+        self.s_in = self.s_out = 1.0
+        self.since_fired = torch.zeros(self.d_sae, dtype=torch.long)
+        self.batch_threshold = 0.0
+        self.seed = seed
+        self.opt: torch.optim.Adam | None = None
+        self.stats = {"fvu": float("nan"), "l0": float("nan"), "dead": 0.0}
+
+    # ---- setup -----------------------------------------------------------
+    def params(self) -> list[torch.nn.Parameter]:
+        ps = [p for p in self.dict.parameters() if p is not self.dict._parameters.get("threshold")]
+        return ps + ([self.log_threshold] if hasattr(self, "log_threshold") else [])
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Scale factors, b_dec = mean output, decoder rows random unit vectors, encoder = decoder transpose."""
+        d = self.dict
+        self.s_in = float(math.sqrt(d.d_in) / x.norm(dim=-1).mean().clamp_min(1e-12))
+        self.s_out = self.s_in if not d.transcoder else float(math.sqrt(d.d_out) / y.norm(dim=-1).mean().clamp_min(1e-12))
+        g = torch.Generator().manual_seed(self.seed)
+        W = torch.randn(self.d_sae, d.d_out, generator=g)
+        d.W_dec.copy_(W / W.norm(dim=-1, keepdim=True))
+        if d.transcoder:
+            E = torch.randn(d.d_in, self.d_sae, generator=g)
+            d.W_enc.copy_(E / E.norm(dim=0, keepdim=True))
+        else:
+            d.W_enc.copy_(d.W_dec.T)
+        d.b_dec.copy_((y * self.s_out).mean(0))
+        if self.cfg.architecture == "relu":   # small decoder, as in the April update, so L1 is not gamed early
+            d.W_dec.mul_(0.1)
+            d.W_enc.mul_(0.1)
+        self.opt = torch.optim.Adam(self.params(), lr=self.lr, betas=(0.9, 0.999))
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over the first 1% of steps, linear decay to 0 over the last 20%."""
+        warm = max(1, self.total_steps // 100)
+        decay_from = int(self.total_steps * 0.8)
+        f = min(1.0, (step + 1) / warm)
+        if step >= decay_from:
+            f *= max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_from))
+        return self.lr * f
+
+    # ---- one step --------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        d, cfg, arch = self.dict, self.cfg, self.cfg.architecture
+        x, y = x * self.s_in, y * self.s_out
+        pre = d.pre(x)
+        aux = torch.zeros(())
+        if arch == "topk":
+            vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+            vals = vals.relu()
+            recon = F.embedding_bag(idx, d.W_dec, per_sample_weights=vals, mode="sum") + d.b_dec
+            fired = torch.zeros(self.d_sae, dtype=torch.bool).index_fill_(0, idx[vals > 0].unique(), True)
+            l0 = (vals > 0).sum(-1).float().mean()
+        elif arch == "batchtopk":
+            acts = pre.relu()
+            flat = acts.flatten()
+            top = flat.topk(cfg.k * acts.shape[0], sorted=False)
+            acts = torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(acts)
+            recon = acts @ d.W_dec + d.b_dec
+            fired = (acts > 0).any(0)
+            l0 = (acts > 0).sum(-1).float().mean()
+            kept = top.values[top.values > 0]
+            if kept.numel():   # first batch sets it, then a running mean (SAELens's topk_threshold_lr = 0.01)
+                low = float(kept.min().detach())
+                self.batch_threshold = low if self.step_no == 0 else self.batch_threshold + 0.01 * (low - self.batch_threshold)
+        elif arch == "relu":
+            acts = pre.relu()
+            recon = acts @ d.W_dec + d.b_dec
+            aux = (acts * d.W_dec.norm(dim=-1)).sum(-1).mean()
+            fired = (acts > 0).any(0)
+            l0 = (acts > 0).sum(-1).float().mean()
+        else:  # jumprelu
+            theta = self.log_threshold.exp()
+            acts = _JumpReLU.apply(pre.relu(), theta, cfg.bandwidth)
+            recon = acts @ d.W_dec + d.b_dec
+            aux = _Step.apply(pre, theta, cfg.bandwidth).sum(-1).mean()
+            fired = (acts > 0).any(0)
+            l0 = (acts > 0).sum(-1).float().mean()
+        if d.W_skip is not None:
+            recon = recon + x @ d.W_skip.T
+        err = y - recon
+        mse = err.pow(2).sum(-1).mean()
+        self.since_fired += x.shape[0]
+        self.since_fired[fired] = 0
+        dead = self.since_fired >= cfg.dead_after
+        if arch in ("topk", "batchtopk") and dead.any():
+            k_aux = min(int(dead.sum()), max(1, d.d_in // 2))
+            masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+            av, ai = masked.topk(k_aux, dim=-1, sorted=False)
+            aux_recon = F.embedding_bag(ai, d.W_dec, per_sample_weights=av.relu(), mode="sum")
+            e = err.detach()
+            aux = (e - aux_recon).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-12)
+        loss = mse + self.coef * aux
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step_no)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if arch in ("topk", "batchtopk") and d.W_dec.grad is not None:   # keep rows on the unit sphere
+            with torch.no_grad():
+                W = d.W_dec
+                d.W_dec.grad -= (d.W_dec.grad * W).sum(-1, keepdim=True) * W
+        self.opt.step()
+        with torch.no_grad():
+            if arch in ("topk", "batchtopk"):
+                d.W_dec.div_(d.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            if arch == "batchtopk":
+                d.threshold.fill_(self.batch_threshold)
+            if arch == "jumprelu":
+                d.threshold.copy_(self.log_threshold.exp())
+        self.step_no += 1
+        with torch.no_grad():
+            var = (y - y.mean(0)).pow(2).sum(-1).mean()
+            self.stats = {"fvu": float(err.pow(2).sum(-1).mean() / var.clamp_min(1e-12)), "l0": float(l0),
+                          "dead": float(dead.float().mean()), "loss": float(loss)}
+        return self.stats
+
+    # ---- finishing -------------------------------------------------------
+    def finished(self) -> Dictionary:
+        """A copy of the dictionary in raw (unscaled) units, ready to save or splice in."""
+        import copy
+
+        out = copy.deepcopy(self.dict)
+        with torch.no_grad():
+            if self.cfg.architecture == "batchtopk":
+                out.threshold.fill_(self.batch_threshold)
+            # scaled input x' = s_in x: pre-activations see the same values after folding s_in into W_enc,
+            # except b_dec (applied to the input of an SAE), which is divided with the output scale.
+            fold_scale(out, self.s_in, self.s_out)
+        out.metadata.update({"scale_in": self.s_in, "scale_out": self.s_out})
+        return out
+
+    # ---- state (checkpoints, no pickle) ------------------------------------
+    def state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"{prefix}.p.{n}": p.detach().clone() for n, p in self.dict.named_parameters()}
+        if hasattr(self, "log_threshold"):
+            tensors[f"{prefix}.log_threshold"] = self.log_threshold.detach().clone()
+        tensors[f"{prefix}.since_fired"] = self.since_fired.clone()
+        sd = self.opt.state_dict() if self.opt is not None else {"state": {}, "param_groups": []}
+        for i, st in sd["state"].items():
+            for name, t in st.items():
+                tensors[f"{prefix}.opt.{i}.{name}"] = t.detach().clone() if torch.is_tensor(t) else torch.tensor(t)
+        scalars = {"step_no": self.step_no, "s_in": self.s_in, "s_out": self.s_out,
+                   "batch_threshold": self.batch_threshold, "param_groups": sd["param_groups"],
+                   "initialised": self.opt is not None}
+        return tensors, scalars
+
+    def load_state(self, prefix: str, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.dict.named_parameters():
+                p.copy_(tensors[f"{prefix}.p.{n}"])
+            if hasattr(self, "log_threshold"):
+                self.log_threshold.copy_(tensors[f"{prefix}.log_threshold"])
+        self.since_fired = tensors[f"{prefix}.since_fired"].clone()
+        self.step_no, self.s_in, self.s_out = scalars["step_no"], scalars["s_in"], scalars["s_out"]
+        self.batch_threshold = scalars["batch_threshold"]
+        if scalars["initialised"]:
+            self.opt = torch.optim.Adam(self.params(), lr=self.lr, betas=(0.9, 0.999))
+            state: dict = {}
+            for key, t in tensors.items():
+                if key.startswith(f"{prefix}.opt."):
+                    i, name = key[len(prefix) + 5:].split(".", 1)
+                    state.setdefault(int(i), {})[name] = t.clone()
+            self.opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
