@@ -231,8 +231,9 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     for k in ("control", "control_verdict", "baselines"):
         if k in data:
             results[k] = data[k]
-    write_text(out / "manifest.json", json.dumps(results["manifest"], indent=1))
+    # results.json first: it holds the manifest too, so a failed write (a full disk) leaves the previous pair
     write_text(out / "results.json", json.dumps(results, indent=1))
+    write_text(out / "manifest.json", json.dumps(results["manifest"], indent=1))
     if report:
         from mechanic.report import build_report
         build_report(results, out / "report.html")
