@@ -96,6 +96,7 @@ class Runner:
         self.recipe, self.out, self.size, self.log, self.reuse = recipe, Path(out), size, log, reuse
         self.timings: dict = {}
         self.stages: list[dict] = []
+        self.reads: list[dict] = []   # split reads (mechanic.tasks.guard); a reused stage restores its own
 
     def stage(self, name: str, key: str, title: str, fn: Callable[[Path], StageOut]) -> tuple[StageOut, Path]:
         """Run `fn(tmp_dir)` unless stages/<name>-<key> is finished; return its output and final directory."""
@@ -105,18 +106,22 @@ class Runner:
             d = json.loads(done.read_text())
             out = StageOut(d["text"], d["figures"], d["data"], d["artifacts"])
             self.log(f"[{name}] reused {final.relative_to(self.out)} (finished earlier, same inputs)")
+            if (final / "reads.json").is_file():   # a resumed run records the same reads as an uninterrupted one
+                self.reads.extend(r for r in json.loads((final / "reads.json").read_text()) if r not in self.reads)
             return self._record(name, title, key, out, final, d["seconds"], reused=True)
         tmp = final.with_name(f"{partial_name(final)}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.log(f"[{name}] {title} ...")
         t0 = time.perf_counter()
+        n_reads = len(self.reads)
         try:
             out = fn(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)   # an interrupted stage leaves nothing behind; a re-run redoes it
             raise
         seconds = time.perf_counter() - t0
+        write_text(tmp / "reads.json", json.dumps(self.reads[n_reads:], indent=1))
         write_text(tmp / "done.json", json.dumps({**out.to_dict(), "seconds": seconds, "key": key}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -163,7 +168,7 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     base = {"fingerprint": m.fingerprint, "task": recipe.task.model_dump() if recipe.task else None,
             "task_file": file_digest(recipe.task), "seed": recipe.seed, "version": mechanic.__version__,
             "splits": split_hashes(task, validation, eval_task)}
-    reads: list[dict] = []
+    reads: list[dict] = R.reads
     held_in = ("train", "validation")
     ctx = {"model": m, "task": task, "validation": validation, "seed": recipe.seed}
 
