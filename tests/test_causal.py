@@ -109,6 +109,7 @@ def test_mean_and_resample_ablation_equal_plain_hooks(kind, positions):
                                             normalise=False)[0]).abs().max().item() for d in other_rows(b.n)}
     matches = [d for d, x in diffs.items() if x < tol]
     assert len(matches) == 1, diffs
+    assert sorted(matches[0]) == list(range(b.n))      # donors are a permutation: every row donates once
     assert all(x > 10 * tol for d, x in diffs.items() if d not in matches)   # the donors are distinguishable
 
 

@@ -110,9 +110,10 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
                for k, v in src.items()}
     elif ablation == "resample":
         g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(batch.n, generator=g)
-        perm = torch.where(perm == torch.arange(batch.n), (perm + 1) % batch.n, perm)
-        src = {k: v[perm] for k, v in src.items()}
+        order = torch.randperm(batch.n, generator=g)   # one random cycle: every example a donor exactly once,
+        donor = torch.empty_like(order)                  # never its own
+        donor[order] = order.roll(-1)
+        src = {k: v[donor] for k, v in src.items()}
     totals = torch.zeros(len(names), len(cols) if cols is not None else 1)
     pairs, same = [(u, e) for u in units for e in range(batch.n)], []
     if skip_unchanged:
