@@ -104,6 +104,8 @@ def eval_cmd(plan: Path = typer.Option(..., help="A plan.safetensors written by 
              side_effects: str = typer.Option("default", help="default (perplexity, KL, fluency, other suites) or none."),
              size: str = typer.Option("small", help="small or full side-effect sets."),
              model: str = typer.Option("smollm2", help="The model the plan was made for."),
+             any_model: bool = typer.Option(False, "--any-model", help="Apply the plan even if it was made for "
+                                            "another model (its fingerprint differs); sites and shapes are still checked."),
              seed: int = typer.Option(0), out: Optional[Path] = typer.Option(None, "-o", "--out",
                                                                          help="Write evaluation.json here (a directory)."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
@@ -113,11 +115,17 @@ def eval_cmd(plan: Path = typer.Option(..., help="A plan.safetensors written by 
     from mechanic.improve.evaluate import evaluate
     from mechanic.recipes.measures import side_measures, target_measures
     from mechanic.recipes.schema import EvaluateSpec
-    from mechanic.steer.plan import Plan
+    from mechanic.steer.plan import Plan, PlanError
     from mechanic.tasks.builtin import load_task
 
     m = mechanic.load(model)
     p = Plan.load(plan)
+    if p.fingerprint and p.fingerprint != m.fingerprint and not any_model:
+        raise PlanError(f"{plan} was made for a model with fingerprint {p.fingerprint}, but {model} has "
+                        f"{m.fingerprint}. Pass --model with the model it was made for, or --any-model to apply it "
+                        "anyway (its sites and weight shapes are still checked).")
+    if any_model:
+        p.fingerprint = None
     t = load_task(task).subset(n, start)
     spec = EvaluateSpec(target=[target], side_effects=side_effects, size=size)
     measures = target_measures(spec.target, m, t, None, size) + side_measures(spec, m, [t.name])

@@ -93,6 +93,12 @@ def _convert(gguf: Path, out: Path) -> Path:
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except OSError as e:
+        from mechanic.files import DISK_ERRNOS, WriteError, disk_message
+
+        if e.errno in DISK_ERRNOS:
+            raise WriteError(e.errno, disk_message(e, out)) from e
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -149,8 +149,15 @@ class Vector:
             return [project_out(f"L{L}.{self.site}", self.directions[L], pos=positions) for L in layers]
         return [add(f"L{L}.{self.site}", self.directions[L], coef=float(coefficient), pos=positions) for L in layers]
 
-    def check(self, model) -> Vector:
-        """Refuse a vector that does not fit `model` (width or layers); returns self."""
+    def check(self, model, any_model: bool = False) -> Vector:
+        """Refuse a vector that does not fit `model`: made for another model (its fingerprint differs; pass
+        any_model=True to use it anyway, e.g. on a fine-tune of that model), or of the wrong width or layers.
+        Returns self."""
+        if not any_model and self.fingerprint and self.fingerprint != model.fingerprint:
+            raise VectorError(f"This vector was made for a model with fingerprint {self.fingerprint} "
+                              f"({self.model or 'unnamed'}), but this model's is {model.fingerprint}. Use it on the "
+                              "model it was made for, or pass any_model=True if you know the residual streams match "
+                              "(for instance a fine-tune of the same base).")
         if self.d_model != model.dims.d_model:
             raise VectorError(f"This vector has width {self.d_model} but the model's d_model is {model.dims.d_model}; "
                               "it was made for another model.")

@@ -24,6 +24,17 @@ def _key(model, tokens: torch.Tensor, layer: int) -> Path:
     return cache_dir() / "stats" / model.fingerprint / f"L{layer}.neuron-{text}-{tokens.numel()}.safetensors"
 
 
+def _cached(path: Path) -> dict | None:
+    """A cache entry, or None when absent or unreadable (a damaged entry is recomputed and replaced)."""
+    if not path.is_file():
+        return None
+    try:
+        data = load_file(str(path))
+        return data if {"moment", "count"} <= set(data) else None
+    except Exception:  # noqa: BLE001 - any damage means: compute it again
+        return None
+
+
 def second_moments(model, layers, texts=None, *, max_tokens: int = 32768, seq_len: int = 128,
                    batch_size: int = 8, cache: bool = True, progress: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
     """{layer: (E[k k^T] as float32 [d_mlp, d_mlp], number of tokens)} for the down_proj inputs k of `layers`."""
@@ -40,8 +51,8 @@ def second_moments(model, layers, texts=None, *, max_tokens: int = 32768, seq_le
     todo = []
     for L in layers:
         path = _key(model, tokens, L)
-        if cache and path.is_file():
-            data = load_file(str(path))
+        data = _cached(path) if cache else None
+        if data is not None:
             out[L] = (data["moment"], int(data["count"]))
         else:
             todo.append(L)
