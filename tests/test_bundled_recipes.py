@@ -62,7 +62,10 @@ def test_gender_bias_neuron_edit_lowers_held_out_bias(tmp_path):
 def test_sentiment_vector_turns_negative_reviews_positive(tmp_path):
     res = ci_run("sentiment-steering", tmp_path)
     r = row(res["evaluation"], "sentiment.logit_diff")
-    assert r["before"]["mean"] < 0 < r["after"]["mean"]
+    assert r["before"]["mean"] < 0 and r["delta"]["lo"] > 0      # negative reviews move towards positive
+    select = next(s for s in res["stages"] if s["name"] == "select")
+    helped = [c for c in select["data"]["candidates"] if c["label"] == "helped"]
+    assert helped and select["data"]["choice"] == max(helped, key=lambda c: c["gain"])["settings"]
     assert res["verdict"]["improved"] == ["sentiment.logit_diff"]
     assert res["summary"]["label"] in ("helped", "improved at a cost")
     assert "prompt" in res["baselines"] and random_rows(res, "sentiment.logit_diff")["percentile"] == 100.0
