@@ -18,6 +18,18 @@ from mechanic.features.errors import FeaturesError
 from mechanic.features.hooknames import parse_site, site_width
 
 
+def text_windows(model, text, split: str, seq_len: int) -> Iterator[torch.Tensor]:
+    """Windows from `text`: token ids (a LongTensor, cut into seq_len rows) or anything corpus.passages reads."""
+    if isinstance(text, torch.Tensor):
+        if text.dtype not in (torch.long, torch.int32, torch.int64):
+            raise FeaturesError(f"Token ids must be an integer tensor, got {text.dtype}.")
+        flat = text.reshape(-1)
+        return iter(flat[: flat.numel() // seq_len * seq_len].view(-1, seq_len).long())
+    from mechanic.features.corpus import passages
+
+    return token_windows(model, passages(text, split), seq_len)
+
+
 def token_windows(model, passages: Iterable[str], seq_len: int = 128, chunk: int = 64) -> Iterator[torch.Tensor]:
     """Equal windows of `seq_len` token ids from passages joined by blank lines, tokenized `chunk` passages at a time."""
     if model.tokenizer is None:

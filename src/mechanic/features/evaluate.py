@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mechanic.features.activations import SiteReader, token_windows
-from mechanic.features.corpus import passages
+from mechanic.features.activations import SiteReader, text_windows
 from mechanic.features.dictionary import Dictionary
 from mechanic.features.errors import FeaturesError
 from mechanic.features.splice import reconstruction, spliced_logits, zero_ablation
@@ -51,7 +50,7 @@ class Evaluation:
 
 def _windows(model, text, seq_len: int, tokens: int) -> torch.Tensor:
     wins = []
-    for w in token_windows(model, passages(text, "heldout"), seq_len):
+    for w in text_windows(model, text, "heldout", seq_len):
         wins.append(w)
         if len(wins) * seq_len >= tokens:
             break

@@ -3,7 +3,7 @@
 An SAE at an engine site (resid, attn_out, mlp_out, head.z, neuron) is one run with a `fn`
 intervention. An SAE at `mlp_in`, and any transcoder, take two runs: a truncated one reads the
 input (and the original output), then the MLP output is replaced by the new value (an SAE at mlp_in
-runs the MLP module itself on the reconstruction). With `error_term=True` the error
+runs the MLP module itself on the reconstruction, then any post-MLP norm). With `error_term=True` the error
 (original - reconstruction) is added back, so the spliced model equals the original up to float error;
 that is the check that the splice itself is exact. Positions before `skip_first` are left untouched.
 """
@@ -25,8 +25,13 @@ Replace = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (input value,
 def reconstruction(d: Dictionary, error_term: bool = False) -> Replace:
     """The dictionary's output in place of the original (plus the error term if asked)."""
     def fn(x, y):
-        out = d(x).reshape(y.shape).to(y.dtype)
-        return out + (y - out) if error_term else out
+        out = d(x).reshape(y.shape)
+        if not error_term:
+            return out.to(y.dtype)
+        # out + (y - out) in float64 rounds back to y exactly; in float32 it drifts by eps * |y|, which the
+        # residual's massive activations (|y| ~ 1e3) turn into logit changes of 1e-4
+        out = out.double()
+        return (out + (y.double() - out)).to(y.dtype)
     return fn
 
 
@@ -82,6 +87,8 @@ def spliced_logits(model, d: Dictionary, ids: torch.Tensor, fn: Replace, skip_fi
         mlp = _mlp(model, layer)
         new = mlp(new_in, *args[1:], **kwargs) if args else mlp(*args, **{**kwargs, "hidden_states": new_in})
         new = new[0] if isinstance(new, tuple) else new
+        if model.arch.mlp_write != model.arch.mlp:   # e.g. Gemma 2's post-MLP norm sits between the MLP and mlp_out
+            new = model.layer_module(layer, model.arch.mlp_write)(new)
         target = f"L{layer}.mlp_out"
     return model.run(ids, interventions=[replace(_engine(target), new[:, skip_first:], pos=pos)]).logits
 

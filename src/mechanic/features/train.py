@@ -25,8 +25,7 @@ from typing import Callable, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
-from mechanic.features.activations import ShuffleBuffer, SiteReader, token_windows
-from mechanic.features.corpus import passages
+from mechanic.features.activations import ShuffleBuffer, SiteReader, text_windows
 from mechanic.features.dictionary import Dictionary
 from mechanic.features.errors import FeaturesError
 from mechanic.features.hooknames import site_width
@@ -41,6 +40,7 @@ def _settings(model, cfgs, tokens, batch_size, buffer_tokens, seq_len, forward_b
             "batch_size": batch_size, "buffer_tokens": buffer_tokens, "seq_len": seq_len,
             "forward_batch": forward_batch, "seed": seed, "skip_first": skip_first,
             "text": "default corpus (GCIDE)" if text is None else
+            f"token ids {tuple(text.shape)}, sum {int(text.sum())}" if isinstance(text, torch.Tensor) else
             [str(t) for t in text] if isinstance(text, (list, tuple)) and len(text) < 20 else str(type(text).__name__)}
 
 
@@ -79,7 +79,7 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
     ckpt = out / "checkpoint"
     if checkpoint_every and (ckpt / "state.json").exists():
         seen, windows_read, log, elapsed = _restore(ckpt, settings, trainers, buffer, gen)
-    stream = token_windows(model, passages(text, "train"), seq_len)
+    stream = text_windows(model, text, "train", seq_len)
     for _ in range(windows_read):   # deterministic re-read up to where the checkpoint stopped
         if next(stream, None) is None:
             raise FeaturesError("The text is shorter than when the checkpoint was written; it changed.")
