@@ -38,3 +38,20 @@ def test_committed_verdict_follows_from_its_rows(path):
     v = judge(rows, resolve_margins(r["recipe"]["evaluate"]["protect"], rows))
     assert v == r["verdict"]
     assert r["summary"]["label"] == v["label"] and r["summary"]["helped"] == (v["label"] == "helped")
+
+
+@pytest.mark.parametrize("path", RUNS, ids=[p.parent.name for p in RUNS])
+def test_committed_selection_follows_its_rule(path):
+    """A run with a select stage kept the candidate the rule prefers, and its steer stage used those settings."""
+    from mechanic.recipes.selection import candidates, choose
+
+    r = json.loads(path.read_text())
+    stages = {s["name"]: s for s in r["stages"]}
+    if r["recipe"].get("select") is None:
+        assert "select" not in stages
+        return
+    tried = stages["select"]["data"]["candidates"]
+    assert [c["settings"] for c in tried] == candidates(r["recipe"]["select"]["grid"])
+    assert stages["select"]["data"]["choice"] == tried[choose(tried)]["settings"]
+    reads = [x["splits"] for x in r["manifest"]["reads"] if x["stage"] == "select"]
+    assert any("validation" in x for x in reads) and not any("test" in x for x in reads)
