@@ -23,3 +23,18 @@ def test_committed_saelens_comparison_holds():
     assert r["mechanic_to_saelens"]["batchtopk"]["written_as"] == "jumprelu"
     assert r["mechanic_to_saelens"]["batchtopk"]["saelens_class"] == "JumpReLUSAE"
     assert r["all_within_tolerance"] is True
+
+
+def test_features_doc_quotes_the_committed_results():
+    """docs/FEATURES.md states numbers only from benchmarks/results (SAELens comparison and the SmolLM2 SAE)."""
+    doc = (RESULT.parent.parent.parent / "docs" / "FEATURES.md").read_text()
+    compat = json.loads(RESULT.read_text())
+    sae = json.loads((RESULT.parent / "sae_smollm2.json").read_text())
+    h = sae["heldout"]
+    for text in (f"{compat['max_abs_diff_overall']:.1e}", compat["sae_lens_version"],
+                 f"{sae['train_tokens']:,} in {sae['train_seconds']:,.0f} s ({sae['train_tokens_per_s']:.0f} tokens/s",
+                 f"| {h['fvu']:.3f} |", f"| {h['l0']:.1f} |", f"{100 * h['dead_fraction']:.2f}% / {100 * h['dense_fraction']:.2f}%",
+                 f"{h['ce_original']:.3f} / {h['ce_spliced']:.3f} / {h['ce_zero_ablated']:.3f}",
+                 f"{100 * h['ce_loss_recovered']:.1f}%", f"{h['kl_spliced']:.3f} nats", f"held-out FVU ({h['tokens']:,} tokens)",
+                 f"CE loss recovered ({h['ce_tokens']:,} tokens)", sae["site"]):
+        assert text in doc, text
