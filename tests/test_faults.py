@@ -409,3 +409,28 @@ def test_two_processes_filling_one_cache_entry_convert_once(bench, tmp_path):
     assert partials(out2.parent) == [] and same_weights(out2)
     tally.add(CORRECT, "converter killed, next one completes")
     tally.save()
+
+
+def test_task_and_recipe_names_cannot_write_outside_the_run_directory(bench, tmp_path):
+    """Traversal in every user-named thing a recipe holds (task label, task file path, title): every file the
+    run writes is inside its run directory."""
+    from mechanic.recipes.runner import run
+
+    tally = Tally("untrusted_paths", "file", "recipes naming paths outside the run directory")
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    task = root / "a" / "b" / ".." / ".." / "words.jsonl"          # a legitimate read through '..'
+    task.write_bytes(bench["task"].read_bytes())
+    recipe = root / "evil.yaml"
+    recipe.write_text(RECIPE.format(task=task, factor=0.0)
+                      .replace('title: "Word neurons, tiny"', 'title: "../../../../tmp/escaped/title"')
+                      .replace("n: 6}", "n: 6, label: ../../../escaped}"))
+    out = root / "a" / "b" / "run"
+    before = {p for p in tmp_path.rglob("*")}
+    run(recipe, out, model=str(bench["model"]), log=lambda m: None)
+    created = {p for p in tmp_path.rglob("*")} - before
+    outside = [p for p in created if out not in p.parents and p != out]
+    assert created and outside == [], outside
+    assert not Path("/tmp/escaped").exists()
+    tally.add(CORRECT, "every write inside the run directory")
+    tally.save()

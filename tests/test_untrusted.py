@@ -210,3 +210,42 @@ def test_hostile_text_shows_as_written_and_nothing_runs(tmp_path):
     for t, want in zip(view["ticks"], results["stages"][1]["figures"][0]["x"]):
         assert t == want
     tally.save()
+
+
+def test_heatmap_pages_show_hostile_tokens_and_task_names_as_written(tmp_path):
+    """The locate commands' heatmap.html: prompt tokens (axis labels) and the task name (title) are user text."""
+    import torch
+    from playwright.sync_api import sync_playwright
+
+    from mechanic.locate.plot import heatmap
+    from mechanic.locate.scores import Scores
+    from mechanic.report.screenshot import ARGS
+
+    assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is missing: apt-get install chromium"
+    tokens = HOSTILE[:6]
+    sc = Scores(torch.randn(3, len(tokens)), ["L0.resid_pre", "L1.resid_pre", "L2.resid_pre"], "patch",
+                positions=tokens, task=HOSTILE[3], metric=HOSTILE[1])
+    path = heatmap(sc, tmp_path / "heatmap.html")
+    tally = Tally("untrusted_report_text", "input", "hostile strings in report text (checked in Chromium)")
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.on("dialog", lambda d: (errors.append(d.message), d.dismiss()))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(path.resolve().as_uri(), wait_until="load")
+            page.wait_for_selector(".main-svg", timeout=60_000)
+            view = page.evaluate("""() => ({
+                pwned: window.__pwned === undefined ? null : window.__pwned,
+                ticks: [...document.querySelectorAll('.xtick text')].map(t => t.textContent),
+                title: (document.querySelector('.gtitle') || {}).textContent,
+            })""")
+        finally:
+            browser.close()
+    assert view["pwned"] is None and errors == []
+    assert view["ticks"] == [f"{i}:{t}" for i, t in enumerate(tokens)], view["ticks"]
+    assert HOSTILE[3] in view["title"] and HOSTILE[1] in view["title"], view["title"]
+    for _ in tokens + [HOSTILE[3], HOSTILE[1]]:
+        tally.add(CORRECT, "heatmap page: shown as written, nothing executed")
+    tally.save()

@@ -116,11 +116,15 @@ def remove_partials(root: str | os.PathLike) -> list[Path]:
 def locks_run_dir(fn):
     """Decorate `run(recipe, out, ...)`: one process at a time writes into `out` (a second one gets a clear
     BusyError), and what a killed run left half written there is removed before the run starts."""
+    import inspect
+
+    sig = inspect.signature(fn)
+
     @functools.wraps(fn)
-    def wrapper(recipe_path, out, *args, **kwargs):
-        out_dir = Path(out)
+    def wrapper(*args, **kwargs):
+        out_dir = Path(sig.bind(*args, **kwargs).arguments["out"])
         out_dir.mkdir(parents=True, exist_ok=True)
         with locked(out_dir / LOCK, f"The run directory {out_dir}"):
             remove_partials(out_dir)
-            return fn(recipe_path, out, *args, **kwargs)
+            return fn(*args, **kwargs)
     return wrapper

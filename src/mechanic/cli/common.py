@@ -16,29 +16,23 @@ errors = Console(stderr=True)
 
 
 def user_errors(fn):
-    """Turn user mistakes (bad model path, site, task, architecture) into one paragraph and exit 2, no traceback."""
+    """Turn user mistakes (bad model path, site, task, plan, file, full disk...) into one paragraph and exit 2, no
+    traceback: every error type the project defines (a ValueError, RuntimeError or OSError subclass in a
+    mechanic module), missing or existing files, and a full disk."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from mechanic.data.windows import TextError
-        from mechanic.locate.trace import TraceError
-        from mechanic.model.arch import UnknownArchitecture
-        from mechanic.model.load import LoadError
-        from mechanic.model.sites import SiteError
-        from mechanic.recipes.schema import RecipeError
-        from mechanic.steer.plan import PlanError
-        from mechanic.steer.vectors import VectorError
-        from mechanic.files import DISK_ERRNOS, BusyError, disk_message
-        from mechanic.tasks.task import TaskError
+        from mechanic.files import DISK_ERRNOS, disk_message
 
         try:
             return fn(*args, **kwargs)
-        except (LoadError, SiteError, UnknownArchitecture, TaskError, TraceError, PlanError, VectorError, TextError, RecipeError,
-                FileNotFoundError, FileExistsError, BusyError) as e:
+        except (FileNotFoundError, FileExistsError) as e:
             fail(str(e))
-        except OSError as e:
-            if e.errno not in DISK_ERRNOS:
-                raise
-            fail(str(e) if type(e).__name__ == "WriteError" else disk_message(e, e.filename or "a file"))
+        except (ValueError, RuntimeError, OSError) as e:
+            if type(e).__module__.startswith("mechanic."):
+                fail(str(e))
+            if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+                fail(disk_message(e, e.filename or "a file"))
+            raise
     return wrapper
 
 

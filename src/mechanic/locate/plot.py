@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 from pathlib import Path
 
@@ -34,10 +35,12 @@ def heatmap(scores, path: str | os.PathLike, title: str | None = None) -> Path:
 
     g, rows, cols = grid(scores)
     lim = float(g.nan_to_num(0).abs().max()) or 1.0
-    fig = go.Figure(go.Heatmap(z=g.tolist(), x=[f"{i}:{c}" for i, c in enumerate(cols)], y=rows,
+    fig = go.Figure(go.Heatmap(z=g.tolist(), x=[html.escape(f"{i}:{c}", quote=False) for i, c in enumerate(cols)],
+                               y=[html.escape(str(r), quote=False) for r in rows],
                                colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
                                hovertemplate="%{y} %{x}<br>%{z:.4f}<extra></extra>"))
-    fig.update_layout(title=title or f"{scores.method} — {scores.task or ''} ({scores.metric or ''})",
+    title = title or f"{scores.method} — {scores.task or ''} ({scores.metric or ''})"
+    fig.update_layout(title=html.escape(title, quote=False),   # plotly reads HTML in labels: show user text as written
                       yaxis={"autorange": "reversed"}, height=max(400, 18 * len(rows) + 150))
     path = Path(path)
     with atomic_path(path, suffix=".html") as tmp:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 
+class InputError(ValueError):
+    """Inputs the model cannot take as given."""
+
+
 def prepare(tokenizer, inputs, device=None) -> dict[str, torch.Tensor]:
     """Tokenize str / list[str] (left padded), or complete a dict / id tensor with mask and position_ids.
 
@@ -15,7 +19,7 @@ def prepare(tokenizer, inputs, device=None) -> dict[str, torch.Tensor]:
         inputs = [inputs]
     if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str):
         if tokenizer is None:
-            raise ValueError("This model has no tokenizer; pass token ids (a LongTensor [batch, pos]) instead of text.")
+            raise InputError("This model has no tokenizer; pass token ids (a LongTensor [batch, pos]) instead of text.")
         enc = tokenizer(list(inputs), return_tensors="pt", padding=True)
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(r, (list, tuple)) for r in inputs):

@@ -13,6 +13,10 @@ from mechanic.model.sites import Site, as_site
 OPS = ("replace", "add", "scale", "mean", "project", "fn")
 
 
+class InterventionError(ValueError):
+    """An intervention whose value cannot be applied to its site's values."""
+
+
 @dataclass(frozen=True, eq=False)
 class Intervention:
     """Change a site's value on the selected rows and positions while the model runs.
@@ -37,7 +41,19 @@ class Intervention:
             raise ValueError("A 'fn' intervention needs a callable value: fn(selected_values) -> new_values.")
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """The new values for the selected slice `x`."""
+        """The new values for the selected slice `x` (a value that does not fit it: an InterventionError)."""
+        try:
+            out = self._apply(x)
+            if torch.broadcast_shapes(out.shape, x.shape) != x.shape:    # it is assigned back into x's place
+                raise RuntimeError(f"the result has shape {list(out.shape)}")
+            return out
+        except (RuntimeError, TypeError) as e:
+            shape = list(self.value.shape) if torch.is_tensor(self.value) else type(self.value).__name__
+            raise InterventionError(f"The {self.op} intervention at {self.site} has a value ({shape}) that does not "
+                                    f"fit the selected values of shape {list(x.shape)} ({e}); values broadcast "
+                                    "against [rows, positions, width] of the site.") from None
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         op, v = self.op, self.value
         if op == "fn":
             return v(x)

@@ -67,6 +67,12 @@ class Vector:
             if d.dim() != 1 or int(layer) < 0:
                 raise VectorError(f"Direction for layer {layer} must be a 1-D [d_model] tensor at a layer >= 0; "
                                   f"got shape {list(d.shape)}.")
+            if d.numel() == 0 or not bool(torch.isfinite(d).all()):
+                raise VectorError(f"Direction for layer {layer} is empty or holds NaN/inf values; a direction must be "
+                                  "a finite [d_model] tensor.")
+            if self.operation == "project" and not float(d.norm()) > 0:
+                raise VectorError(f"Direction for layer {layer} is zero; a 'project' vector removes a direction, "
+                                  "so each needs a non-zero norm.")
             if width is not None and d.numel() != width:
                 raise VectorError(f"Directions have different widths ({width} and {d.numel()} at layer {layer}); "
                                   "all layers of one vector must share d_model.")

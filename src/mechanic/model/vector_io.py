@@ -22,6 +22,7 @@ cvector-generator do); llama.cpp itself does not read it, nor `controlvector.mod
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -56,19 +57,45 @@ def load(path) -> Vector:
         return from_gguf(path)
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        header = f.metadata() or {}
-        if META_KEY not in header:
-            raise VectorError(f"{path} is a safetensors file but not a mechanic vector (no {META_KEY!r} metadata); "
-                              "write vectors with Vector.save.")
-        dirs = {int(k.split(".", 1)[1]): f.get_tensor(k) for k in f.keys() if k.startswith("direction.")}
-    return _from_meta(dirs, json.loads(header[META_KEY]))
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+            if META_KEY not in header:
+                raise VectorError(f"{path} is a safetensors file but not a mechanic vector (no {META_KEY!r} "
+                                  "metadata); write vectors with Vector.save.")
+            dirs = {_layer(path, k): f.get_tensor(k) for k in f.keys() if k.startswith("direction.")}
+        meta = json.loads(header[META_KEY])
+    except VectorError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or corrupted file, bad JSON: one message
+        raise VectorError(f"{path} is not a readable vector file ({type(e).__name__}: {e}); vectors are written by "
+                          "Vector.save (safetensors) or are llama.cpp control vectors (.gguf).") from None
+    return _from_meta(dirs, meta, path)
 
 
-def _from_meta(dirs: dict[int, torch.Tensor], meta: dict) -> Vector:
-    keep = ("site", "method", "read", "model", "model_type", "fingerprint", "operation", "norm",
-            "layer_convention", "settings")
-    return Vector(dirs, **{k: meta[k] for k in keep if k in meta})
+def _layer(path, name: str) -> int:
+    try:
+        layer = int(name.split(".", 1)[1])
+    except ValueError:
+        raise VectorError(f"{path}: tensor {name!r} does not name a layer (expected direction.N).") from None
+    if layer < 0 or str(layer) != name.split(".", 1)[1]:
+        raise VectorError(f"{path}: tensor {name!r} does not name a layer (expected direction.N, N >= 0).")
+    return layer
+
+
+KINDS_OF = {"site": str, "method": str, "read": str, "model": (str, type(None)), "model_type": (str, type(None)),
+            "fingerprint": (str, type(None)), "operation": str, "norm": str, "layer_convention": str,
+            "settings": dict}
+
+
+def _from_meta(dirs: dict[int, torch.Tensor], meta, path="the vector file") -> Vector:
+    if not isinstance(meta, dict):
+        raise VectorError(f"{path}: the vector metadata is a JSON {type(meta).__name__}, not an object.")
+    bad = [k for k, t in KINDS_OF.items() if k in meta and not isinstance(meta[k], t)]
+    if bad:
+        raise VectorError(f"{path}: vector metadata field(s) {bad} have the wrong type "
+                          f"({', '.join(f'{k}={meta[k]!r}' for k in bad)}).")
+    return Vector(dirs, **{k: meta[k] for k in KINDS_OF if k in meta})
 
 
 def to_gguf(vector: Vector, path, coefficient: float = 1.0, model_hint: str | None = None) -> Path:
@@ -122,32 +149,39 @@ def from_gguf(path) -> Vector:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No control vector file at {path}.")
-    reader = gguf.GGUFReader(str(path))
-    arch = _string(reader, "general.architecture")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = _string(reader, "general.architecture")
+        tensors = list(reader.tensors)
+        raw = _string(reader, META_KEY)
+        hint = _string(reader, f"{ARCH}.model_hint")
+    except Exception as e:  # noqa: BLE001 - truncated or corrupted GGUF header: one message
+        raise VectorError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); a llama.cpp control "
+                          "vector is a GGUF file of architecture 'controlvector'.") from None
     if arch != ARCH:
         raise VectorError(f"{path} is a GGUF file of architecture {arch!r}, not a llama.cpp control vector "
                           f"({ARCH!r}); a model GGUF loads with mechanic.load instead.")
     dirs = {}
-    for t in reader.tensors:
+    for t in tensors:
         name = t.name
         if not name.startswith("direction."):
             raise VectorError(f"{path}: unexpected tensor {name!r}; a control vector holds only direction.N tensors.")
-        try:
-            layer = int(name.split(".", 1)[1])
-        except ValueError:
-            raise VectorError(f"{path}: tensor {name!r} does not name a layer (expected direction.N).") from None
+        layer = _layer(path, name)
         if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
             raise VectorError(f"{path}: {name} must be a 1-D F32 tensor (llama.cpp's rule).")
         dirs[layer] = torch.from_numpy(t.data.copy()).to(torch.float32)
     if not dirs:
         raise VectorError(f"{path} holds no direction tensors.")
-    raw = _string(reader, META_KEY)
     if raw is not None:
-        meta = json.loads(raw)
-        c = float(meta.pop("gguf_coefficient", 1.0))
+        try:
+            meta = json.loads(raw)
+            c = float(meta.pop("gguf_coefficient", 1.0))
+        except Exception as e:  # noqa: BLE001
+            raise VectorError(f"{path}: its {META_KEY!r} metadata is not a vector's ({type(e).__name__}: {e}).") from None
+        if not math.isfinite(c) or c == 0:
+            raise VectorError(f"{path}: its export coefficient is {c}; it must be a finite non-zero number.")
         if c != 1.0:
             dirs = {L: d / c for L, d in dirs.items()}
-        return _from_meta(dirs, meta)
-    hint = _string(reader, f"{ARCH}.model_hint")
+        return _from_meta(dirs, meta, path)
     return Vector(dirs, site="resid_post", method="gguf", read="unknown", model_type=hint, operation="add",
                   settings={"source": str(path)})

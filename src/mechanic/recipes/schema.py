@@ -182,7 +182,11 @@ def load_recipe(path: str | Path, size: str | None = None) -> tuple[Recipe, dict
     if not path.is_file():
         raise RecipeError(f"No recipe file at {path}. Give a .yaml path, or a bundled recipe name "
                           "(`mechanic run --list` shows them).")
-    data, root = parse(path.read_text(), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8.") from None
+    data, root = parse(text, str(path))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:

@@ -9,6 +9,7 @@ restores the weights bit for bit). `with model.applied(plan): ...` applies and u
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +64,12 @@ class WeightEdit:
     def apply(self, model) -> torch.Tensor:
         """Write the new values; return the old ones (for undo)."""
         p = self._target(model)
-        mesh = _mesh(p.shape, self.index)
-        old = p.data[mesh].clone()
+        try:
+            mesh = _mesh(p.shape, self.index)
+            old = p.data[mesh].clone()
+        except (IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise PlanError(f"Weight edit of {self.param} (shape {list(p.shape)}) selects {self.index!r}, which "
+                            f"does not index it ({e}); the plan was made for another model or is damaged.") from None
         if tuple(self.value.shape) != tuple(old.shape):
             raise PlanError(f"Weight edit of {self.param}: the new values have shape {list(self.value.shape)} but "
                             f"the selected slice has shape {list(old.shape)}.")
@@ -89,6 +94,10 @@ class Orthogonalize(WeightEdit):
 
     def apply(self, model) -> torch.Tensor:
         p = self._target(model)
+        if not isinstance(self.dim, int) or not -p.dim() <= self.dim < p.dim():
+            raise PlanError(f"Cannot orthogonalize {self.param} (shape {list(p.shape)}) along dimension {self.dim!r}.")
+        if not float(self.value.norm()) > 0:
+            raise PlanError(f"Cannot orthogonalize {self.param} against a zero direction.")
         if p.shape[self.dim] != self.value.numel():
             raise PlanError(f"Cannot orthogonalize {self.param} (shape {list(p.shape)}) against a direction of size "
                             f"{self.value.numel()} along dimension {self.dim}.")
@@ -159,6 +168,7 @@ class Plan:
                             "if you know the sites and parameters match.")
         for iv in self.interventions:
             model.check(iv.site)
+            _check_width(iv, model)
         done: list[tuple[WeightEdit, torch.Tensor]] = []
         try:
             for e in self.edits:
@@ -213,17 +223,35 @@ class Plan:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # missing file, not safetensors, bad JSON: one message
             raise PlanError(f"{path} is not a readable plan file ({e}); plans are written by Plan.save.") from e
-        if not meta or meta.get("format") != "mechanic.plan/1":
+        if not isinstance(meta, dict) or meta.get("format") != "mechanic.plan/1":
             raise PlanError(f"{path} is a safetensors file but not a mechanic plan (no 'plan' metadata).")
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise PlanError(f"{path}: tensor(s) {bad[:5]} hold NaN or inf values; a plan's values must be finite.")
+        try:
+            return cls._from_meta(meta, tensors)
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:   # a damaged or foreign file
+            raise PlanError(f"{path} has damaged plan metadata ({type(e).__name__}: {e}); plans are written by "
+                            "Plan.save.") from None
+
+    @classmethod
+    def _from_meta(cls, meta: dict, tensors: dict) -> Plan:
         ivs = []
         for i, d in enumerate(meta["interventions"]):
             value = tensors.get(f"iv{i}", d["value"])
             if d.get("fn"):
                 own = {k[len(f"iv{i}."):]: v for k, v in tensors.items() if k.startswith(f"iv{i}.")}
                 value = FNS[d["fn"]["name"]].from_state(d["fn"]["params"], own)
+            _check_saved(i, d, value)
             ivs.append(Intervention(d["site"], d["op"], value, coef=d["coef"], pos=d["pos"], rows=d["rows"]))
         edits = []
         for i, d in enumerate(meta["edits"]):
+            if d["kind"] != "untie" and not (isinstance(d["param"], str) and torch.is_tensor(tensors[f"edit{i}"])):
+                raise PlanError(f"Weight edit {i} of this plan file is damaged (param {d['param']!r}).")
+            if d["kind"] == "orthogonalize" and (isinstance(d["dim"], bool) or not isinstance(d["dim"], int)):
+                raise PlanError(f"Weight edit {i} of this plan file is damaged (dim {d['dim']!r}).")
             if d["kind"] == "untie":
                 edits.append(Untie(d["note"]))
             elif d["kind"] == "orthogonalize":
@@ -231,7 +259,39 @@ class Plan:
             else:
                 edits.append(WeightEdit(d["param"], tensors[f"edit{i}"],
                                         None if d["index"] is None else tuple(d["index"]), d["note"]))
+        if not isinstance(meta["method"], str) or not isinstance(meta["settings"], dict) or \
+                not isinstance(meta["fingerprint"], (str, type(None))):
+            raise TypeError("method must be a string, settings an object and fingerprint a string or null")
         return cls(ivs, edits, meta["method"], meta["fingerprint"], meta["settings"])
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_saved(i: int, d: dict, value) -> None:
+    """A saved intervention's fields have the types Plan.save writes (a damaged file fails here, not mid-run)."""
+    pos, rows = d["pos"], d["rows"]
+    ok_pos = pos in (None, "prompt", "generated") or (_jsonable(pos) and not isinstance(pos, str))
+    ok_rows = rows is None or (_jsonable(rows) and not isinstance(rows, str))
+    ok_value = torch.is_tensor(value) or _number(value) or (value is None and d["op"] == "fn") or \
+        (d.get("fn") and callable(value))
+    if not (_number(d["coef"]) and ok_pos and ok_rows and ok_value and isinstance(d["site"], str)):
+        raise PlanError(f"Intervention {i} of this plan file is damaged (site {d['site']!r}, op {d['op']!r}, value "
+                        f"{type(value).__name__}, coef {d['coef']!r}, pos {pos!r}, rows {rows!r}); plans are "
+                        "written by Plan.save.")
+
+
+RESIDUAL = ("embed", "final", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def _check_width(iv: Intervention, model) -> None:
+    """A tensor value at a residual-width site must end in d_model (or 1, broadcast): refused here, at apply,
+    rather than deep inside a forward pass."""
+    v = iv.value
+    if iv.site.kind in RESIDUAL and torch.is_tensor(v) and v.dim() >= 1 and v.shape[-1] not in (1, model.dims.d_model):
+        raise PlanError(f"The intervention at {iv.site} has a value of shape {list(v.shape)}, but that site has "
+                        f"width {model.dims.d_model} (d_model); the plan was made for another model.")
 
 
 def _jsonable(x) -> bool:

@@ -11,6 +11,7 @@ Rows without a split get one from a hash of their entity key when a split is ask
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def from_jsonl(path, name: str | None = None, metric: str = "logit_diff", descri
     path = Path(path)
     metrics.get(metric)
     examples = []
-    for lineno, line in enumerate(_read(path).splitlines(), start=1):
+    for lineno, line in enumerate(_read(path).split("\n"), start=1):   # JSON Lines end at \n only
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -47,7 +49,16 @@ def from_csv(path, name: str | None = None, metric: str = "logit_diff", descript
     path = Path(path)
     metrics.get(metric)
     text = _read(path)
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+    # newline="": quoted cells keep their own line breaks (\r, \n, \x85, \u2028 ...) as written
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        return _csv_rows(reader, path, name, metric, description)
+    except csv.Error as e:
+        raise TaskError(f"{path}, line {reader.line_num}: not readable as CSV ({e}). A task CSV has a header row "
+                        "and one row per example; quote cells that hold the delimiter or line breaks.") from None
+
+
+def _csv_rows(reader, path: Path, name, metric: str, description: str) -> Task:
     header = reader.fieldnames or []
     missing = [c for c in ("prompt", "answer") if c not in header]
     if missing:
@@ -111,11 +122,13 @@ def load_file(path, **kwargs) -> Task:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8-sig")     # no newline translation; a leading BOM is dropped
     except FileNotFoundError:
         raise TaskError(f"{path}: no such task file.") from None
     except UnicodeDecodeError as e:
         raise TaskError(f"{path}: not UTF-8 text (byte {e.start}); save the task file as UTF-8.") from None
+    except OSError as e:   # a directory, no permission
+        raise TaskError(f"{path}: cannot read this task file ({e.strerror or e}).") from None
 
 
 def _row_error(path: Path, lineno: int, what: str) -> TaskError:
