@@ -269,13 +269,19 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _numbers(x) -> bool:
+    """A finite number, or a (nested) non-empty list of them: the non-tensor values Plan.save writes as JSON."""
+    if isinstance(x, list):
+        return bool(x) and all(_numbers(v) for v in x)
+    return _number(x)
+
+
 def _check_saved(i: int, d: dict, value) -> None:
     """A saved intervention's fields have the types Plan.save writes (a damaged file fails here, not mid-run)."""
     pos, rows = d["pos"], d["rows"]
     ok_pos = pos in (None, "prompt", "generated") or (_jsonable(pos) and not isinstance(pos, str))
     ok_rows = rows is None or (_jsonable(rows) and not isinstance(rows, str))
-    ok_value = torch.is_tensor(value) or _number(value) or (value is None and d["op"] == "fn") or \
-        (d.get("fn") and callable(value))
+    ok_value = torch.is_tensor(value) or _numbers(value) or (d.get("fn") and callable(value))
     if not (_number(d["coef"]) and ok_pos and ok_rows and ok_value and isinstance(d["site"], str)):
         raise PlanError(f"Intervention {i} of this plan file is damaged (site {d['site']!r}, op {d['op']!r}, value "
                         f"{type(value).__name__}, coef {d['coef']!r}, pos {pos!r}, rows {rows!r}); plans are "
