@@ -3,6 +3,7 @@
     MECHANIC_RELIABILITY_DIR=/tmp/rel pytest tests/test_fuzz.py tests/test_faults.py tests/test_untrusted.py
     python scripts/reliability.py --collect /tmp/rel      # -> docs/reliability/counts.json + docs/RELIABILITY.md
     python scripts/reliability.py --render                # the page again from the committed counts
+    python scripts/reliability.py --check                 # stale page or a missed goal: exit 1
 
 tests/test_reliability_doc.py checks that the committed page is exactly what --render writes.
 """
@@ -78,17 +79,38 @@ def render(counts: dict) -> str:
                 lines += [f"- {s['what']}: {detail}."]
         lines.append("")
     lines += ["## Guarantees", ""]
-    for name, (text,) in GUARANTEES:
+    for name, text in GUARANTEES:
         lines.append(f"- **{name}.** {text}")
     lines.append("")
     return "\n".join(lines)
+
+
+def problems(counts: dict) -> list[str]:
+    """What keeps the committed counts from meeting issue 16's goals (empty when they meet them)."""
+    secs = counts["sections"]
+    out = [f"{n}: outcome {k!r}" for n, s in secs.items() for k in s["counts"] if k not in OUTCOMES]
+    cases = sum(sum(s["counts"].values()) for s in secs.values() if s["kind"] in ("input", "file"))
+    if cases < 5000:
+        out.append(f"only {cases} fuzzed inputs and files (goal: thousands, >= 5000)")
+    kills = sum(secs.get("faults_sigkill", {}).get("counts", {}).values())
+    if kills < 20:
+        out.append(f"only {kills} SIGKILLs (goal: >= 20)")
+    need = {"fuzz_sites", "fuzz_tasks", "fuzz_recipes", "fuzz_plans", "fuzz_vectors", "fuzz_cli", "faults_sigkill",
+            "faults_enospc", "faults_lock", "faults_cache", "untrusted_report_text", "untrusted_paths"}
+    out += [f"section {n} missing" for n in sorted(need - set(secs))]
+    return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--collect", type=Path, help="a MECHANIC_RELIABILITY_DIR of a test run")
     ap.add_argument("--render", action="store_true", help="write docs/RELIABILITY.md from the committed counts")
+    ap.add_argument("--check", action="store_true", help="exit 1 if the page is stale or the counts miss a goal")
     args = ap.parse_args(argv)
+    if args.check:
+        counts = json.loads(COUNTS.read_text())
+        bad = problems(counts) + ([] if PAGE.read_text() == render(counts) else ["docs/RELIABILITY.md is stale"])
+        raise SystemExit("\n".join(bad) or None)
     if args.collect:
         COUNTS.parent.mkdir(parents=True, exist_ok=True)
         COUNTS.write_text(json.dumps(collect(args.collect), indent=1) + "\n")
