@@ -176,7 +176,7 @@ def check_consistent(out: Path, ref: dict) -> list[str]:
 
 KILLS_PER_CHAIN, CHAINS = 6, 4
 TARGETS = ["load", "locate", "steer", "evaluate", "report"]
-DELAYS = {"load": 0.4, "locate": 2.0, "steer": 0.05, "evaluate": 1.0, "report": 0.3}   # seconds, within each stage
+DELAYS = {"load": 0.4, "locate": 0.2, "steer": 0.05, "evaluate": 1.0, "report": 0.3}   # seconds, within each stage
 
 
 def test_sigkill_at_random_moments_then_resume_gives_the_same_results(bench, reference):

@@ -42,12 +42,14 @@ class Intervention:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The new values for the selected slice `x` (a value that does not fit it: an InterventionError)."""
+        out = self.value(x) if self.op == "fn" else None   # a user function's own errors pass through unchanged
         try:
-            out = self._apply(x)
+            if out is None:
+                out = self._apply(x)
             if torch.broadcast_shapes(out.shape, x.shape) != x.shape:    # it is assigned back into x's place
                 raise RuntimeError(f"the result has shape {list(out.shape)}")
             return out
-        except (RuntimeError, TypeError) as e:
+        except (RuntimeError, TypeError, AttributeError) as e:
             shape = list(self.value.shape) if torch.is_tensor(self.value) else type(self.value).__name__
             raise InterventionError(f"The {self.op} intervention at {self.site} has a value ({shape}) that does not "
                                     f"fit the selected values of shape {list(x.shape)} ({e}); values broadcast "

@@ -96,6 +96,9 @@ class Orthogonalize(WeightEdit):
         p = self._target(model)
         if not isinstance(self.dim, int) or not -p.dim() <= self.dim < p.dim():
             raise PlanError(f"Cannot orthogonalize {self.param} (shape {list(p.shape)}) along dimension {self.dim!r}.")
+        if not torch.is_floating_point(self.value):
+            raise PlanError(f"Cannot orthogonalize {self.param}: the direction must be floating point, got "
+                            f"{self.value.dtype}; save it as float32.")
         if not float(self.value.norm()) > 0:
             raise PlanError(f"Cannot orthogonalize {self.param} against a zero direction.")
         if p.shape[self.dim] != self.value.numel():
