@@ -42,23 +42,28 @@ class Intervention:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The new values for the selected slice `x` (a value that does not fit it: an InterventionError)."""
-        out = self.value(x) if self.op == "fn" else None   # a user function's own errors pass through unchanged
-        try:
-            if out is None:
+        if self.op == "fn":
+            out = self.value(x)          # a user function's own errors pass through; only its result is checked
+        else:
+            try:
                 out = self._apply(x)
+            except (RuntimeError, TypeError) as e:
+                raise self._unfit(x, e) from None
+        try:
             if torch.broadcast_shapes(out.shape, x.shape) != x.shape:    # it is assigned back into x's place
                 raise RuntimeError(f"the result has shape {list(out.shape)}")
             return out
         except (RuntimeError, TypeError, AttributeError) as e:
-            shape = list(self.value.shape) if torch.is_tensor(self.value) else type(self.value).__name__
-            raise InterventionError(f"The {self.op} intervention at {self.site} has a value ({shape}) that does not "
-                                    f"fit the selected values of shape {list(x.shape)} ({e}); values broadcast "
-                                    "against [rows, positions, width] of the site.") from None
+            raise self._unfit(x, e) from None
+
+    def _unfit(self, x: torch.Tensor, e: Exception) -> InterventionError:
+        shape = list(self.value.shape) if torch.is_tensor(self.value) else type(self.value).__name__
+        return InterventionError(f"The {self.op} intervention at {self.site} has a value ({shape}) that does not "
+                                 f"fit the selected values of shape {list(x.shape)} ({e}); values broadcast "
+                                 "against [rows, positions, width] of the site.")
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         op, v = self.op, self.value
-        if op == "fn":
-            return v(x)
         if op == "scale":
             return x * v
         v = torch.as_tensor(v, dtype=x.dtype, device=x.device)

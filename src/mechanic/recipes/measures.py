@@ -74,3 +74,12 @@ def side_measures(spec, model, exclude: list[str], selection: bool = False) -> l
             raise RecipeError(f"evaluate.side_effects {name!r} is not a measure; choose 'default', 'none' or a "
                               f"list of {', '.join(SIDE)}.")
     return out
+
+
+def recipe_measures(spec, model, task, selection: bool = False) -> list:
+    """An evaluate block's targets on `task` and its side effects (the target's suite excluded): what the
+    evaluation reads, or with `selection=True` what a selection may read (validation rows)."""
+    exclude = [task.name] if task is not None else []
+    split = "validation" if selection else "test"
+    return (target_measures(spec.target, model, task, spec.better, spec.size, spec.contrast, split=split)
+            + side_measures(spec, model, exclude, selection=selection))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from mechanic.files import locks_run_dir, partial_name, write_text
+from mechanic.recipes.measures import recipe_measures
 from mechanic.recipes.methods import StageOut, run_method
 from mechanic.recipes.schema import Recipe, RecipeError, load_recipe
 
@@ -148,7 +149,6 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
 
     import mechanic
     from mechanic.recipes.evaluation import baseline_figures, run_evaluation, summary
-    from mechanic.recipes.measures import side_measures, target_measures
     from mechanic.recipes.schema import random_method
     from mechanic.steer.plan import Plan
     from mechanic.tasks.guard import reading
@@ -213,13 +213,10 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
             yield Plan.load(sub / "plan.safetensors")
 
     def evaluation(d: Path) -> StageOut:
-        spec = recipe.evaluate
-        exclude = [eval_task.name] if eval_task is not None else []   # the suite measured as the target
         plan = Plan.load(steer_dir / "plan.safetensors")
         cplan = Plan.load(control_dir / "plan.safetensors") if control_dir is not None else None
         with reading("evaluate", None, reads):      # measures load their rows here (refusal: the test split)
-            targets = target_measures(spec.target, m, eval_task, spec.better, spec.size, spec.contrast)
-            res = run_evaluation(recipe, m, targets + side_measures(spec, m, exclude), plan, cplan,
+            res = run_evaluation(recipe, m, recipe_measures(recipe.evaluate, m, eval_task), plan, cplan,
                                  (lambda: random_plans(d)) if random_spec else None)
         write_text(d / "evaluation.json", json.dumps(res.data, indent=1))
         return res
@@ -252,36 +249,30 @@ EDIT_METHODS = ("rome", "memit")
 def select(recipe: Recipe, m, steered: dict, d: Path) -> StageOut:
     """The select stage: candidates judged on the evaluation task's validation split and the side suites'
     validation rows (recipes.selection)."""
-    from mechanic.recipes.measures import side_measures, target_measures
     from mechanic.recipes.selection import run_selection
 
-    spec = recipe.evaluate
-    task = validation_of_evaluation(recipe)
-    exclude = [task.name] if task is not None else []
-    measures = (target_measures(spec.target, m, task, spec.better, spec.size, spec.contrast, split="validation")
-                + side_measures(spec, m, exclude, selection=True))
-    return run_selection(recipe, m, steered, measures, d)
+    ev = evaluation_spec(recipe)
+    task = None if ev is None else load_task(ev.model_copy(update={"split": "validation"}))
+    return run_selection(recipe, m, steered, recipe_measures(recipe.evaluate, m, task, selection=True), d)
 
 
-def validation_of_evaluation(recipe: Recipe):
-    """The validation split of the evaluation task (evaluate.task, default the recipe's task), cut like it."""
-    spec = recipe.evaluate.task
-    if spec is None and recipe.task is not None:
-        spec = recipe.task.model_copy(update={"n": None, "start": 0})
-    return None if spec is None else load_task(spec.model_copy(update={"split": "validation"}))
+def evaluation_spec(recipe: Recipe):
+    """The evaluation task's spec: evaluate.task, default the whole of the recipe's task (its n/start cut train only)."""
+    if recipe.evaluate.task is not None or recipe.task is None:
+        return recipe.evaluate.task
+    return recipe.task.model_copy(update={"n": None, "start": 0, "split": None})
 
 
 def split_tasks(recipe: Recipe):
     """(train task, validation task, test task) of a recipe: `task` defaults to its train split, the
     validation task is the same suite's validation split, and evaluate.task (default: the same suite)
     its test split; `n`/`start` of `task` cut the train split only."""
+    ev = evaluation_spec(recipe)
+    test = None if ev is None else load_task(_with_split(ev, "test"))
     if recipe.task is None:
-        return None, None, load_task(_with_split(recipe.evaluate.task, "test")) if recipe.evaluate.task else None
-    task = load_task(_with_split(recipe.task, "train"))
+        return None, None, test
     whole = recipe.task.model_copy(update={"n": None, "start": 0, "split": None})
-    validation = load_task(_with_split(whole, "validation"))
-    ev = recipe.evaluate.task if recipe.evaluate.task is not None else whole
-    return task, validation, load_task(_with_split(ev, "test"))
+    return load_task(_with_split(recipe.task, "train")), load_task(_with_split(whole, "validation")), test
 
 
 def _with_split(spec, default: str):

@@ -24,13 +24,11 @@ def candidates(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
 
 
-def gain(verdict: dict, rows: list[dict]) -> float:
-    """The primary target row's change in its better direction (positive = improved)."""
-    by = {r["id"]: r for r in rows}
-    if not verdict["targets"]:
+def gain(row: dict | None) -> float:
+    """A target row's change in its better direction (positive = improved; no target row: 0)."""
+    if row is None:
         return 0.0
-    r = by[verdict["targets"][0]]
-    return r["delta"]["mean"] * (1.0 if r["better"] == "higher" else -1.0)
+    return row["delta"]["mean"] * (1.0 if row["better"] == "higher" else -1.0)
 
 
 def choose(tried: list[dict]) -> int:
@@ -47,6 +45,7 @@ def run_selection(recipe: Recipe, m, steered: dict, measures: list, d: Path) -> 
 
     spec, ev_spec = recipe.select, recipe.evaluate
     kw = {"seed": recipe.seed, "n_boot": ev_spec.n_boot, "level": ev_spec.level}
+    declared = {k: v.model_dump() for k, v in ev_spec.protect.items()}
     before = collect_before(m, measures, recipe.seed)
     tried = []
     for i, cand in enumerate(candidates(spec.grid)):
@@ -54,10 +53,9 @@ def run_selection(recipe: Recipe, m, steered: dict, measures: list, d: Path) -> 
         sub.mkdir()
         run_method("steer", {**steered, "dir": sub}, recipe.steer.model_copy(update=cand))
         ev = evaluate(m, Plan.load(sub / "plan.safetensors"), measures, before=before, **kw)
-        margins = resolve_margins({k: v.model_dump() for k, v in ev_spec.protect.items()}, ev.rows)
-        v = judge(ev.rows, margins)
-        target = next((r for r in ev.rows if v["targets"] and r["id"] == v["targets"][0]), None)
-        tried.append({"settings": cand, "label": v["label"], "costs": v["costs"], "gain": gain(v, ev.rows),
+        v = judge(ev.rows, resolve_margins(declared, ev.rows))
+        target = next((r for r in ev.rows if v["targets"] and r["id"] == v["targets"][0]), None)   # the primary one
+        tried.append({"settings": cand, "label": v["label"], "costs": v["costs"], "gain": gain(target),
                       "target": None if target is None else {"id": target["id"], **target["delta"]},
                       "verdict": v["text"]})
     if not tried:
