@@ -167,12 +167,15 @@ class Dictionary(nn.Module):
             acts = acts / self.W_dec.norm(dim=-1)
         return self._normalize_out(acts @ self.W_dec + self.b_dec)
 
+    def skip(self, x: torch.Tensor) -> torch.Tensor | float:
+        """The skip term x @ W_skip.T of a skip transcoder on the raw input (0 without one)."""
+        if self.W_skip is None:
+            return 0.0
+        return self.flat(x).to(self.W_skip.dtype) @ self.W_skip.T
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)), plus the skip term of a skip transcoder."""
-        out = self.decode(self.encode(x))
-        if self.W_skip is not None:
-            out = out + self.flat(x).to(self.W_skip.dtype) @ self.W_skip.T
-        return out
+        return self.decode(self.encode(x)) + self.skip(x)
 
 
 def topk_acts(h: torch.Tensor, k: int) -> torch.Tensor:

@@ -86,9 +86,7 @@ def evaluate(model, d: Dictionary, text=None, tokens: int = 32768, ce_tokens: in
         x = vals[d.site]
         y = vals[d.out_site] if d.transcoder else x
         acts = d.encode(x)
-        out = d.decode(acts)
-        if d.W_skip is not None:
-            out = out + x @ d.W_skip.T
+        out = d.decode(acts) + d.skip(x)
         sq += float((y - out).pow(2).sum())
         ys = ys + y.double().sum(0)
         yy = (y.double().pow(2).sum(0)) if yy is None else yy + y.double().pow(2).sum(0)

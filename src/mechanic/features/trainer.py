@@ -189,8 +189,7 @@ class Trainer:
             aux = _Step.apply(pre, theta, cfg.bandwidth).sum(-1).mean()
             fired = (acts > 0).any(0)
             l0 = (acts > 0).sum(-1).float().mean()
-        if d.W_skip is not None:
-            recon = recon + x @ d.W_skip.T
+        recon = recon + d.skip(x)
         err = y - recon
         mse = err.pow(2).sum(-1).mean()
         self.since_fired += x.shape[0]

@@ -324,8 +324,3 @@ class Applied:
             i = next(i for i, x in enumerate(self.model.steering) if x is iv)
             del self.model.steering[i]
         self.active = False
-
-
-def applied(model, plan: Plan, check: bool = True):
-    """Apply `plan` to `model` for the duration of a with-block, undone even on errors (= model.applied)."""
-    return model.applied(plan, check)
