@@ -80,11 +80,12 @@ def stage_dirs(out: Path) -> dict[str, Path]:
 @pytest.mark.real
 def test_runner_writes_reuses_and_resumes(tmp_path, monkeypatch):
     from mechanic.recipes.runner import run
+    from mechanic.report import build_report
 
     recipe = write(tmp_path, CHEAP)
     out = tmp_path / "run"
     logs = []
-    res = run(recipe, out, log=logs.append)
+    res = run(recipe, out, log=logs.append, report=build_report)
     for f in ("recipe.yaml", "manifest.json", "results.json", "report.html"):
         assert (out / f).is_file(), f
     man = json.loads((out / "manifest.json").read_text())
@@ -134,7 +135,7 @@ def test_report_command_rebuilds_from_results(tmp_path):
     from mechanic.recipes.runner import run
 
     out = tmp_path / "run"
-    run(write(tmp_path, CHEAP), out, log=lambda m: None, report=False)
+    run(write(tmp_path, CHEAP), out, log=lambda m: None)
     assert not (out / "report.html").exists()
     res = CliRunner().invoke(app, ["report", str(out)])
     assert res.exit_code == 0, res.output

@@ -40,7 +40,7 @@ def test_select_stage_reads_validation_only_and_hands_its_choice_on(tmp_path):
 
     p = tmp_path / "r.yaml"
     p.write_text(CHEAP)
-    res = run(p, tmp_path / "run", log=lambda m: None, report=False)
+    res = run(p, tmp_path / "run", log=lambda m: None)
     stages = {s["name"]: s for s in res["stages"]}
     tried = stages["select"]["data"]["candidates"]
     assert [c["settings"] for c in tried] == candidates({"count": [1, 3], "factor": [0.0, 1.0]})

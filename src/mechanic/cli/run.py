@@ -18,6 +18,7 @@ def _run(recipe: str, out: Path, size: Optional[str], model: Optional[str], reus
 
     from mechanic.recipes import recipe_path
     from mechanic.recipes.runner import run
+    from mechanic.report import build_report
 
     path = recipe_path(recipe)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
@@ -34,7 +35,7 @@ def _run(recipe: str, out: Path, size: Optional[str], model: Optional[str], reus
             if not as_json:
                 bar.console.print(f"[dim]{escape(msg)}[/]", highlight=False)
 
-        results = run(path, out, size=size, model=model, reuse=reuse, log=log)
+        results = run(path, out, size=size, model=model, reuse=reuse, log=log, report=build_report)
         bar.update(job, completed=5, description=f"{path.stem}: done")
     return results
 

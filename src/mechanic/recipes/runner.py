@@ -139,8 +139,12 @@ class Runner:
 
 @locks_run_dir   # one writer per run directory; a killed run's half-written files are removed first
 def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: str | None = None,
-        reuse: bool = True, log: Callable[[str], None] = print, report: bool = True) -> dict:
+        reuse: bool = True, log: Callable[[str], None] = print,
+        report: Callable[[dict, Path], object] | None = None) -> dict:
     """Execute a recipe into `out` and return results (also written to out/results.json).
+
+    `report(results, path)` writes out/report.html last, e.g. `mechanic.report.build_report` (the report
+    layer sits above the recipes, so the caller hands it in; the CLI always does).
 
     locate, steer and control read the train split of the recipe's task (selections, the select stage
     included: validation splits); only the evaluation reads the test split (mechanic.tasks.guard enforces it and records reads).
@@ -236,9 +240,8 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     # results.json first: it holds the manifest too, so a failed write (a full disk) leaves the previous pair
     write_text(out / "results.json", json.dumps(results, indent=1))
     write_text(out / "manifest.json", json.dumps(results["manifest"], indent=1))
-    if report:
-        from mechanic.report import build_report
-        build_report(results, out / "report.html")
+    if report is not None:
+        report(results, out / "report.html")
         log(f"report: {out / 'report.html'}")
     return results
 
