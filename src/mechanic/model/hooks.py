@@ -14,7 +14,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from mechanic.model.dictsites import DictPoint, DictView
 from mechanic.model.interventions import Intervention
+from mechanic.model.kinds import kind_of
 from mechanic.model.select import SKIP, index, local
 from mechanic.model.sites import Site
 
@@ -37,29 +39,18 @@ class Run:
         return self.cache[str(site)]
 
 
-# ---------------------------------------------------------------- views
-def _view(site: Site, model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function from the hooked tensor to the site's tensor (a view, so writes go through)."""
-    d = model.dims
-    if site.kind == "head" and site.part == "z":
-        h = site.index
-
-        def z(t):
-            v = t.view(*t.shape[:-1], d.n_heads, d.d_head)
-            return v if h is None else v[..., h, :]
-        return z
-    if site.kind in ("neuron", "shared_expert_neuron") and site.index is not None:
-        j = site.index
-        return lambda t: t[..., j]
-    return lambda t: t
-
-
 class _Point:
-    """All requests at one hook point: interventions (in order), cached reads and gradient reads."""
+    """All requests at one hook point: interventions (in order), dictionary steps, cached reads and taps."""
 
     def __init__(self):
         self.ivs: list[tuple[Callable, Intervention]] = []
+        self.dicts: dict[int, DictPoint] = {}     # by id of the attached codec
         self.reads: list[tuple[str, Callable]] = []
+        self.taps: dict[str, Callable] = {}       # values other steps read later in the forward (a codec's source)
+
+    def writes(self, grad: bool) -> bool:
+        """Whether processing may replace the hooked tensor."""
+        return bool(self.ivs) or any(d.writes(grad) for d in self.dicts.values())
 
     def process(self, t: torch.Tensor, session: "_Session") -> torch.Tensor:
         if self.ivs:
@@ -69,10 +60,14 @@ class _Point:
                 idx = session.where(v, iv)
                 if idx is not None:
                     v[idx] = iv.apply(v[idx])
+        for step in self.dicts.values():
+            t = step.process(t, session)
         if self.reads:
             t = session.track(t)
             for name, view in self.reads:
                 session.store(name, view(t), t, view)
+        for name, view in self.taps.items():
+            session.taps[name] = view(t)
         return t
 
 
@@ -89,6 +84,7 @@ class _Session:
         self.generating = False
         self.row_map: torch.Tensor | None = None  # global row -> row of the current sub-batch
         self.values: dict[str, torch.Tensor] = {}
+        self.taps: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.handles: list = []
         self.resid_pre: dict[int, torch.Tensor] = {}
@@ -104,39 +100,36 @@ class _Session:
 
     # -- planning
     def _add(self, s: Site, iv: Intervention | None = None) -> None:
-        a, L = self.model.arch, s.layer
-        if s.kind == "head" and s.part in ("q", "k", "v", "pattern"):
-            self._queue(self.attn_fn[L], s, iv)
-            return
-        if s.kind in ("expert", "expert_neuron", "router"):
-            self._queue(self.experts[L], s, iv)
-            return
-        if s.kind == "head" and s.part is None:
-            self._queue_point(self.heads[L], s, iv, lambda t: t)
-            return
-        if s.kind == "resid_mid":
-            self._queue_point(self.resid_mid[L], s, iv, lambda t: t)
+        hook = kind_of(s).hook(self, s)
+        bucket = self.bucket(hook.key)
+        if isinstance(bucket, dict):
+            self._queue(bucket, s, iv)
+        elif isinstance(hook.view, DictView):
+            dv = hook.view
+            step = bucket.dicts.setdefault(id(dv.codec), DictPoint(dv))
+            step.add(str(s), dv, iv)
+            if dv.source is not None:
+                name, src = dv.source
+                self.bucket(src.key).taps[name] = src.view
+        else:
+            self._queue_point(bucket, s, iv, hook.view)
+
+    def bucket(self, key: tuple) -> _Point | dict:
+        """The requests at a hook point. Keys: ("fwd", path) output of a model module; ("lfwd" | "lpre", layer,
+        path) output / input of a layer module; ("pre" | "post", layer) decoder layer input / output; ("attn" |
+        "mlp", layer) the block writes; ("mid", layer) resid_mid; ("heads", layer) head contributions;
+        ("attn_fn" | "experts", layer) the instrumented attention / experts functions."""
+        kind, L = key[0], key[1]
+        if kind == "attn_fn":
+            return self.attn_fn[L]
+        if kind == "experts":
+            return self.experts[L]
+        if kind == "heads":
+            return self.heads[L]
+        if kind == "mid":
             self.points[("pre", L)]  # make sure resid_pre is recorded
-            return
-        key = {
-            "embed": ("fwd", a.embed, None),
-            "final": ("fwd", a.final_norm, None),
-            "logits": ("fwd", a.unembed, None),
-            "resid_pre": ("pre", L),
-            "resid_post": ("post", L),
-            "attn_out": ("attn", L),
-            "mlp_out": ("mlp", L),
-            "neuron": ("lpre", L, a.down_proj),
-            "shared_expert": ("lfwd", L, a.shared_expert),
-            "shared_expert_neuron": ("lpre", L, f"{a.shared_expert}.down_proj"),
-        }.get(s.kind)
-        if s.kind == "head":  # z
-            key = ("lpre", L, a.o_proj)
-        view = _view(s, self.model)
-        if s.kind.startswith("shared_expert"):  # the MoE block runs it on flattened [tokens, d] rows
-            inner = view
-            view = lambda t: inner(t.view(self.batch_size, -1, *t.shape[1:]) if t.dim() == 2 else t)  # noqa: E731
-        self._queue_point(self.points[key], s, iv, view)
+            return self.resid_mid[L]
+        return self.points[key]
 
     def _queue_point(self, point: _Point, s: Site, iv, view) -> None:
         if iv is not None:
@@ -248,6 +241,8 @@ class _Session:
                 self._pre(m.layer_module(key[1], key[2]), point)
             elif kind == "lfwd":
                 self._fwd(m.layer_module(key[1], key[2]), point)
+            else:
+                raise ValueError(f"Unknown hook point {key}; see _Session.bucket for the kinds of hook points.")
         for L in need_pre:
             self._layer_pre(L, self.points.get(("pre", L)) or _Point(), L in self.resid_mid)
         for L in set(self.resid_mid) | {k[1] for k in self.points if k[0] == "attn"}:
@@ -299,14 +294,15 @@ class _Session:
         def hook(mod, args, out):
             t = out[0] if isinstance(out, tuple) else out
             t = point.process(t, self)
-            if mid is not None and (mid.ivs or mid.reads):
+            if mid is not None and (mid.ivs or mid.reads or mid.dicts or mid.taps):
                 pre = self.resid_pre[L]
                 if self.row_map is not None and pre.shape[0] != t.shape[0]:  # inside a sub-batch call
                     pre = pre[self.row_map >= 0]
                 x = pre + t
-                if mid.ivs:
-                    x = mid.process(x, self)
-                    t = x - pre
+                if mid.writes(self.grad):
+                    new = mid.process(x, self)
+                    # a dictionary step alone changes x by exactly its delta (0 when nothing changed): add that
+                    t = new - pre if mid.ivs else t + (new - x)
                 else:
                     mid.process(x, self)
             return (t,) + out[1:] if isinstance(out, tuple) else t

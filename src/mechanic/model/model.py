@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from mechanic.model.arch import ArchMap, arch_for, get_module
-from mechanic.model.sites import GLOBAL_KINDS, Site, SiteError, as_site
+from mechanic.model.dictsites import Codec
+from mechanic.model.sites import FEATURE_BASES, Site, SiteError, as_site
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Model:
         self.layers = get_module(hf_model, self.arch.layers)
         self.dims = self._dims()
         self.steering: list = []  # interventions of applied plans, active in every run (see mechanic.steer.plan)
+        self.dictionaries: dict[str, Codec] = {}  # attached sparse dictionaries by site (see attach)
 
     # ---- structure -------------------------------------------------------
     def layer_module(self, layer: int, path: str) -> torch.nn.Module | None:
@@ -90,36 +92,45 @@ class Model:
 
     # ---- sites -------------------------------------------------------------
     def check(self, site: str | Site) -> Site:
-        """Parse and validate a site against this model: layer, head, neuron, expert ranges."""
+        """Parse and validate a site against this model: layer range, then the kind's own check (mechanic.model.kinds)."""
+        from mechanic.model.kinds import kind_of
+
         s = as_site(site)
-        d = self.dims
-        if s.kind in GLOBAL_KINDS:
-            return s
-        if not 0 <= s.layer < d.n_layers:
-            raise SiteError(f"Layer {s.layer} in {s} is out of range: this model has layers 0..{d.n_layers - 1}.")
-        moe = self.is_moe(s.layer)
-        if s.kind == "resid_mid" and self.parallel:
-            raise SiteError(f"{s}: this model uses a parallel residual (attention and MLP both read resid_pre), "
-                            "so there is no resid_mid. Use resid_pre, attn_out or mlp_out.")
-        if s.kind == "head":
-            _range(s, s.index, d.n_heads, "head")
-        elif s.kind == "neuron":
-            if moe:
-                raise SiteError(f"{s}: layer {s.layer} is a mixture-of-experts layer; name an expert's neuron, "
-                                f"e.g. L{s.layer}.expert0.neuron{s.index or 0}.")
-            _range(s, s.index, d.d_mlp, "neuron")
-        elif s.kind in ("expert", "expert_neuron", "router", "shared_expert", "shared_expert_neuron"):
-            if not moe:
-                raise SiteError(f"{s}: layer {s.layer} is not a mixture-of-experts layer.")
-            if s.kind.startswith("shared") and not self.arch.shared_expert:
-                raise SiteError(f"{s}: this architecture has no shared expert.")
-            if s.kind in ("expert", "expert_neuron"):
-                _range(s, s.index, d.n_experts, "expert")
-            if s.kind == "expert_neuron":
-                _range(s, s.neuron, d.d_expert, "neuron")
-            if s.kind == "shared_expert_neuron":
-                _range(s, s.index, d.d_shared, "neuron")
+        kind = kind_of(s)
+        if kind.layered and not 0 <= s.layer < self.dims.n_layers:
+            raise SiteError(f"Layer {s.layer} in {s} is out of range: this model has layers 0..{self.dims.n_layers - 1}.")
+        kind.check(self, s)
         return s
+
+    # ---- dictionaries ------------------------------------------------------
+    def attach(self, codec: Codec) -> Site:
+        """Attach a sparse dictionary at its site, so `<site>.sae[f]` and `<site>.sae_error` exist.
+
+        `codec` implements mechanic.model.dictsites.Codec; mechanic.features.attach(model, dictionary)
+        builds one from a Dictionary and checks its widths. One dictionary per site: detach the old one first.
+        """
+        base = self.check(codec.site)
+        name = str(base)
+        if not any(name.endswith("." + b) for b in FEATURE_BASES) or base.kind in ("sae", "sae_error"):
+            raise SiteError(f"A dictionary cannot be attached at {name}; attach it at one of "
+                            f"{', '.join(FEATURE_BASES)} (e.g. L3.resid_post; all heads' z is L3.head.z).")
+        if codec.source is not None:
+            self.check(codec.source)
+        if name in self.dictionaries:
+            raise SiteError(f"A dictionary is already attached at {name}; detach it first (model.detach({name!r})).")
+        self.dictionaries[name] = codec
+        return base
+
+    def detach(self, site: str | Site):
+        """Remove the dictionary attached at `site` and return it."""
+        name = str(as_site(site))
+        if name not in self.dictionaries:
+            raise SiteError(f"No dictionary is attached at {name} (attached: {', '.join(self.dictionaries) or 'none'}).")
+        return self.dictionaries.pop(name)
+
+    def dictionary(self, site: str | Site):
+        """The dictionary attached at `site`, or None."""
+        return self.dictionaries.get(str(as_site(site)))
 
     def sites(self, kind: str | None = None) -> list[Site]:
         """Every site of one kind (`resid_post`, `head`, `neuron`, `expert`, ...) or the layer-level table."""
@@ -159,31 +170,10 @@ class Model:
 
     def shape(self, site: str | Site, batch: int | str = "batch", seq: int | str = "pos") -> tuple:
         """The tensor shape of a site for a batch, known before running."""
+        from mechanic.model.kinds import kind_of
+
         s = self.check(site)
-        d = self.dims
-        lead = (batch, seq)
-        if s.kind == "logits":
-            return lead + (d.vocab,)
-        if s.kind in GLOBAL_KINDS or s.kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
-                                                 "shared_expert"):
-            return lead + (d.d_model,)
-        if s.kind == "head":
-            per = {"q": (d.d_head,), "k": (d.d_head,), "v": (d.d_head,), "z": (d.d_head,),
-                   "pattern": ("key_pos",), None: (d.d_model,)}[s.part]
-            if s.part == "pattern":
-                return (batch, seq) + ((d.n_heads,) if s.index is None else ()) + (seq,)
-            return lead + ((d.n_heads,) if s.index is None else ()) + per
-        if s.kind == "neuron":
-            return lead + ((d.d_mlp,) if s.index is None else ())
-        if s.kind == "router":
-            return lead + (d.n_experts,)
-        if s.kind == "expert":
-            return lead + ((d.n_experts,) if s.index is None else ()) + (d.d_model,)
-        if s.kind == "expert_neuron":
-            return lead + ((d.n_experts,) if s.index is None else ()) + ((d.d_expert,) if s.neuron is None else ())
-        if s.kind == "shared_expert_neuron":
-            return lead + ((d.d_shared,) if s.index is None else ())
-        raise SiteError(f"No shape rule for {s}")
+        return kind_of(s).shape(self, s, batch, seq)
 
     @property
     def fingerprint(self) -> str:
@@ -270,7 +260,3 @@ class Model:
     def __repr__(self) -> str:
         return f"Model({self.name!r}, arch={self.hf.config.model_type}, dims={self.dims})"
 
-
-def _range(site: Site, value: int | None, size: int | None, what: str) -> None:
-    if value is not None and not (size and 0 <= value < size):
-        raise SiteError(f"{what.capitalize()} {value} in {site} is out of range: valid {what}s are 0..{(size or 0) - 1}.")

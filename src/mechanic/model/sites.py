@@ -2,48 +2,44 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from functools import cache
 
 # Kinds that live in a layer and take no index.
-LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "router")
+LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in", "router")
 # Kinds outside the layers.
 GLOBAL_KINDS = ("embed", "final", "logits")
 HEAD_PARTS = ("q", "k", "v", "z", "pattern")
 
+# Sites a sparse dictionary can be attached at (its latents are <base>.sae[<f>]).
+FEATURE_BASES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in", "head.z", "neuron")
+
 GRAMMAR = """site := embed | final | logits | L<layer>.<part>
-part := resid_pre | resid_mid | resid_post | attn_out | mlp_out | router
+part := resid_pre | resid_mid | resid_post | attn_out | mlp_out | mlp_in | router
       | head[<h>][.q|.k|.v|.z|.pattern]
       | neuron[<j>]
       | expert[<e>][.neuron[<j>]]
       | shared_expert[.neuron[<j>]]
-An index left out means "all of them" (e.g. L3.head is every head of layer 3)."""
-
-_LAYER_RE = re.compile(
-    r"^L(?P<layer>\d+)\.(?:"
-    r"(?P<plain>resid_pre|resid_mid|resid_post|attn_out|mlp_out|router)"
-    r"|head(?P<head>\d+)?(?:\.(?P<part>q|k|v|z|pattern))?"
-    r"|(?P<shared>shared_expert)(?P<sneuron>\.neuron(?P<sj>\d+)?)?"
-    r"|expert(?P<expert>\d+)?(?P<eneuron>\.neuron(?P<ej>\d+)?)?"
-    r"|neuron(?P<neuron>\d+)?"
-    r")$"
-)
+      | <base>.sae[<f>] | <base>.sae_error
+base := resid_pre | resid_mid | resid_post | attn_out | mlp_out | mlp_in | head.z | neuron
+An index left out means "all of them" (e.g. L3.head is every head of layer 3). mlp_in is the MLP
+block's input (after its norm).
+<base>.sae<f> is latent f of the sparse dictionary attached at L<layer>.<base> (mechanic.features.attach;
+for a transcoder, the site it writes), <base>.sae_error its reconstruction error (base value minus
+reconstruction), so that reconstruction + error is the base value."""
 
 
 class SiteError(ValueError):
     """A site string that does not parse, or an index out of range."""
 
 
-def _int(text: str | None) -> int | None:
-    return None if text is None else int(text)
-
-
 @dataclass(frozen=True, order=True)
 class Site:
     """A place in the model: kind (resid_pre, head, neuron, expert, ...), layer and optional indices.
 
-    `index` is the head, neuron or expert number (None = all); `neuron` is the neuron inside an
-    expert; `part` is a head internal (q, k, v, z, pattern).
+    `index` is the head, neuron, expert or dictionary-latent number (None = all); `neuron` is the
+    neuron inside an expert; `part` is a head internal (q, k, v, z, pattern), or for the dictionary
+    kinds `sae` and `sae_error` the base site part they sit at (`resid_post`, `head.z`, ...).
     """
 
     kind: str
@@ -54,53 +50,25 @@ class Site:
 
     @classmethod
     def parse(cls, text: str | Site) -> Site:
-        """Parse the canonical string form, e.g. `L3.head4.z` or `L10.neuron512`."""
+        """Parse the canonical string form, e.g. `L3.head4.z`, `L10.neuron512` or `L6.resid_post.sae17`."""
         if isinstance(text, Site):
             return text
         text = str(text).strip()
-        if text in GLOBAL_KINDS:
-            return cls(text)
-        m = _LAYER_RE.match(text)
-        if not m:
-            raise SiteError(f"Cannot parse site {text!r}. Sites follow this grammar:\n{GRAMMAR}\n"
-                            "Examples: 'L3.resid_post', 'L5.head2', 'L0.neuron17', 'L1.expert3.neuron5'.")
-        layer = int(m["layer"])
-        if m["plain"]:
-            return cls(m["plain"], layer)
-        if m["shared"]:
-            if m["sneuron"]:
-                return cls("shared_expert_neuron", layer, _int(m["sj"]))
-            return cls("shared_expert", layer)
-        if text.split(".", 2)[1].startswith("head"):
-            return cls("head", layer, _int(m["head"]), m["part"])
-        if text.split(".", 2)[1].startswith("expert"):
-            if m["eneuron"]:
-                return cls("expert_neuron", layer, _int(m["expert"]), neuron=_int(m["ej"]))
-            return cls("expert", layer, _int(m["expert"]))
-        return cls("neuron", layer, _int(m["neuron"]))
+        for kind in _kinds():
+            m = kind.regex.match(text)
+            if m:
+                g = m.groupdict()
+                layer = int(g["layer"]) if kind.layered else None
+                return cls(kind.name, layer, **kind.fields(g))
+        raise SiteError(f"Cannot parse site {text!r}. Sites follow this grammar:\n{GRAMMAR}\n"
+                        "Examples: 'L3.resid_post', 'L5.head2', 'L0.neuron17', 'L1.expert3.neuron5', "
+                        "'L6.resid_post.sae17'.")
 
     def __str__(self) -> str:
-        k = self.kind
-        if k in GLOBAL_KINDS:
-            return k
-        prefix = f"L{self.layer}."
-        idx = "" if self.index is None else str(self.index)
-        if k in LAYER_KINDS:
-            return prefix + k
-        if k == "head":
-            return prefix + f"head{idx}" + (f".{self.part}" if self.part else "")
-        if k == "neuron":
-            return prefix + f"neuron{idx}"
-        if k == "expert":
-            return prefix + f"expert{idx}"
-        if k == "expert_neuron":
-            n = "" if self.neuron is None else str(self.neuron)
-            return prefix + f"expert{idx}.neuron{n}"
-        if k == "shared_expert":
-            return prefix + "shared_expert"
-        if k == "shared_expert_neuron":
-            return prefix + f"shared_expert.neuron{idx}"
-        raise SiteError(f"Unknown site kind {k!r}")
+        kind = _kinds_by_name().get(self.kind)
+        if kind is None:
+            raise SiteError(f"Unknown site kind {self.kind!r}")
+        return f"L{self.layer}.{kind.text(self)}" if kind.layered else kind.text(self)
 
     def __repr__(self) -> str:
         return f"Site({str(self)!r})"
@@ -113,3 +81,18 @@ class Site:
 def as_site(site: str | Site) -> Site:
     """Accept a Site or its string form."""
     return Site.parse(site)
+
+
+@cache
+def _kinds() -> tuple:
+    """The site-kind table (mechanic.model.kinds), imported on first use: its entries build Sites."""
+    from mechanic.model.kinds import KINDS
+
+    return tuple(KINDS)
+
+
+@cache
+def _kinds_by_name() -> dict:
+    from mechanic.model.kinds import BY_NAME
+
+    return BY_NAME
