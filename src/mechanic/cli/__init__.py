@@ -9,6 +9,7 @@ from mechanic.cli import locate as _locate  # noqa: F401  (registers the `locate
 from mechanic.cli import model as _model  # noqa: F401  (registers inspect, check)
 from mechanic.cli import run as _run  # noqa: F401  (registers run, eval, report, demo)
 from mechanic.cli import sae as _sae  # noqa: F401  (registers the `sae` group)
+from mechanic.cli import features as _features  # noqa: F401  (registers `features`)
 from mechanic.cli import steer as _steer  # noqa: F401  (registers the `steer` group)
 
 __all__ = ["app", "main"]

@@ -34,36 +34,45 @@ def _evaluation(ev: dict, plots: list) -> str:
     return "".join(parts) + "</section>"
 
 
-def pieces(results: dict) -> Iterator[str]:
-    """The page in pieces: all but plotly.js is built (and figures checked) before the first piece is yielded."""
+def page(title: str, body: str, plots: list, footer: str) -> Iterator[str]:
+    """A self-contained page in three pieces around plotly.js: head, CSS and body (already escaped), the plot
+    specs; then plotly.js; then the script that draws the plots."""
     import plotly.offline
 
-    plots: list = []
-    body = [sections.summary(results.get("summary") or {}), _evaluation(results.get("evaluation") or {}, plots),
-            sections.verdict(results, plots)]
-    body += [sections.stage(st, i, plots) for i, st in enumerate(results.get("stages", []))]
-    body.append(sections.manifest(results))
-    title = esc((results.get("summary") or {}).get("title", "mechanic run"))
     yield ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-           f"<title>{title}</title><style>{CSS}</style></head>\n"
-           f'<body data-plots-expected="{len(plots)}"><main>{"".join(body)}'
-           f'<footer>mechanic {esc(results.get("mechanic", ""))} · report built from results.json</footer></main>\n'
+           f"<title>{esc(title)}</title><style>{CSS}</style></head>\n"
+           f'<body data-plots-expected="{len(plots)}"><main>{body}<footer>{esc(footer)}</footer></main>\n'
            f'<script type="application/json" id="plot-specs">{_specs(plots)}</script>\n<script>')
     yield plotly.offline.get_plotlyjs()
     yield f"</script>\n<script>{RUNNER}</script>\n</body></html>\n"
 
 
-def build_report(results: dict, path: str | os.PathLike) -> Path:
-    """Write the report page for `results` (a results.json dict) to `path`, atomically."""
-    parts = pieces(results)
-    first = next(parts)                      # builds and checks every section before a file is opened
+def pieces(results: dict) -> Iterator[str]:
+    """The page in pieces: all but plotly.js is built (and figures checked) before the first piece is yielded."""
+    plots: list = []
+    body = [sections.summary(results.get("summary") or {}), _evaluation(results.get("evaluation") or {}, plots),
+            sections.verdict(results, plots)]
+    body += [sections.stage(st, i, plots) for i, st in enumerate(results.get("stages", []))]
+    body.append(sections.manifest(results))
+    return page((results.get("summary") or {}).get("title", "mechanic run"), "".join(body), plots,
+                f'mechanic {results.get("mechanic", "")} · report built from results.json')
+
+
+def write(parts: Iterator[str], path: str | os.PathLike) -> Path:
+    """Write a page's pieces to `path` atomically; the first piece is built before the file is opened."""
+    first = next(parts)
     path = Path(path)
     with atomic_path(path, suffix=".html") as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(first)
         for part in parts:
             f.write(part)
     return path
+
+
+def build_report(results: dict, path: str | os.PathLike) -> Path:
+    """Write the report page for `results` (a results.json dict) to `path`, atomically."""
+    return write(pieces(results), path)
 
 
 def rebuild(run_dir: str | os.PathLike) -> Path:

@@ -63,6 +63,15 @@ summary { cursor:pointer; color:var(--accent); }
 table.kv th { width:34%; font-weight:500; color:var(--muted); }
 .artifacts ul { margin:6px 0; padding-left:20px; }
 footer { color:var(--muted); font-size:12px; text-align:center; }
+.contexts { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; font-size:13px; }
+.ctx { display:grid; grid-template-columns:64px 1fr; gap:8px; padding:3px 0; border-bottom:1px solid var(--line); }
+.ctx-value { color:var(--muted); text-align:right; font-variant-numeric:tabular-nums; }
+.ctx-text { white-space:pre-wrap; word-break:break-word; }
+.tok { border-radius:2px; }
+.tok.max { outline:1.5px solid #9a3412; }
+.tok.unread { color:var(--muted); }
+.tok-text { white-space:pre; }
+.feature-links a { color:var(--accent); margin-right:6px; }
 @media (max-width:640px) { main { padding:12px 8px; } .card { padding:14px; } .summary .line { grid-template-columns:1fr; } }
 """
 
