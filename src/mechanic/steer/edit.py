@@ -10,7 +10,9 @@ ROME (Meng et al. 2022) on down_proj W of layer l, as in METHODS.md:
 - update W <- W + v u^T with u = C^-1 k* / ||C^-1 k*|| and v = delta / (u . k*), the same averaged k*
   in both places (the tiny-divisor failure of using a different key in the denominator cannot happen).
 MEMIT (Meng et al. 2023) optimises a residual target at the last layer of a range and spreads it over
-the range: delta_l = R K^T (lambda C + K K^T)^-1, layer by layer. Both return a Plan of weight edits.
+the range: delta_l = R K^T (lambda C + K K^T)^-1, layer by layer (memit_targets and spread, shared with
+AlphaEdit). Both return a Plan of weight edits. trace_layers chooses the layer once per model, from causal
+tracing averaged over a train split of facts.
 """
 
 from __future__ import annotations
@@ -193,10 +195,27 @@ def trace_layer(model, fact: Fact, samples: int = 5) -> tuple[int, Scores]:
     return best, scores
 
 
+def trace_layers(model, facts: list[Fact], samples: int = 5) -> tuple[int, torch.Tensor]:
+    """The dense layer whose MLP (window) restores the most on average over `facts` (ROME/MEMIT choose their
+    layers once per model this way), and the mean effect per layer [n_layers]."""
+    if not facts:
+        raise PlanError("Averaged tracing needs at least one Fact (the train split of the facts to edit).")
+    mean = torch.stack([trace_layer(model, f, samples)[1].values[:, 0] for f in facts]).mean(0)
+    dense = [L for L in range(model.dims.n_layers) if not model.is_moe(L)]
+    return max(dense, key=lambda L: float(mean[L])), mean
+
+
+def layer_range(top: int, n: int = 5) -> list[int]:
+    """MEMIT's range: n layers ending at `top` (fewer near the bottom)."""
+    return list(range(max(0, top - n + 1), top + 1))
+
+
 def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | None = None, n_prefixes: int = 10,
          steps: int = 25, lr: float = 0.5, kl_factor: float = 0.0625, weight_decay: float = 0.5,
-         clamp: float = 4.0, stats_tokens: int = 32768, seed: int = 0) -> Plan:
+         clamp: float = 4.0, stats_tokens: int = 32768, moments: dict | None = None, seed: int = 0) -> Plan:
     """A rank-one edit of one fact into layer `layer`'s down_proj (chosen by causal tracing when None).
+
+    `moments` ({layer: (C, count)}, from second_moments) skips reading the statistics (sequential edits).
 
     A subject that is the prompt's first token is a poor key on models whose first token is an
     attention sink (SmolLM2 has no BOS): its key differs from the averaged one and the edit barely
@@ -216,7 +235,7 @@ def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | N
     if "" in prefixes:  # the bare prompt: is the subject's last token its first token?
         i = prefixes.index("")
         first = int(last[i]) == int((inputs["attention_mask"][i] == 0).sum())
-    C, count = second_moments(model, [layer], max_tokens=stats_tokens)[layer]
+    C, count = _moments(model, [layer], moments, stats_tokens)[layer]
     W = model.arch.down_weight(mod).detach().double()
     v0 = W @ k
     delta, losses = _optimise(model, fact, prefixes, f"L{layer}.mlp_out", float(v0.norm()), steps=steps, lr=lr,
@@ -230,8 +249,7 @@ def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | N
     v = delta.double() / denom
     new = W + torch.outer(v, u)
     edit = down_proj_edit(model, layer, new.float(), f"ROME: {fact.subject} -> {fact.target_new!r}")
-    settings = {"layer": layer, "fact": fact.__dict__ | {"paraphrases": list(fact.paraphrases),
-                                                          "neighborhood": list(fact.neighborhood)},
+    settings = {"layer": layer, "fact": _fact_dict(fact),
                 "prefixes": prefixes, "key_norm": float(k.norm()), "value_norm": float(v0.norm()),
                 "delta_norm": float(delta.norm()), "delta": delta.tolist(), "u_dot_k": denom, "losses": losses, "stats_tokens": count,
                 "steps": steps, "lr": lr, "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp,
@@ -243,27 +261,11 @@ def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | N
 
 
 # ---------------------------------------------------------------- MEMIT
-def memit(model, facts: list[Fact], layers: list[int] | None = None, *, n_prefixes: int = 10, steps: int = 25,
-          lr: float = 0.5, kl_factor: float = 0.0625, weight_decay: float = 0.5, clamp: float = 4.0,
-          lam: float = 1000.0, stats_tokens: int = 32768, seed: int = 0) -> Plan:
-    """Many facts at once, spread over `layers` (default: 5 layers ending at the traced layer of the first fact).
-
-    lam weighs the preserved keys (C) against the new ones; both scale with the keys squared, so it is
-    scale-free but model-dependent: MEMIT used 15000 on GPT-J; on SmolLM2 that leaves edits too weak
-    (efficacy 1/4 on four facts over layers 1-5) where 1000 gives 3/4 with the fourth a near tie.
-    """
-    if not facts:
-        raise PlanError("MEMIT needs at least one Fact.")
-    if layers is None:
-        top, _ = trace_layer(model, facts[0])
-        layers = list(range(max(0, top - 4), top + 1))
-    layers = sorted(int(x) for x in layers)
-    for L in layers:
-        _down(model, L)
-    last_layer = layers[-1]
-    prefixes = context_prefixes(model, n_prefixes, seed=seed)
+def memit_targets(model, facts: list[Fact], last_layer: int, prefixes: list[str], *, steps: int, lr: float,
+                  kl_factor: float, weight_decay: float, clamp: float):
+    """Per fact its prompt rows (inputs, subject positions) and the optimised residual target z at `last_layer`
+    (stacked [d_model, facts]), with the optimisation losses: MEMIT's first step, shared with AlphaEdit."""
     n = len(prefixes)
-    moments = second_moments(model, layers, max_tokens=stats_tokens)
     rows = []
     for f in facts:
         texts, ends = _fact_rows(model, f, prefixes)
@@ -277,27 +279,80 @@ def memit(model, facts: list[Fact], layers: list[int] | None = None, *, n_prefix
                                   kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
         targets.append(h + delta)
         opt_losses.append(losses)
-    Z = torch.stack(targets, 1).double()  # [d_model, facts]
+    return rows, torch.stack(targets, 1).double(), opt_losses
+
+
+def spread(model, rows, Z: torch.Tensor, layers: list[int], solve, note: str):
+    """MEMIT's second step: layer by layer, the remaining residual (Z minus the current output at the last layer)
+    divided over the remaining layers, turned into a down_proj update by solve(layer, K, R) -> [d_model, d_mlp].
+    Returns the weight edits and each layer's keys K [d_mlp, facts] (read with the earlier layers edited);
+    the model is left unedited."""
+    site = f"L{layers[-1]}.resid_post"
     edits: list[WeightEdit] = []
-    applied = []
+    applied, keys = [], {}
     try:
         for i, L in enumerate(layers):
-            pairs = [_mean_at(model, inp, [f"L{L}.neuron", site], last, n) for inp, last in rows]  # one forward each
+            pairs = [_mean_at(model, inp, [f"L{L}.neuron", site], last, int(last.numel()))
+                     for inp, last in rows]  # one forward each
             K = torch.stack([k for k, _ in pairs], 1).double()
             cur = torch.stack([h for _, h in pairs], 1).double()
             R = (Z - cur) / (len(layers) - i)
-            C = moments[L][0].double()
-            delta_w = torch.linalg.solve(lam * C + K @ K.T, K @ R.T).T  # R K^T (lam C + K K^T)^-1
+            delta_w = solve(L, K, R)
             mod, _ = _down(model, L)
             W = model.arch.down_weight(mod).detach().double()
-            edit = down_proj_edit(model, L, (W + delta_w).float(), f"MEMIT layer {L}: {len(facts)} facts")
+            edit = down_proj_edit(model, L, (W + delta_w).float(), f"{note} layer {L}")
             edits.append(edit)
+            keys[L] = K
             applied.append((edit, edit.apply(model)))  # later layers see this one's update
     finally:
         for e, old in reversed(applied):
             e.restore(model, old)
-    settings = {"layers": layers, "facts": [f.__dict__ | {"paraphrases": list(f.paraphrases),
-                                                          "neighborhood": list(f.neighborhood)} for f in facts],
+    return edits, keys
+
+
+def _moments(model, layers: list[int], moments: dict | None, stats_tokens: int) -> dict:
+    """The given second moments (checked to cover `layers`) or those of the shipped text, cached."""
+    if moments is None:
+        return second_moments(model, layers, max_tokens=stats_tokens)
+    missing = [L for L in layers if L not in moments]
+    if missing:
+        raise PlanError(f"The second moments passed cover layers {sorted(moments)} but not {missing}; compute them "
+                        "with mechanic.steer.stats.second_moments(model, layers) for every edited layer.")
+    return moments
+
+
+def _fact_dict(f: Fact) -> dict:
+    return f.__dict__ | {"paraphrases": list(f.paraphrases), "neighborhood": list(f.neighborhood)}
+
+
+def memit(model, facts: list[Fact], layers: list[int] | None = None, *, prefixes: list[str] | None = None,
+          n_prefixes: int = 10, steps: int = 25, lr: float = 0.5, kl_factor: float = 0.0625,
+          weight_decay: float = 0.5, clamp: float = 4.0, lam: float = 1000.0, stats_tokens: int = 32768,
+          moments: dict | None = None, seed: int = 0) -> Plan:
+    """Many facts at once, spread over `layers` (default: 5 layers ending at the traced layer of the first fact).
+
+    lam weighs the preserved keys (C) against the new ones; both scale with the keys squared, so it is
+    scale-free but model-dependent: MEMIT used 15000 on GPT-J; on SmolLM2 that leaves edits too weak
+    (efficacy 1/4 on four facts over layers 1-5) where 1000 gives 3/4 with the fourth a near tie.
+    `moments` ({layer: (C, count)}, from second_moments) and `prefixes` skip recomputing them (sequential edits).
+    """
+    if not facts:
+        raise PlanError("MEMIT needs at least one Fact.")
+    if layers is None:
+        layers = layer_range(trace_layer(model, facts[0])[0])
+    layers = sorted(int(x) for x in layers)
+    for L in layers:
+        _down(model, L)
+    prefixes = prefixes if prefixes is not None else context_prefixes(model, n_prefixes, seed=seed)
+    moments = _moments(model, layers, moments, stats_tokens)
+    rows, Z, opt_losses = memit_targets(model, facts, layers[-1], prefixes, steps=steps, lr=lr, kl_factor=kl_factor,
+                                        weight_decay=weight_decay, clamp=clamp)
+
+    def solve(L, K, R):  # R K^T (lam C + K K^T)^-1
+        return torch.linalg.solve(lam * moments[L][0].double() + K @ K.T, K @ R.T).T
+
+    edits, _ = spread(model, rows, Z, layers, solve, f"MEMIT {len(facts)} facts:")
+    settings = {"layers": layers, "facts": [_fact_dict(f) for f in facts],
                 "prefixes": prefixes, "lam": lam, "losses": opt_losses,
                 "stats_tokens": {L: moments[L][1] for L in layers}, "steps": steps, "lr": lr,
                 "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp, "seed": seed}
