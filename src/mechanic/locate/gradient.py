@@ -26,7 +26,7 @@ from mechanic.model.hooks import frozen_parameters
 from mechanic.tasks import metrics as _metrics
 from mechanic.tasks.task import Task, TaskBatch, TaskError
 
-ATP_KINDS = ("head", "neuron", "expert", "embed", "resid_pre", "resid_post", "attn_out", "mlp_out")
+ATP_KINDS = ("head", "neuron", "expert", "embed", "resid_pre", "resid_post", "attn_out", "mlp_out", "sae")
 # one site per layer (not per component): kept per position by default
 _PER_POSITION = ("embed", "resid_pre", "resid_post", "attn_out", "mlp_out")
 
@@ -82,6 +82,10 @@ def _atp_sites(model, kind: str) -> list[tuple[str, list[str]]]:
     d, out = model.dims, []
     if kind == "embed":
         return [("embed", ["embed"])]
+    if kind == "sae":   # every attached dictionary: its latents, and its error as one more node
+        return [x for base, c in model.dictionaries.items() for x in
+                ((f"{base}.sae", [f"{base}.sae{f}" for f in range(c.width)]),
+                 (f"{base}.sae_error", [f"{base}.sae_error"]))]
     for L in range(d.n_layers):
         moe = model.is_moe(L)
         if kind == "head":
@@ -96,9 +100,11 @@ def _atp_sites(model, kind: str) -> list[tuple[str, list[str]]]:
 
 
 def _per_cell(site: str, diff: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """diff . grad reduced to [batch, pos, rows] (rows = heads, neurons, experts, or 1)."""
+    """diff . grad reduced to [batch, pos, rows] (rows = heads, neurons, experts, dictionary latents, or 1)."""
     prod = diff * grad
-    if site.endswith(".neuron"):
+    if site.endswith(".sae_error"):
+        return prod.flatten(2).sum(-1, keepdim=True)   # the error node: one number per cell
+    if site.endswith((".neuron", ".sae")):
         return prod                      # [b, p, d_mlp]: one number per neuron already
     if site.endswith((".head.z", ".expert")):
         return prod.sum(-1)              # [b, p, H, d] -> [b, p, H]
@@ -110,8 +116,11 @@ def atp(model, task: Task | TaskBatch, kind: str | Iterable[str] = "head", *, me
         batch_size: int | None = 16) -> Scores | dict[str, Scores]:
     """Attribution patching: score every site of `kind` by (a_clean - a_corr) . dmetric/da, to rank components cheaply.
 
-    kind: one of head, neuron, expert, embed, resid_pre, resid_post, attn_out, mlp_out, or several
-    (then a dict kind -> Scores, all from the same runs). Heads are scored through their z (o_proj
+    kind: one of head, neuron, expert, embed, resid_pre, resid_post, attn_out, mlp_out, sae, or several
+    (then a dict kind -> Scores, all from the same runs). "sae" scores the latents of every attached
+    dictionary (mechanic.features.attach) plus its error node `<site>.sae_error`; latents and error add up
+    to the attached site's own score, except for what activation normalisation (the decoder's scale is the
+    gradient run's) and a skip transcoder's skip term (a function of the MLP input, not a node) carry. Heads are scored through their z (o_proj
     input), which equals (contribution difference) . (gradient at the o_proj output) exactly.
     per_position: keep the position axis (default: yes for residual-type kinds, no for heads, neurons
     and experts, which are summed over positions). gradient_at: "corrupted" (default) or "clean"
@@ -133,6 +142,9 @@ def atp(model, task: Task | TaskBatch, kind: str | Iterable[str] = "head", *, me
     mname, mfn = metric_fn(metric, task_metric)
     plan = {k: _atp_sites(model, k) for k in kinds}
     for k, sites in plan.items():
+        if not sites and k == "sae":
+            raise ValueError("AtP over dictionary latents needs a dictionary attached to the model; attach one "
+                             "with mechanic.features.attach(model, dictionary) (one per site, any number of sites).")
         if not sites:
             other = "expert" if k == "neuron" else "neuron"
             raise ValueError(f"This model has no {k} sites (" + ("no dense FFN layer" if k == "neuron" else
