@@ -172,3 +172,25 @@ def test_patching_latents_and_error_from_the_clean_run_restores_it():
     assert (both - clean.logits).abs().max().item() < 1e-5
     latents_only = m.run(corr_ids, interventions=[replace("L1.resid_post.sae", clean["L1.resid_post.sae"])]).logits
     assert (latents_only - clean.logits).abs().max().item() > 1e-4 and (corr - clean.logits).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_mlp_in_is_the_mlp_modules_input(arch):
+    """L.mlp_in reads and changes the MLP module's input (plain pre-hook reference); the residual keeps its value."""
+    m = mechanic.load(tiny_model(arch))
+    mlp = blocks(m.hf)[1].mlp
+    seen = {}
+    h = mlp.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].clone()))
+    try:
+        orig = plain_logits(m, IDS)
+    finally:
+        h.remove()
+    run = m.run(IDS, cache=["L1.mlp_in"])
+    assert run["L1.mlp_in"].equal(seen["x"]) and run.logits.equal(orig)
+    h = mlp.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,) + tuple(args[1:]))
+    try:
+        ref = plain_logits(m, IDS)
+    finally:
+        h.remove()
+    got = m.run(IDS, interventions=[scale("L1.mlp_in", 0.5)]).logits
+    assert (got - ref).abs().max().item() < 1e-6 and (got - orig).abs().max().item() > 1e-4
