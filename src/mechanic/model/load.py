@@ -134,37 +134,82 @@ def resolve(spec: str) -> Path | str:
     return spec
 
 
-def load(spec=DEFAULT, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-         trust_remote_code: bool = False, attn_implementation: str | None = None, tokenizer=None):
+def load(spec=DEFAULT, *, dtype=None, device: str | None = None, device_map=None, max_memory: dict | None = None,
+         offload_folder=None, trust_remote_code: bool = False, attn_implementation: str | None = None,
+         tokenizer=None):
     """Load a causal LM as a mechanic Model (tokenizer left-padded, pad token set).
 
     spec: `smollm2` (default), a local HF directory, a .gguf file, a Hub id, or an already built
     transformers model (for tiny random models in tests).
+    dtype: torch.float32 (default for files; a built model keeps its own unless given), torch.bfloat16
+    or torch.float16 (or their names). device: one device for the whole model (default "cpu").
+    device_map / max_memory / offload_folder: spread a big model over devices and disk with accelerate
+    (see docs/ENGINE.md, "Big models"; mechanic.model.dispatch).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from mechanic.model.dispatch import as_dtype, check_options
     from mechanic.model.model import Model
 
+    dtype = as_dtype(dtype)
+    check_options(device_map, max_memory, offload_folder, device)
     if isinstance(spec, torch.nn.Module):
-        return Model(spec.to(device).eval(), _ready(tokenizer) if tokenizer is not None else None)
+        hf = spec if dtype is None else spec.to(dtype)
+        if device_map is not None:
+            from mechanic.model.dispatch import dispatch
+
+            hf = dispatch(hf, device_map, max_memory, offload_folder)
+        else:
+            hf = hf.to(device or "cpu")
+        return Model(hf.eval(), _ready(tokenizer) if tokenizer is not None else None)
     where = resolve(str(spec))
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading takes about a second; a bar per load is noise
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
+        if device_map is not None:
+            kwargs.update(_placement(where, kwargs, device_map, max_memory, offload_folder))
+        hf = _from_pretrained(where, kwargs)
         tok = tokenizer
         if tok is None and (not isinstance(where, Path) or _has_tokenizer(where)):
+            from transformers import AutoTokenizer
+
             tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except OSError as e:
         raise LoadError(f"Could not load {spec!r}: {e}. Expected a Hugging Face causal LM with safetensors "
                         "weights (no hub is reachable from machines without internet: use a local directory, "
                         f"a .gguf file or '{DEFAULT}').") from e
+    if device_map is not None:
+        from mechanic.model.dispatch import settle
+
+        hf = settle(hf, offload_folder)
+    else:
+        hf = hf.to(device or "cpu")
     name = "SmolLM2-135M-Instruct" if spec == DEFAULT else str(spec)
-    return Model(hf.to(device).eval(), _ready(tok) if tok is not None else None, name=name)
+    return Model(hf.eval(), _ready(tok) if tok is not None else None, name=name)
+
+
+def _from_pretrained(where, kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
+
+
+def _placement(where, kwargs, device_map, max_memory, offload_folder) -> dict:
+    """from_pretrained arguments placing the model: the device map planned and checked on an empty (meta) model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mechanic.model.dispatch import plan
+
+    config = AutoConfig.from_pretrained(str(where), trust_remote_code=kwargs["trust_remote_code"])
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"],
+                                                 trust_remote_code=kwargs["trust_remote_code"])
+    placement = {"device_map": plan(empty, device_map, max_memory, offload_folder)}
+    if offload_folder is not None:
+        placement["offload_folder"] = str(Path(offload_folder).expanduser())
+    return placement
 
 
 def _has_tokenizer(path: Path) -> bool:
