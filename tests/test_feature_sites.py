@@ -194,3 +194,12 @@ def test_mlp_in_is_the_mlp_modules_input(arch):
         h.remove()
     got = m.run(IDS, interventions=[scale("L1.mlp_in", 0.5)]).logits
     assert (got - ref).abs().max().item() < 1e-6 and (got - orig).abs().max().item() > 1e-4
+
+
+def test_sites_of_dictionary_kinds():
+    m = mechanic.load(tiny_model("llama"))
+    assert m.sites("sae") == [] and m.sites("sae_error") == []
+    attach(m, rand(Dictionary(m.dims.n_heads * m.dims.d_head, 8, "relu", site="L2.head.z")))
+    assert [str(s) for s in m.sites("sae")] == [f"L2.head.z.sae{f}" for f in range(8)]
+    assert [str(s) for s in m.sites("sae_error")] == ["L2.head.z.sae_error"]
+    assert all(m.check(s) == s for s in m.sites("sae"))

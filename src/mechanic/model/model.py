@@ -133,7 +133,7 @@ class Model:
         return self.dictionaries.get(str(as_site(site)))
 
     def sites(self, kind: str | None = None) -> list[Site]:
-        """Every site of one kind (`resid_post`, `head`, `neuron`, `expert`, ...) or the layer-level table."""
+        """Every site of one kind (`resid_post`, `head`, `neuron`, `expert`, `sae`, ...) or the layer-level table."""
         d = self.dims
         out: list[Site] = []
         if kind in (None, "embed"):
@@ -162,6 +162,12 @@ class Model:
                     out.append(Site(kind, layer))
             elif kind in ("router", "shared_expert") and moe:
                 out.append(Site(kind, layer))
+        if kind in ("sae", "sae_error"):   # the latents / error nodes of every attached dictionary
+            for base, codec in self.dictionaries.items():
+                b = as_site(base)
+                part = str(b).split(".", 1)[1]
+                idx = range(codec.width) if kind == "sae" else [None]
+                out += [Site(kind, b.layer, f, part) for f in idx]
         if kind in (None, "final"):
             out.append(Site("final"))
         if kind in (None, "logits"):
