@@ -82,3 +82,8 @@ def counterfact(model, facts) -> dict:
     out["score"] = len(parts) / sum(1 / v for v in parts) if parts and all(v > 0 for v in parts) else 0.0
     out["n"] = {k: len(v) for k, v in wins.items()}
     return out
+
+
+def running_scores(model, step: int, done) -> dict:
+    """The `on_batch` of mechanic.steer.sequential: CounterFact ES, PS, NS and score over the facts edited so far."""
+    return counterfact(model, done)

@@ -1,0 +1,147 @@
+"""Sequential editing: the plan equals applying the methods batch after batch by hand, undoes bit for bit, reports
+each batch to a callback on the model as edited so far; averaged tracing picks the argmax of the mean effect."""
+
+import pytest
+import torch
+
+import mechanic
+from mechanic.improve.edit_metrics import running_scores
+from mechanic.locate.scores import Scores
+from mechanic.locate.trace import causal_trace, subject_positions
+from mechanic.steer import edit as edit_module
+from mechanic.steer.alphaedit import NullSpaces, alphaedit
+from mechanic.steer.edit import Fact, context_prefixes, memit, rome, trace_layers
+from mechanic.steer.plan import Plan, PlanError
+from mechanic.steer.sequential import sequential
+from mechanic.steer.stats import second_moments
+from mechanic.testing.tiny import tiny_model
+
+FACTS = [
+    Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower", " Rome", " Paris",
+         ("The Eiffel Tower stands in",), ("The old bridge is located in the city of",)),
+    Fact("The river Thames flows through the city of", "The river Thames", " Berlin", " London"),
+    Fact("The old castle was built by the king of", "The old castle", " Spain", " France"),
+    Fact("The young doctor was born in the town of", "The young doctor", " Boston", " York"),
+]
+TOKENS = 2000
+OPT = dict(steps=3, stats_tokens=TOKENS)
+LAYERS = {"rome": [0], "memit": [0, 1], "alphaedit": [0, 1]}
+EXTRA = {"rome": {}, "memit": {"lam": 1.0}, "alphaedit": {"threshold": 2e-4, "alpha": 1e-4}}
+
+
+@pytest.fixture
+def model(word_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHANIC_CACHE", str(tmp_path))
+    return mechanic.load(tiny_model("llama", vocab_size=len(word_tokenizer)), tokenizer=word_tokenizer)
+
+
+def weights(m) -> dict:
+    return {n: p.detach().clone() for n, p in m.hf.named_parameters()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def by_hand(m, method, batches):
+    """Each batch computed with the earlier ones applied, written out; the weights after each batch. The statistics
+    are those of the unedited model (an edited model has another fingerprint, so its own would be recomputed)."""
+    prefixes = context_prefixes(m, 2, seed=0)
+    OPT = dict(steps=3, moments=second_moments(m, LAYERS[method], max_tokens=TOKENS))
+    state = NullSpaces(EXTRA["alphaedit"]["threshold"])
+    handles, after = [], []
+    for batch in batches:
+        for f in (batch if method == "rome" else [batch]):
+            if method == "rome":
+                p = rome(m, f, LAYERS["rome"][0], prefixes=prefixes, **OPT)
+            elif method == "memit":
+                p = memit(m, f, LAYERS["memit"], prefixes=prefixes, **OPT, **EXTRA["memit"])
+            else:
+                p = alphaedit(m, f, LAYERS["alphaedit"], prefixes=prefixes, state=state, **OPT, **EXTRA["alphaedit"])
+            handles.append(p.apply(m))
+        after.append(weights(m))
+    for h in reversed(handles):
+        h.undo()
+    return after
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+def test_sequential_equals_batches_applied_by_hand(model, method):
+    m = model
+    original = weights(m)
+    seen = []
+
+    def on_batch(model_now, step, done):
+        seen.append((step, len(done), weights(model_now)))
+        return running_scores(model_now, step, done)
+
+    plan = sequential(m, FACTS, method, 2, LAYERS[method], n_prefixes=2, on_batch=on_batch, progress=False, **OPT,
+                      **EXTRA[method])
+    assert same(weights(m), original)  # the model is left as it was
+    after = by_hand(m, method, [FACTS[:2], FACTS[2:]])
+    assert [(s, n) for s, n, _ in seen] == [(0, 2), (1, 4)]
+    assert same(seen[0][2], after[0]) and same(seen[1][2], after[1])
+    with m.applied(plan):
+        assert same(weights(m), after[1])
+        assert not same(weights(m), original)
+    assert [c["edits"] for c in plan.settings["curve"]] == [2, 4]
+    assert {"es", "ps", "ns"} <= set(plan.settings["curve"][0])
+    assert plan.settings["layers"] == LAYERS[method] and plan.settings["layers_from"] == "given"
+
+
+def test_sequential_plan_undoes_bit_for_bit_and_saves(model, tmp_path):
+    m = model
+    original = weights(m)
+    plan = sequential(m, FACTS, "memit", 3, [0, 1], n_prefixes=2, progress=False, **OPT, lam=1.0)
+    assert len(plan.edits) == 2 and plan.method == "sequential memit"
+    handle = plan.apply(m)
+    edited = weights(m)
+    assert not same(edited, original)
+    handle.undo()
+    assert same(weights(m), original)
+    again = Plan.load(plan.save(tmp_path / "seq.safetensors"))
+    with m.applied(again):
+        assert same(weights(m), edited)
+    assert same(weights(m), original)
+
+
+def fake_trace(values: dict):
+    def trace_layer(model, fact, samples=5):
+        v = torch.tensor(values[fact.subject]).view(-1, 1)
+        return int(v.argmax()), Scores(v, [f"L{i}.mlp_out" for i in range(len(v))], "fake")
+    return trace_layer
+
+
+def test_averaged_tracing_picks_the_argmax_of_the_mean(model, monkeypatch):
+    m = model
+    # each fact alone would pick layer 0 or 2; the mean effect peaks at layer 1
+    values = {FACTS[0].subject: [1.0, 0.6, 0.0], FACTS[1].subject: [0.0, 0.6, 1.0]}
+    monkeypatch.setattr(edit_module, "trace_layer", fake_trace(values))
+    top, mean = trace_layers(m, FACTS[:2])
+    assert top == 1 and torch.allclose(mean, torch.tensor([0.5, 0.6, 0.5]))
+    plan = sequential(m, FACTS[2:], "memit", 2, trace_facts=FACTS[:2], n_prefixes=2, progress=False, **OPT)
+    assert plan.settings["layers"] == [0, 1]
+    assert plan.settings["trace_mean"] == pytest.approx([0.5, 0.6, 0.5])
+    assert "averaged over 2 facts" in plan.settings["layers_from"]
+
+
+def test_averaged_tracing_on_a_model(model):
+    m = model
+    traces = []
+    for f in FACTS[:3]:
+        pos = subject_positions(m, f.prompt, f.subject)[-1]
+        traces.append(causal_trace(m, f.prompt, f.target_true, f.subject, "mlp", samples=3, positions=[pos]).values[:, 0])
+    mean = torch.stack(traces).mean(0)
+    top, got = trace_layers(m, FACTS[:3], samples=3)
+    assert torch.allclose(got, mean) and top == int(mean.argmax())
+
+
+def test_sequential_errors(model):
+    with pytest.raises(PlanError, match="Unknown editing method"):
+        sequential(model, FACTS, "ft", 2, [0])
+    with pytest.raises(PlanError, match="no setting lam"):
+        sequential(model, FACTS, "rome", 2, [0], lam=1.0)
+    with pytest.raises(PlanError, match="batch_size"):
+        sequential(model, FACTS, "memit", 0, [0])
+    with pytest.raises(PlanError, match="one layer"):
+        sequential(model, FACTS, "rome", 2, [0, 1])
