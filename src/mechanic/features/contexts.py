@@ -84,7 +84,7 @@ class Collector:
         self.total = torch.zeros(F, dtype=torch.float64)
         self.top_value = torch.full((F, k), -torch.inf)
         self.top_place = torch.full((F, k), torch.iinfo(torch.long).max, dtype=torch.long)
-        self.top_ids = torch.full((F, k, W), -1, dtype=torch.long)
+        self.top_ids = torch.full((F, k, W), -1, dtype=torch.int32)
         self.top_acts = torch.full((F, k, W), NOT_READ)
         self.hist = torch.zeros(F, BINS, dtype=torch.long)
         self.width = torch.zeros(F, dtype=torch.float64)
@@ -116,7 +116,7 @@ class Collector:
         s = t[..., None] + torch.arange(-self.before, self.after + 1)          # [kk, F, W]
         inside = (s >= 0) & (s < S)
         rr = r[..., None].expand_as(s)
-        tok = torch.where(inside, ids[rr, s.clamp(0, S - 1)], -1)
+        tok = torch.where(inside, ids[rr, s.clamp(0, S - 1)], -1).to(torch.int32)
         read = inside & (s >= self.skip)
         f = torch.arange(acts.shape[-1])[None, :, None].expand_as(s)
         a = acts[rr, (s - self.skip).clamp(0, acts.shape[1] - 1), f]

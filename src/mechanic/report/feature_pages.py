@@ -25,6 +25,11 @@ def visible(piece: str) -> str:
     return piece
 
 
+def shown_token(piece: str) -> str:
+    """A vocabulary token for a table cell: as written, or quoted with escapes when it is blank or invisible."""
+    return visible(piece) if piece.strip() else json.dumps(piece)
+
+
 def _token(piece: str, act, top: float, is_place: bool) -> str:
     cls = "tok max" if is_place else "tok"
     if act is None:
@@ -63,7 +68,7 @@ def histogram(f: dict, i: int, plots: list) -> str:
 
 def logit_table(f: dict, i: int, side: str) -> str:
     """The tokens one side of the logit effect, with their logit per unit of activation."""
-    rows = "".join(f'<tr><td><code class="tok-text">{esc(visible(t["token"]))}</code></td><td class="num">'
+    rows = "".join(f'<tr><td><code class="tok-text" title="token id {esc(t["id"])}">{esc(shown_token(t["token"]))}</code></td><td class="num">'
                    f'{num(f"features.{i}.logits.{side}.{j}.logit", t["logit"], fmt(t["logit"], "+.3f"))}</td></tr>'
                    for j, t in enumerate(f["logits"][side]))
     return (f'<div><table class="fig logits {side}"><thead><tr><th>{side}</th><th>logit</th></tr></thead>'
