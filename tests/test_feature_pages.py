@@ -79,12 +79,13 @@ def same(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("text", ["prose", "repeated"])
-def test_streaming_top_contexts_equal_the_naive_sort(tiny_word, text):
-    """Random dictionary on a tiny model; "repeated" gives 25 equal windows of token ids, so values tie exactly."""
+@pytest.mark.parametrize("text,kind", [("prose", "sae"), ("repeated", "sae"), ("prose", "transcoder")])
+def test_streaming_top_contexts_equal_the_naive_sort(tiny_word, text, kind):
+    """Random dictionary on a tiny model; "repeated" gives 25 equal windows of token ids, so values tie exactly;
+    the transcoder reads the MLP input (a captured call, not an engine site)."""
     one = tiny_word.tokenizer(heldout()[0], add_special_tokens=False)["input_ids"][:48]
     passages = heldout()[:12] if text == "prose" else torch.tensor(one * 25)
-    d = random_dictionary(64)
+    d = random_dictionary(64) if kind == "sae" else random_dictionary(64, site="L1.mlp_in", out_site="L1.mlp_out")
     kw = dict(tokens=1200, k=5, seq_len=48, batch=3, before=6, after=3)
     want, n_tokens = naive(tiny_word, d, passages, **kw)
     got = scan(tiny_word, d, passages, None, **kw)
@@ -128,14 +129,15 @@ def test_listed_features_equal_the_same_rows_of_a_full_scan(tiny_word):
 
 
 @pytest.mark.parametrize("arch,site", [("llama", "L1.resid_post"), ("llama", "L2.head.z"), ("llama", "L1.neuron"),
-                                       ("gemma", "L1.mlp_out"), ("gpt2", "L0.resid_post")])
+                                       ("gemma", "L1.mlp_out"), ("gpt2", "L0.resid_post"), ("llama", "L1.mlp_in")])
 def test_logit_effect_equals_the_hand_computation(arch, site):
     """W_U · (gain * row): Llama's RMSNorm weight, Gemma's 1 + weight, GPT-2's centred LayerNorm; z and neuron
     rows go through o_proj / down_proj first."""
     hf = tiny_model(arch)
     m = mechanic.load(hf)
     width = {"head.z": 64, "neuron": 96}.get(site.split(".", 1)[1], 64)
-    d = random_dictionary(width, site=site)
+    out = {"L1.mlp_in": "L1.mlp_out"}.get(site)                     # a transcoder's row lives at its output
+    d = random_dictionary(width, site=site, out_site=out)
     feats = [0, 5, 17]
     got = logit_effect(m, d, feats, k=7)
     layer = int(site[1])

@@ -5,6 +5,7 @@ import os
 import re
 
 import pytest
+import torch
 
 import mechanic
 from mechanic.features import Dictionary
@@ -13,8 +14,6 @@ from mechanic.report.feature_pages import build_page, visible
 from mechanic.report.screenshot import CHROMIUM, opened
 from mechanic.testing.tiny import tiny_model
 from test_untrusted import HOSTILE
-
-import torch
 
 
 @pytest.fixture(scope="module")
