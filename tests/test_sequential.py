@@ -145,3 +145,25 @@ def test_sequential_errors(model):
         sequential(model, FACTS, "memit", 0, [0])
     with pytest.raises(PlanError, match="one layer"):
         sequential(model, FACTS, "rome", 2, [0, 1])
+
+
+def test_alphaedit_steer_method_edits_the_tasks_facts_in_batches(model, tmp_path):
+    from types import SimpleNamespace
+
+    from mechanic.recipes.methods import run_method
+    from mechanic.recipes.schema import Strict
+
+    class Spec(Strict):
+        method: str = "alphaedit"
+        layers: list[int] = [0, 1]
+        threshold: float = 2e-4
+        alpha: float = 1e-4
+        batch_size: int = 2
+
+    rows = [SimpleNamespace(prompt=f.prompt, answer=f.target_true, wrong=f.target_new, split="train",
+                            meta={"subject": f.subject}) for f in FACTS[:3]]
+    task = SimpleNamespace(name="tiny facts", examples=rows)
+    out = run_method("steer", {"model": model, "task": task, "dir": tmp_path}, Spec())
+    plan = Plan.load(tmp_path / out.artifacts["plan"])
+    assert plan.method == "sequential alphaedit" and plan.settings["batch_size"] == 2
+    assert [b["facts"] for b in plan.settings["batches"]] == [2, 1] and out.data["layers"] == [0, 1]

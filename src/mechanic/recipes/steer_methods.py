@@ -99,6 +99,35 @@ def memit(ctx) -> StageOut:
     return _out(ctx, plan, f"MEMIT rewrote {len(facts)} facts at once over layers {layers}.", data={"layers": layers})
 
 
+class AlphaEdit(Strict):
+    """AlphaEdit: MEMIT's update in the null space of the preserved keys; batch_size edits the facts sequentially."""
+
+    layers: list[int] | None = None
+    threshold: float = Field(2e-2, gt=0)    # eigenvalues of E[k k^T] below it span the null space
+    alpha: float = Field(10.0, gt=0)
+    batch_size: int | None = Field(None, ge=1)   # default: all facts in one batch
+
+
+@method(STEER, "alphaedit", AlphaEdit)
+def alphaedit(ctx) -> StageOut:
+    """AlphaEdit over `layers` (default around the traced layer), all facts at once or in sequential batches."""
+    from mechanic.steer.edit import facts_from_task
+    from mechanic.steer.sequential import sequential
+
+    s, model = ctx.settings, ctx.model
+    layers = s.layers
+    if layers is None and ctx.found is not None and "layer" in ctx.found.data:
+        L = int(ctx.found.data["layer"])
+        layers = [x for x in range(L - 2, L + 3) if 0 <= x < model.dims.n_layers]
+    facts = facts_from_task(ctx.task)
+    batch = s.batch_size or len(facts)
+    plan = sequential(model, facts, "alphaedit", batch, layers, threshold=s.threshold, alpha=s.alpha, seed=ctx.seed,
+                      progress=False)
+    text = (f"AlphaEdit rewrote {len(facts)} facts over layers {plan.settings['layers']} in batches of {batch}, each "
+            "update confined to the null space of the preserved keys' second moment.")
+    return _out(ctx, plan, text, data={"layers": plan.settings["layers"]})
+
+
 class NeuronEdit(Strict):
     """Scale the located FFN neurons in the weights (0 = remove); random=True scales as many random neurons."""
 
