@@ -91,3 +91,18 @@ def test_feature_plans_need_their_dictionary_and_a_latent_site(tmp_path):
     assert m.steering == []
     with m.applied(add):                  # adding a decoder direction is a plain add: no dictionary needed
         assert not m.run(IDS).logits.equal(plain(m))
+
+
+def test_a_clamp_plan_steers_generation_token_by_token():
+    """generate() with the plan applied equals greedy decoding from full runs with the same interventions."""
+    m = mechanic.load(tiny_model("llama"))
+    D = m.dims.d_model
+    attach(m, rand(Dictionary(D, 2 * D, "relu", site="L1.resid_post"), 4))
+    ids = IDS[:2, :5]
+    prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    plain_out = m.generate(prompt, max_new_tokens=6, do_sample=False)
+    plan = feature_clamp(m, "L1.resid_post.sae3", 50.0)
+    with m.applied(plan):
+        out = m.generate(prompt, max_new_tokens=6, do_sample=False)
+    greedy = m.run(out[:, :-1], interventions=plan.interventions).logits.argmax(-1)[:, 4:]
+    assert greedy.equal(out[:, 5:]) and not out.equal(plain_out)

@@ -1,7 +1,8 @@
 """The hook engine: the one place that touches torch hooks. Run with caches, interventions, early stop, gradients.
 
 Every site maps to a *hook point* (a module input or output, or an attention/experts function
-registered through transformers' AttentionInterface/ExpertsInterface). All requests at one hook
+registered through transformers' AttentionInterface/ExpertsInterface); the map is the site-kind
+table, mechanic.model.kinds. All requests at one hook
 point share one hook; hooks live only inside a run and are removed in `finally`.
 """
 
