@@ -76,10 +76,10 @@ def test_atp_over_latents_and_error_equals_naive_loop_and_adds_up(arch):
     got = sae.values
     scale = max(latents.abs().max().item(), error.abs().item())
     assert scale > 1e-3                                                             # not all ~0
-    assert (got[:-1] - latents).abs().max().item() < 1e-5 * max(scale, 1.0)
-    assert abs(got[-1].item() - error.item()) < 1e-5 * max(scale, 1.0)
+    assert (got[:-1] - latents).abs().max().item() < 1e-4 * scale
+    assert abs(got[-1].item() - error.item()) < 1e-4 * scale
     resid = out["resid_post"].values[out["resid_post"].sites.index("L1.resid_post")]
-    assert abs(got.sum().item() - resid.item()) < 1e-5 * max(scale, 1.0)              # latents + error add up
+    assert abs(got.sum().item() - resid.item()) < 1e-4 * got.abs().sum().item()      # latents + error add up
 
 
 def test_transcoder_latents_and_error_add_up_to_the_mlp_output():
@@ -90,7 +90,7 @@ def test_transcoder_latents_and_error_add_up_to_the_mlp_output():
     b = tiny_batch(n=4, seed=5)
     out = atp(m, b, ["sae", "mlp_out"], metric=diff, per_position=False)
     total = out["mlp_out"].values[out["mlp_out"].sites.index("L1.mlp_out")].item()
-    assert abs(out["sae"].values.sum().item() - total) < 1e-5 * max(abs(total), 1.0)
+    assert abs(out["sae"].values.sum().item() - total) < 1e-4 * out["sae"].values.abs().sum().item()
     assert out["sae"].values[:-1].abs().max().item() > 1e-4
 
 
