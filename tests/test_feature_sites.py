@@ -203,3 +203,17 @@ def test_sites_of_dictionary_kinds():
     assert [str(s) for s in m.sites("sae")] == [f"L2.head.z.sae{f}" for f in range(8)]
     assert [str(s) for s in m.sites("sae_error")] == ["L2.head.z.sae_error"]
     assert all(m.check(s) == s for s in m.sites("sae"))
+
+
+def test_causal_reuse_with_latent_patches_equals_full_runs():
+    """The fast patching path (prefix + suffix, sub-batches of rows per layer) handles latent interventions."""
+    from mechanic.model.reuse import prefix, suffix_logits
+
+    m = mechanic.load(tiny_model("llama"))
+    attach(m, rand(Dictionary(m.dims.d_model, 2 * m.dims.d_model, "relu", site="L1.resid_post"), 3))
+    base = prefix(m, IDS)
+    got = suffix_logits(m, base, torch.tensor([0, 1]), 4, torch.tensor([1, 2]),
+                        [replace("L1.resid_post.sae5", 3.0, pos=0, rows=[0])])
+    full = m.run(IDS, interventions=[replace("L1.resid_post.sae5", 3.0, pos=4, rows=[0])]).logits[:, -1]
+    assert (got - full).abs().max().item() < 1e-5 and (full[0] - base.logits[0]).abs().max().item() > 1e-4
+    assert (got[1] - base.logits[1]).abs().max().item() < 1e-5
