@@ -8,6 +8,8 @@ the meta device.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -128,12 +130,25 @@ def dispatch(hf: torch.nn.Module, device_map, max_memory=None, offload_folder=No
     device_map = plan(hf, device_map, max_memory, offload_folder)
     if len(set(device_map.values())) > 1 or "disk" in device_map.values():
         folder = None if offload_folder is None else str(Path(offload_folder))
-        dispatch_model(hf, device_map=device_map, offload_dir=folder)
+        with quiet():
+            dispatch_model(hf, device_map=device_map, offload_dir=folder)
         hf.hf_device_map = device_map
     else:
         hf.to(_one(next(iter(device_map.values()))))
     settle(hf, offload_folder)
     return hf
+
+
+@contextmanager
+def quiet():
+    """Without accelerate's notice that offloaded parameters sit on the meta device (settle moves them off it)."""
+    log = logging.getLogger("accelerate.big_modeling")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def settle(hf: torch.nn.Module, offload_folder) -> torch.nn.Module:

@@ -193,7 +193,10 @@ def load(spec=DEFAULT, *, dtype=None, device: str | None = None, device_map=None
 def _from_pretrained(where, kwargs):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
+    from mechanic.model.dispatch import quiet
+
+    with quiet():   # accelerate's meta-device notice is moot: dispatch.settle moves offloaded weights off meta
+        return AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
 
 
 def _placement(where, kwargs, device_map, max_memory, offload_folder) -> dict:
