@@ -225,3 +225,13 @@ def test_bad_placement_options_say_what_works(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(DispatchError, match="not a dtype"):   # refused before any GGUF conversion starts
         mechanic.load(str(tmp_path / "model.gguf"), dtype="int4")
+
+
+def test_offloaded_model_saves_and_reloads_equal(tmp_path):
+    ref, big = pair("gpt2", tmp_path)   # tied embeddings, lm_head on disk
+    with pytest.warns(UserWarning, match="offloaded modules"):   # transformers' note; the weights are resident
+        big.save(tmp_path / "saved")
+    again = mechanic.load(str(tmp_path / "saved"))
+    batch = left_padded(LENGTHS)
+    assert torch.equal(again.run(batch).logits, ref.run(batch).logits)
+    assert again.hf.lm_head.weight is again.hf.transformer.wte.weight
