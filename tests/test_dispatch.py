@@ -235,3 +235,21 @@ def test_offloaded_model_saves_and_reloads_equal(tmp_path):
     batch = left_padded(LENGTHS)
     assert torch.equal(again.run(batch).logits, ref.run(batch).logits)
     assert again.hf.lm_head.weight is again.hf.transformer.wte.weight
+
+
+def test_cpu_offloaded_weights_become_the_tensors_accelerate_holds():
+    """accelerate's cpu_offload keeps values in an in-memory weights map: settle makes those tensors the parameters."""
+    from accelerate import cpu_offload
+
+    from mechanic.model.dispatch import settle
+
+    ref, hf = mechanic.load(tiny_model("qwen3")), tiny_model("qwen3")
+    cpu_offload(hf, execution_device="cpu")
+    assert any(p.device.type == "meta" for p in hf.parameters())
+    big = mechanic.load(settle(hf, None))
+    batch = left_padded(LENGTHS)
+    assert torch.equal(big.run(batch).logits, ref.run(batch).logits)
+    plan = Plan(edits=_edits(big))
+    with big.applied(plan), ref.applied(Plan(edits=_edits(ref))):
+        assert torch.equal(big.run(batch).logits, ref.run(batch).logits)
+    assert torch.equal(big.run(batch).logits, ref.run(batch).logits)
