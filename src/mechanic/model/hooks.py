@@ -318,7 +318,7 @@ class _Session:
 
         def hook(mod, args, out):
             z = args[0]
-            W = model.arch.o_weight(mod).view(-1, H, dh)
+            W = model.arch.o_weight(mod).to(z.device).view(-1, H, dh)   # an offloaded o_proj's weight may live elsewhere
             contrib = torch.einsum("bphk,dhk->bphd", z.view(*z.shape[:-1], H, dh), W)
             if point.ivs:
                 new = contrib.clone()
