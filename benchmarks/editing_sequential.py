@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--calibration-facts", type=int, default=5)
     p.add_argument("--stats-tokens", type=int, default=16384)
     p.add_argument("--lam", type=float, default=1000.0)
+    p.add_argument("--layer", type=int, help="skip the averaged trace: ROME's layer (MEMIT/AlphaEdit end there)")
+    p.add_argument("--alphaedit", help="skip the calibration: 'threshold,alpha' for AlphaEdit")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "editing_sequential.json"))
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -80,19 +82,27 @@ def main() -> None:
     train, val, test = (facts_of(m, "train", args.trace_facts), facts_of(m, "validation", args.calibration_facts),
                         facts_of(m, "test", args.facts))
     t = time.perf_counter()
-    top, mean = trace_layers(m, train, samples=5)
     result = {"model": args.model, "facts": [f"{f.subject} ->{f.target_new}" for f in test], "batch": args.batch,
-              "stats_tokens": args.stats_tokens, "trace_facts": [f.subject for f in train], "trace_layer": top,
-              "trace_mean": [round(float(x), 5) for x in mean], "trace_seconds": round(time.perf_counter() - t, 1)}
+              "stats_tokens": args.stats_tokens}
+    if args.layer is None:
+        top, mean = trace_layers(m, train, samples=5)
+        result |= {"trace_facts": [f.subject for f in train], "trace_layer": top,
+                   "trace_mean": [round(float(x), 5) for x in mean], "trace_seconds": round(time.perf_counter() - t, 1)}
+    else:
+        top = result["given_layer"] = args.layer
     range_ = layer_range(top)
     print(f"averaged trace over {len(train)} train facts: layer {top}; MEMIT/AlphaEdit layers {range_}", flush=True)
     t = time.perf_counter()
     moments = second_moments(m, sorted(set(range_)), max_tokens=args.stats_tokens, progress=True)
     result["stats_seconds"] = round(time.perf_counter() - t, 1)
     prefixes = context_prefixes(m, 10)
-    grid = calibrate(m, val, range_, moments, prefixes, [2e-2, 5e-3, 1e-3], [10.0, 1.0, 0.1])
-    best = max((r for r in grid if "error" not in r), key=lambda r: (r["score"], r["es"]))
-    result["alphaedit_calibration"] = grid
+    if args.alphaedit is None:
+        grid = calibrate(m, val, range_, moments, prefixes, [2e-2, 5e-3, 1e-3], [10.0, 1.0, 0.1])
+        best = max((r for r in grid if "error" not in r), key=lambda r: (r["score"], r["es"]))
+        result["alphaedit_calibration"] = grid
+    else:
+        thr, a = (float(x) for x in args.alphaedit.split(","))
+        best = {"threshold": thr, "alpha": a}
     result["alphaedit_chosen"] = {"threshold": best["threshold"], "alpha": best["alpha"]}
     nb = [q for f in test for q in f.neighborhood]
     result["before"] = counterfact(m, test)
