@@ -12,13 +12,13 @@ in the same forward. See mechanic.model.dictsites for what the engine does with 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
 from mechanic.features.dictionary import Dictionary
 from mechanic.features.errors import FeaturesError
+from mechanic.model.hooks import frozen_parameters
 from mechanic.model.sites import Site
 
 
@@ -41,24 +41,12 @@ class DictionaryCodec:
 
         def decode(a: torch.Tensor) -> torch.Tensor:
             d._norm_state = state
-            with _frozen(d):               # gradients reach the latents, never the dictionary's weights
+            with frozen_parameters(d):               # gradients reach the latents, never the dictionary's weights
                 return d.decode(a) + skip
         return acts, decode
 
     def __repr__(self) -> str:
         return f"DictionaryCodec({self.dictionary!r})"
-
-
-@contextmanager
-def _frozen(module: torch.nn.Module):
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
 
 
 def attach(model, dictionary: Dictionary) -> Site:
