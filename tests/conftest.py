@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models of every architecture, and the real default model."""
 
 import pytest
+import torch
 
 import mechanic
 from mechanic.testing.tiny import CONFIGS, tiny_model
@@ -50,3 +51,22 @@ def build_word_tokenizer(vocab_size: int = 8192):
 def word_tokenizer():
     """A real-word tokenizer for tiny random models (see build_word_tokenizer)."""
     return build_word_tokenizer()
+
+
+def randomized(module, seed: int = 0, scale: float = 0.3):
+    """`module` with every parameter redrawn from N(0, scale^2) (a dictionary with nonzero encoder and decoder)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+def load_script(path, name: str):
+    """Import a repository script (benchmarks/run.py, scripts/reliability.py) as a module by its path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,18 +1,16 @@
 """docs/BENCHMARKS.md is exactly what benchmarks/run.py --render makes of the committed raw results, and the README
 states no benchmark number the page does not have. Needs neither the model nor the peers environment."""
 
-import importlib.util
 import re
 from pathlib import Path
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run_module():
-    spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "benchmarks" / "run.py", "benchmarks_run")
 
 
 def test_page_is_the_render_of_the_committed_results():

@@ -9,14 +9,8 @@ import mechanic
 from mechanic.features import Dictionary, attach
 from mechanic.locate.gradient import atp
 from mechanic.testing.tiny import tiny_model
+from conftest import randomized as rand
 
-
-def rand(d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return d
 
 
 def diff(lg, b):

@@ -10,16 +10,10 @@ from mechanic.model.sites import SiteError
 from mechanic.steer.feature_plans import feature_ablate, feature_add, feature_clamp
 from mechanic.steer.plan import Plan
 from mechanic.testing.tiny import tiny_model
+from conftest import randomized as rand
 
 IDS = torch.randint(3, 101, (3, 9), generator=torch.Generator().manual_seed(1))
 
-
-def rand(d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return d
 
 
 def plain(m, fn=None, layer=1):

@@ -10,16 +10,14 @@ from mechanic.features import Dictionary
 from mechanic.features.evaluate import evaluate
 from mechanic.features.splice import reconstruction, spliced_logits, zero_ablation
 from mechanic.testing.tiny import CONFIGS, tiny_model
-
-IDS = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+from conftest import randomized
 
 
 def rand(d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return d
+    return randomized(d, seed, 0.2)
+
+
+IDS = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))

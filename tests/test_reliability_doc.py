@@ -1,18 +1,16 @@
 """docs/RELIABILITY.md is exactly what scripts/reliability.py --render makes of the committed counts, and those
 counts meet issue 16's goals (thousands of fuzzed cases, >= 20 SIGKILLs, every section, no third outcome)."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("reliability_script", ROOT / "scripts" / "reliability.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "scripts" / "reliability.py", "reliability_script")
 
 
 def test_page_is_the_render_of_the_committed_counts():
