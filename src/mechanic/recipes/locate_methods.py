@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from mechanic.recipes.dictionaries import TrainDictionary
 from mechanic.recipes.methods import LOCATE, StageOut, method, scores_heatmap, table
 from mechanic.recipes.schema import Strict
 
@@ -357,3 +358,43 @@ def refusal(ctx) -> StageOut:
             "difference of means.")
     return StageOut(text, figs, {"layer": layer, "coefficient": coef, "separation": acc, "cosine": cos, "grid": grid},
                     {"vector": "vector.safetensors", "condition": "condition.safetensors"})
+
+
+class FeatureAttribution(Strict):
+    """A sparse dictionary's latents ranked by attribution patching of the task metric (train split); top_k kept."""
+
+    dictionary: str | TrainDictionary   # a SAELens directory, or {train: {site: ..., ...}} (recipes.dictionaries)
+    top_k: int = Field(20, ge=1)
+    by: str = Field("max", pattern="^(max|min|abs)$")
+
+
+@method(LOCATE, "feature_attribution", FeatureAttribution)
+def feature_attribution(ctx) -> StageOut:
+    """AtP over the attached dictionary's latents (and its error node); the top_k latents go to the steer stage."""
+    from mechanic.locate.gradient import atp
+    from mechanic.recipes.dictionaries import attach_dir
+    from mechanic.recipes.schema import RecipeError
+
+    s, model = ctx.settings, ctx.model
+    if not isinstance(s.dictionary, str):
+        raise RecipeError("locate.dictionary {train: ...} is trained by the recipe runner (its `dictionary` stage), "
+                          "which hands this method the trained directory; run the recipe with `mechanic run`, or give "
+                          "a SAELens-format directory.")
+    site = attach_dir(model, s.dictionary)
+    scores = atp(model, ctx.task, "sae", per_position=False)
+    keep = [i for i, n in enumerate(scores.sites) if n.startswith(f"{site}.sae") and not n.endswith("_error")]
+    error = next(float(scores.values[i]) for i, n in enumerate(scores.sites) if n == f"{site}.sae_error")
+    scores.save(ctx.dir / "latents.json")
+    vals = scores.values[keep]
+    key = {"abs": vals.abs(), "max": vals, "min": -vals}[s.by]
+    order = key.argsort(descending=True)[: s.top_k].tolist()
+    latents = [scores.sites[keep[i]] for i in order]
+    total = float(vals.sum())
+    rows = [[scores.sites[keep[i]], float(vals[i])] for i in order]
+    text = (f"Attribution patching through the {len(keep)}-latent dictionary at {site} on {len(ctx.task)} "
+            f"{ctx.task.name} pairs (metric {ctx.task.metric}): the latents carry {total:+.3f} of the clean - corrupted "
+            f"difference and the error node {error:+.3f}. The top {len(latents)} by {s.by} "
+            f"({latents[0]} at {rows[0][1]:+.4f}) go to the steer stage.")
+    figs = [table("latents", f"Top latents by attribution ({s.by})", ["latent", "attribution"], rows)]
+    return StageOut(text, figs, {"latents": latents, "dictionary": str(s.dictionary), "site": site,
+                                 "error": error, "latents_total": total}, {"latents": "latents.json"})

@@ -182,9 +182,13 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
                 return fn(d)
         return inner
 
-    lkey = key_of(base, "locate", recipe.locate.model_dump())
+    locate_spec, dkey = dictionary_stage(R, recipe, m, base)
+    lkey = key_of(base, "locate", recipe.locate.model_dump(), dkey)
     found, found_dir = R.stage("locate", lkey, f"Locate: {recipe.locate.method}", guarded(
-        "locate", held_in, lambda d: run_method("locate", {**ctx, "dir": d}, recipe.locate)))
+        "locate", held_in, lambda d: run_method("locate", {**ctx, "dir": d}, locate_spec)))
+    if "dictionary" in found.data:     # feature plans act inside the dictionary: attached for steer and evaluation
+        from mechanic.recipes.dictionaries import attach_dir
+        attach_dir(m, found.data["dictionary"])
     steered = {**ctx, "found": found, "found_dir": found_dir}
     if recipe.steer.method in EDIT_METHODS:      # an edit's requests are its input; their evaluation prompts are not
         steered["task"] = edit_requests(eval_task)
@@ -247,6 +251,23 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
 
 
 EDIT_METHODS = ("rome", "memit")
+
+
+def dictionary_stage(R: Runner, recipe: Recipe, m, base: dict):
+    """(locate spec, key): a `dictionary: {train: ...}` is trained in its own cached stage and replaced by the
+    trained directory; a `dictionary: PATH` keys on its files' digest (recipes.dictionaries)."""
+    from mechanic.recipes.dictionaries import digest, train_spec, train_stage
+
+    given = recipe.locate.model_dump().get("dictionary")
+    if given is None:
+        return recipe.locate, None
+    spec = train_spec(recipe.locate)
+    if spec is None:
+        return recipe.locate, digest(given)
+    dkey = key_of(base["fingerprint"], base["seed"], base["version"], "dictionary", spec.model_dump())
+    out, d = R.stage("dictionary", dkey, f"Train a {spec.arch} dictionary on {spec.site}",
+                     lambda tmp: train_stage(m, spec, tmp, recipe.seed))
+    return recipe.locate.model_copy(update={"dictionary": str(d / out.data["path"])}), dkey
 
 
 def select(recipe: Recipe, m, steered: dict, d: Path) -> StageOut:

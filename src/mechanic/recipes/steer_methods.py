@@ -338,3 +338,50 @@ def clip_weights(ctx) -> StageOut:
             "weight(s) are kept exact.")
     return _out(ctx, plan, text, figs, {"base_ppl": base, "fractions": fracs, "ppl_plain": plain,
                                         "ppl_protected": kept})
+
+
+class FeatureSteer(Strict):
+    """Scale, clamp or ablate the top located dictionary latents; random=True acts on as many random latents."""
+
+    how: str = Field("scale", pattern="^(scale|clamp|ablate)$")
+    factor: float = 0.0             # scale: the latents' activations times factor (0 removes them)
+    value: float | None = None      # clamp: the activation each latent is held at
+    count: int | None = Field(None, ge=1)   # the top `count` located latents (default: all of them)
+    random: bool = False
+
+
+def random_latents(ctx, located: list[str], width: int, site: str) -> list[str]:
+    """As many latents of the same dictionary as `located`, drawn uniformly (seed ctx.seed), none of them located."""
+    pool = [f"{site}.sae{f}" for f in range(width) if f"{site}.sae{f}" not in set(located)]
+    return random.Random(ctx.seed).sample(pool, len(located))
+
+
+@method(STEER, "feature_steer", FeatureSteer)
+def feature_steer(ctx) -> StageOut:
+    """One feature plan (mechanic.steer.feature_plans) per located latent, summed into one saved plan."""
+    from mechanic.features import attached
+    from mechanic.recipes.dictionaries import attach_dir
+    from mechanic.steer.feature_plans import feature_ablate, feature_clamp, feature_scale
+    from mechanic.steer.plan import Plan
+
+    s, model = ctx.settings, ctx.model
+    latents = list(_found(ctx, "latents"))[: s.count]
+    site = attach_dir(model, _found(ctx, "dictionary"))
+    if s.how == "clamp" and s.value is None:
+        raise RecipeError("steer.how: clamp needs steer.value, the activation to hold each latent at (e.g. 0 to "
+                          "remove, or a typical active value to turn the feature on).")
+    if s.random:
+        latents = random_latents(ctx, latents, attached(model, site).d_sae, site)
+    one = {"scale": lambda x: feature_scale(model, x, s.factor), "clamp": lambda x: feature_clamp(model, x, s.value),
+           "ablate": lambda x: feature_ablate(model, x)}[s.how]
+    plan = Plan(method="feature_steer", fingerprint=model.fingerprint)
+    for x in latents:
+        plan = plan + one(x)
+    plan.method = "feature_steer"
+    plan.settings = {"how": s.how, "factor": s.factor, "value": s.value, "latents": latents, "site": site,
+                     "dictionary": str(_found(ctx, "dictionary")), "random": s.random}
+    what = f"scaled by {s.factor:g}" if s.how == "scale" else f"clamped at {s.value:g}" if s.how == "clamp" \
+        else "ablated"
+    return _out(ctx, plan, f"{len(latents)} {'random ' if s.random else ''}latents of the dictionary at {site} "
+                f"{what} at every token ({', '.join(latents)}); the reconstruction error is kept, so everything "
+                "else the site carries is unchanged.", data={"latents": latents})

@@ -53,3 +53,9 @@ def feature_ablate(model, site: str | Site, pos: Pos = None) -> Plan:
     """Zero the latent (`L6.resid_post.sae17`) or every latent (`L6.resid_post.sae`); the error term is kept."""
     s = _latent(model, site, need_index=False)
     return _plan(model, [scale(s, 0.0, pos=pos)], "feature-ablate", s)
+
+
+def feature_scale(model, site: str | Site, factor: float, pos: Pos = None) -> Plan:
+    """Multiply the latent's activation by `factor` (0 ablates it, 2 doubles it); the error term is kept."""
+    s = _latent(model, site)
+    return _plan(model, [scale(s, float(factor), pos=pos)], "feature-scale", s, factor=float(factor))
