@@ -8,7 +8,7 @@ import torch
 from naive import blocks
 
 import mechanic
-from mechanic.features import Dictionary, attach, save
+from mechanic.features import Dictionary, save
 from mechanic.recipes.methods import StageOut, run_method
 from mechanic.recipes.schema import MethodSpec, RecipeError
 from mechanic.steer.feature_plans import feature_ablate, feature_clamp, feature_scale
