@@ -203,3 +203,22 @@ def test_tiny_feature_recipe_trains_once_locates_steers_and_evaluates(worded, ge
     again = run(p, out, log=logs.append)
     assert [x.split("]")[0] for x in logs if "reused" in x] == ["[dictionary"]
     assert again["stages"][1]["data"]["dictionary"] == str(trained)
+
+    # the same dictionary given as a directory: no training stage, the same latents located
+    spec = "dictionary: {train: {site: L1.resid_post, expansion: 2, k: 4, tokens: 2048, batch_size: 256, " \
+           "buffer_tokens: 1024,\n                       seq_len: 32}}"
+    assert spec in recipe
+    import shutil
+
+    mine = shutil.copytree(trained, tmp_path / "mine")
+    p.write_text(recipe.replace(spec, f"dictionary: {mine}"))
+    given = run(p, tmp_path / "given", log=lambda s: None)
+    assert [s["name"] for s in given["stages"]][0] == "locate"
+    assert given["stages"][0]["data"]["latents"] == located
+
+    logs.clear()        # new weights in that directory: its digest changes, so locate runs again
+    random_dictionary(tiny, tmp_path, seed=5)
+    shutil.copy(tmp_path / "sae" / "sae_weights.safetensors", mine / "sae_weights.safetensors")
+    shutil.copy(tmp_path / "sae" / "cfg.json", mine / "cfg.json")
+    run(p, tmp_path / "given", log=logs.append)
+    assert not [x for x in logs if "reused" in x]
