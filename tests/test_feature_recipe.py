@@ -222,3 +222,35 @@ def test_tiny_feature_recipe_trains_once_locates_steers_and_evaluates(worded, ge
     shutil.copy(tmp_path / "sae" / "cfg.json", mine / "cfg.json")
     run(p, tmp_path / "given", log=logs.append)
     assert not [x for x in logs if "reused" in x]
+
+
+def test_feature_scale_matches_a_plain_hook(worded, tmp_path):
+    """feature_scale(f, c) adds (c - 1) a_f W_dec[f] to the block output; a_f computed by hand from the SAE."""
+    from mechanic.features import attach
+
+    m = worded()
+    _, d = random_dictionary(m, tmp_path, seed=2)
+    attach(m, d)
+    W_enc, b_enc, W_dec, b_dec = (t.detach() for t in (d.W_enc, d.b_enc, d.W_dec, d.b_dec))
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(4))
+    acts = lambda x: torch.relu((x - b_dec) @ W_enc + b_enc)  # noqa: E731
+    seen = {}
+
+    def read(mod, args, out):
+        seen["x"] = (out[0] if isinstance(out, tuple) else out).detach()
+    h = blocks(m.hf)[1].register_forward_hook(read)
+    with torch.no_grad():
+        m.hf(input_ids=ids)
+    h.remove()
+    f = int(acts(seen["x"]).sum((0, 1)).argmax())                  # a latent that fires, so the test can fail
+
+    def hook(mod, args, out):
+        x = out[0] if isinstance(out, tuple) else out
+        new = x + (0.25 - 1) * acts(x)[..., f:f + 1] * W_dec[f]
+        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+    h = blocks(m.hf)[1].register_forward_hook(hook)
+    with torch.no_grad():
+        want = m.hf(input_ids=ids).logits
+    h.remove()
+    got, plain = effect(m, feature_scale(m, f"{SITE}.sae{f}", 0.25), ids), m.run(ids).logits
+    assert (got - want).abs().max() < 1e-4 and (got - plain).abs().max() > 1e-3
