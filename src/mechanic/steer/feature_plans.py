@@ -1,10 +1,10 @@
-"""Feature steering as Plans: add a latent's decoder direction, clamp a latent, ablate latents.
+"""Feature steering as Plans: add a latent's decoder direction, clamp or scale a latent, ablate latents.
 
-Sites are dictionary sites (`L6.resid_post.sae17`; see mechanic.model.sites.GRAMMAR). Clamping and
+Sites are dictionary sites (`L6.resid_post.sae17`; see mechanic.model.sites.GRAMMAR). Clamping, scaling and
 ablating change the latent inside the attached dictionary, so the dictionary must be attached
 (mechanic.features.attach) when such a plan is applied; the rest of the site (the other latents and
 the reconstruction error) is left as it was. Adding a direction is a plain add at the site the
-dictionary writes, so that plan needs no dictionary to apply. All three save, load and undo like
+dictionary writes, so that plan needs no dictionary to apply. All of them save, load and undo like
 every Plan.
 """
 
