@@ -105,3 +105,17 @@ def test_safety_vector_raises_harmful_refusal_not_harmless(tmp_path):
                                                                                "refusal_harmless.refusal")
     assert harmful["after"]["mean"] > harmful["before"]["mean"]
     assert harmless["after"]["mean"] <= 1 / 16
+
+
+def test_gender_bias_features_lower_held_out_bias_more_than_random_latents(tmp_path):
+    res = ci_run("gender-bias-features", tmp_path)
+    stages = {s["name"]: s for s in res["stages"]}
+    assert list(stages) == ["dictionary", "locate", "select", "steer"]       # trained by the recipe, then used
+    located, steered = stages["locate"]["data"]["latents"], stages["steer"]["data"]["latents"]
+    assert steered == located[: len(steered)] and all(x.startswith("L20.resid_post.sae") for x in located)
+    r, rnd = row(res["evaluation"], "gender.logit_diff"), random_rows(res, "gender.logit_diff")
+    print(f"\ngender bias change: top latents scaled {r['delta']}, random latents {rnd['draws']}")
+    # measured at ci size (a 4x SAE on 16k tokens): change -0.106, CI [-0.216, -0.0098]; random draws +0, +0
+    # (random latents of a small TopK SAE rarely fire on these prompts)
+    assert r["before"]["mean"] > 0 and r["delta"]["hi"] < 0          # the located latents carry some bias ...
+    assert r["delta"]["mean"] < min(rnd["draws"])                     # ... which as many random latents do not
