@@ -5,6 +5,7 @@ import torch
 
 import mechanic
 from mechanic import add, apply_fn, mean_ablate, project_out, replace, scale, zero
+from mechanic.model.interventions import InterventionError
 from mechanic.testing.tiny import left_padded, tiny_model
 from naive import logits_with_hook
 
@@ -166,7 +167,9 @@ def test_pattern_matches_eager_weights():
 def test_bad_intervention_is_clear(llama):
     with pytest.raises(ValueError, match="choose one of"):
         mechanic.Intervention("L0.resid_post", "multiply", 2)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(InterventionError, match="out of range"):
         llama.run(BATCH, interventions=[zero("L0.resid_post", pos=9)])
+    with pytest.raises(InterventionError, match="Row .* out of range"):   # found by the plan-file fuzzer
+        llama.run(BATCH, interventions=[scale("L0.head1", 0.0, rows=len(BATCH))])
     with pytest.raises(ValueError, match="can be read but not"):
         llama.run(BATCH, interventions=[zero("L0.head1.pattern")])

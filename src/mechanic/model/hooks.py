@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 
 from mechanic.model.dictsites import DictPoint, DictView
-from mechanic.model.interventions import Intervention
+from mechanic.model.interventions import Intervention, InterventionError
 from mechanic.model.kinds import kind_of
 from mechanic.model.select import SKIP, index, local
 from mechanic.model.sites import Site
@@ -156,7 +156,12 @@ class _Session:
         rows = iv.rows
         if self.row_map is not None and rows is not None:  # a sub-batch call (see model.reuse)
             rows = self.row_map[torch.as_tensor(rows, dtype=torch.long)]
-        return index(v.shape[0], v.shape[1], rows, pos, v.device)
+        try:
+            return index(v.shape[0], v.shape[1], rows, pos, v.device)
+        except ValueError as e:   # rows or positions the intervention names are not in this batch
+            raise InterventionError(f"The intervention at {iv.site} cannot be applied to this input: {e} "
+                                    "Give rows and positions that exist in every batch the plan runs on, or "
+                                    "none (all rows, all positions).") from None
 
     # -- storing
     def track(self, t: torch.Tensor) -> torch.Tensor:
