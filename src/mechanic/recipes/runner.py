@@ -183,7 +183,7 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
         return inner
 
     locate_spec, dkey = dictionary_stage(R, recipe, m, base)
-    lkey = key_of(base, "locate", recipe.locate.model_dump(), dkey)
+    lkey = key_of(base, "locate", recipe.locate.model_dump(), *([dkey] if dkey else []))   # old keys unchanged
     found, found_dir = R.stage("locate", lkey, f"Locate: {recipe.locate.method}", guarded(
         "locate", held_in, lambda d: run_method("locate", {**ctx, "dir": d}, locate_spec)))
     if "dictionary" in found.data:     # feature plans act inside the dictionary: attached for steer and evaluation
