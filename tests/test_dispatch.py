@@ -253,3 +253,19 @@ def test_cpu_offloaded_weights_become_the_tensors_accelerate_holds():
     with big.applied(plan), ref.applied(Plan(edits=_edits(ref))):
         assert torch.equal(big.run(batch).logits, ref.run(batch).logits)
     assert torch.equal(big.run(batch).logits, ref.run(batch).logits)
+
+
+def test_cache_device_moves_cached_values_and_gradients():
+    """cache_device routes every cached value (and gradient) to the named device; a bad name is a clear error."""
+    m = mechanic.load(tiny_model("llama"))
+    x = torch.randint(3, 100, (2, 5))
+    sites = ["L0.resid_post", "L1.head0.z", "L2.neuron"]
+    plain = m.run(x, cache=sites)
+    moved = m.run(x, cache=sites, cache_device="meta")     # the one other device on a CPU-only machine
+    assert {v.device.type for v in moved.cache.values()} == {"meta"}
+    assert all(moved.cache[s].shape == plain.cache[s].shape for s in sites)
+    assert torch.equal(moved.logits, plain.logits)
+    g = m.run(x, cache=sites, grad=lambda lg: lg[:, -1, 5].sum(), cache_device="meta")
+    assert {v.device.type for v in g.grads.values()} == {"meta"} and len(g.grads) == len(sites)
+    with pytest.raises(ValueError, match="not a device"):
+        m.run(x, cache=sites, cache_device="gpu7")

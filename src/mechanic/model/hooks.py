@@ -76,8 +76,10 @@ class _Session:
     """Hooks for one run or one generate call."""
 
     def __init__(self, model, cache: Iterable[Site], interventions: Iterable[Intervention],
-                 pos=None, rows=None, grad: bool = False, stop_layer: int | None = None):
+                 pos=None, rows=None, grad: bool = False, stop_layer: int | None = None,
+                 cache_device: torch.device | None = None):
         self.model = model
+        self.cache_device = cache_device   # where cached values land (None: where the layer ran)
         self.pos, self.rows, self.grad = pos, rows, grad
         self.stop_layer = stop_layer
         self.batch_size: int | None = None
@@ -173,10 +175,11 @@ class _Session:
     def store(self, name: str, value: torch.Tensor, base: torch.Tensor | None = None, view=None) -> None:
         idx = index(value.shape[0], value.shape[1], self.rows, self.pos, value.device)
         kept = value if self.grad else value.detach()
-        if self.rows is None and self.pos is None:
-            self.values[name] = kept
-        else:  # a copy, so a view does not keep the whole [batch, pos, ...] tensor alive
-            self.values[name] = kept[idx].clone()
+        if self.rows is not None or self.pos is not None:
+            kept = kept[idx].clone()   # a copy, so a view does not keep the whole [batch, pos, ...] tensor alive
+        if self.cache_device is not None and not self.grad:   # a gradient run moves its values after backward
+            kept = kept.to(self.cache_device)
+        self.values[name] = kept
         if self.grad and base is not None and base.requires_grad:
             def save(g, name=name, view=view, idx=idx):
                 self.grads[name] = view(g)[idx].detach()
@@ -411,7 +414,8 @@ def frozen_parameters(module: torch.nn.Module):
 
 def run(model, inputs, cache: Iterable = (), interventions: Iterable[Intervention] = (),
         stop_at: int | str | None = None, grad: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        pos=None, rows=None, capture_calls: Iterable[str] = (), last_only: bool = False) -> Run:
+        pos=None, rows=None, capture_calls: Iterable[str] = (), last_only: bool = False,
+        cache_device: str | torch.device | None = None) -> Run:
     """Run the model once.
 
     cache: sites to record (at positions `pos` and rows `rows`, default all).
@@ -423,6 +427,8 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
     often the largest matmul of a short prompt, and most metrics read only the last position.
     capture_calls: dotted module paths (e.g. "model.layers.3"); `Run.calls[path]` lists the (args, kwargs)
     of each call of that module (tensors detached), so a module can be called again exactly as the model did.
+    cache_device: where cached values (and gradients) land, e.g. "cpu" for a model on accelerators; default:
+    the device of the layer that computed them.
     """
     batch = model.inputs(inputs)
     sites = [model.check(s) for s in (cache if not isinstance(cache, (str, Site)) else [cache])]
@@ -430,7 +436,8 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
     if grad is not None and stop_at is not None:
         raise ValueError("A gradient run needs the logits; do not combine grad= with stop_at=.")
     stop_layer = _stop_layer(model, sites, interventions, stop_at)
-    session = _Session(model, sites, interventions, pos, rows, grad is not None, stop_layer)
+    session = _Session(model, sites, interventions, pos, rows, grad is not None, stop_layer,
+                       _device(cache_device))
     session.batch_size = batch["input_ids"].shape[0]
     logits, metric = None, None
     keep = {"logits_to_keep": 1} if last_only else {}
@@ -449,8 +456,21 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
                 value.backward()
                 metric = float(value.detach())
                 logits = logits.detach()
-                session.values = {k: v.detach() for k, v in session.values.items()}
+                to = (lambda v: v) if session.cache_device is None else (lambda v: v.to(session.cache_device))
+                session.values = {k: to(v.detach()) for k, v in session.values.items()}
+                session.grads = {k: to(v) for k, v in session.grads.items()}
     return Run(logits, session.values, session.grads, metric, {p: _detached(c) for p, c in calls.items()})
+
+
+def _device(device) -> torch.device | None:
+    """A cache device from its name, or a one-paragraph error."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"cache_device={device!r} is not a device ({e}). Give a torch device or its name, "
+                         "e.g. 'cpu', 'cuda:0' or 'mps'.") from None
 
 
 def generate(model, inputs, interventions: Iterable[Intervention] = (), **kwargs) -> torch.Tensor:
