@@ -42,6 +42,14 @@ def random_direction(v: torch.Tensor, seed: int) -> torch.Tensor:
     return (r / r.norm() * v.float().norm()).to(v.dtype)
 
 
+def _edit_layers(ctx) -> list[int] | None:
+    """MEMIT/AlphaEdit layers: as set, else the five around the traced layer (clipped), else the method's default."""
+    if ctx.settings.layers is not None or ctx.found is None or "layer" not in ctx.found.data:
+        return ctx.settings.layers
+    L = int(ctx.found.data["layer"])
+    return [x for x in range(L - 2, L + 3) if 0 <= x < ctx.model.dims.n_layers]
+
+
 class Rome(Strict):
     """ROME on every fact of the task, one after the other (each edit computed on the already edited model)."""
 
@@ -90,10 +98,7 @@ def memit(ctx) -> StageOut:
     from mechanic.steer.edit import facts_from_task, memit as memit_edit
 
     s, model = ctx.settings, ctx.model
-    layers = s.layers
-    if layers is None and ctx.found is not None and "layer" in ctx.found.data:
-        L = int(ctx.found.data["layer"])
-        layers = [x for x in range(L - 2, L + 3) if 0 <= x < model.dims.n_layers]
+    layers = _edit_layers(ctx)
     facts = facts_from_task(ctx.task)
     plan = memit_edit(model, facts, layers, lam=s.lam, seed=ctx.seed)
     return _out(ctx, plan, f"MEMIT rewrote {len(facts)} facts at once over layers {layers}.", data={"layers": layers})
@@ -115,10 +120,7 @@ def alphaedit(ctx) -> StageOut:
     from mechanic.steer.sequential import sequential
 
     s, model = ctx.settings, ctx.model
-    layers = s.layers
-    if layers is None and ctx.found is not None and "layer" in ctx.found.data:
-        L = int(ctx.found.data["layer"])
-        layers = [x for x in range(L - 2, L + 3) if 0 <= x < model.dims.n_layers]
+    layers = _edit_layers(ctx)
     facts = facts_from_task(ctx.task)
     batch = s.batch_size or len(facts)
     plan = sequential(model, facts, "alphaedit", batch, layers, threshold=s.threshold, alpha=s.alpha, seed=ctx.seed,
