@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mechanic.steer.edit import (Fact, _down, _fact_dict, _moments, context_prefixes, layer_range, memit_targets,
-                                 spread, trace_layer)
+from mechanic.steer.edit import Fact, _fact_dict, prepare, spread
 from mechanic.steer.plan import Plan, PlanError
 
 
@@ -82,15 +81,9 @@ def alphaedit(model, facts: list[Fact], layers: list[int] | None = None, *, thre
     if state.threshold != threshold:
         raise PlanError(f"The state's null spaces were computed with threshold {state.threshold:g}, not "
                         f"{threshold:g}; use one threshold for a whole sequence (or a new NullSpaces).")
-    if layers is None:
-        layers = layer_range(trace_layer(model, facts[0])[0])
-    layers = sorted(int(x) for x in layers)
-    for L in layers:
-        _down(model, L)
-    prefixes = prefixes if prefixes is not None else context_prefixes(model, n_prefixes, seed=seed)
-    moments = _moments(model, layers, moments, stats_tokens)
-    rows, Z, opt_losses = memit_targets(model, facts, layers[-1], prefixes, steps=steps, lr=lr, kl_factor=kl_factor,
-                                        weight_decay=weight_decay, clamp=clamp)
+    layers, prefixes, moments, rows, Z, opt_losses = prepare(
+        model, facts, layers, prefixes, moments, n_prefixes=n_prefixes, stats_tokens=stats_tokens, seed=seed,
+        steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
 
     def solve(L, K, R):
         return alphaedit_update(state.projection(L, moments[L][0]), K, R, state.previous.get(L), alpha)

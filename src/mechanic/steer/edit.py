@@ -321,6 +321,21 @@ def _moments(model, layers: list[int], moments: dict | None, stats_tokens: int) 
     return moments
 
 
+def prepare(model, facts: list[Fact], layers: list[int] | None, prefixes: list[str] | None, moments: dict | None, *,
+            n_prefixes: int, stats_tokens: int, seed: int, **optimise):
+    """What MEMIT and AlphaEdit share before their per-layer solve: the layers (default: 5 ending at the first
+    fact's traced layer), prefixes, second moments and the optimised targets (see memit_targets)."""
+    if layers is None:
+        layers = layer_range(trace_layer(model, facts[0])[0])
+    layers = sorted(int(x) for x in layers)
+    for L in layers:
+        _down(model, L)
+    prefixes = prefixes if prefixes is not None else context_prefixes(model, n_prefixes, seed=seed)
+    moments = _moments(model, layers, moments, stats_tokens)
+    rows, Z, losses = memit_targets(model, facts, layers[-1], prefixes, **optimise)
+    return layers, prefixes, moments, rows, Z, losses
+
+
 def _fact_dict(f: Fact) -> dict:
     return f.__dict__ | {"paraphrases": list(f.paraphrases), "neighborhood": list(f.neighborhood)}
 
@@ -338,15 +353,9 @@ def memit(model, facts: list[Fact], layers: list[int] | None = None, *, prefixes
     """
     if not facts:
         raise PlanError("MEMIT needs at least one Fact.")
-    if layers is None:
-        layers = layer_range(trace_layer(model, facts[0])[0])
-    layers = sorted(int(x) for x in layers)
-    for L in layers:
-        _down(model, L)
-    prefixes = prefixes if prefixes is not None else context_prefixes(model, n_prefixes, seed=seed)
-    moments = _moments(model, layers, moments, stats_tokens)
-    rows, Z, opt_losses = memit_targets(model, facts, layers[-1], prefixes, steps=steps, lr=lr, kl_factor=kl_factor,
-                                        weight_decay=weight_decay, clamp=clamp)
+    layers, prefixes, moments, rows, Z, opt_losses = prepare(
+        model, facts, layers, prefixes, moments, n_prefixes=n_prefixes, stats_tokens=stats_tokens, seed=seed,
+        steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
 
     def solve(L, K, R):  # R K^T (lam C + K K^T)^-1
         return torch.linalg.solve(lam * moments[L][0].double() + K @ K.T, K @ R.T).T
