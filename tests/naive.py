@@ -107,6 +107,19 @@ def _with_first(out, x):
     return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
 
 
+def block_output_logits(m, ids, layer=None, fn=None):
+    """Logits of the plain HF forward (no mechanic), optionally with fn applied to decoder block `layer`'s
+    hidden-state output."""
+    hook = lambda mod, args, out: _with_first(out, fn(_first(out)))  # noqa: E731
+    h = blocks(m.hf)[layer].register_forward_hook(hook) if fn else None
+    try:
+        with torch.no_grad():
+            return m.hf(input_ids=ids).logits
+    finally:
+        if h:
+            h.remove()
+
+
 def hf_logits(hf, inputs, hooks=(), grad=False, last=False):
     """Plain HF forward with hooks [(module, "in" | "out" | "raw", fn)]: fn gets the module's input (first
     argument) or output (first element) and returns the value to use instead ("raw": fn(module, args, output)

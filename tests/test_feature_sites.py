@@ -3,7 +3,7 @@ interventions and patching against plain torch hooks, and the error node that ma
 
 import pytest
 import torch
-from naive import blocks
+from naive import block_output_logits, blocks
 
 import mechanic
 from mechanic import Site
@@ -29,26 +29,6 @@ def rand(d, seed=0, s=0.2):
 def hand_encode(d, x):
     """A ReLU SAE's latents from the formula relu((x - b_dec) W_enc + b_enc), not from Dictionary.encode."""
     return torch.relu((x - d.b_dec.detach()) @ d.W_enc.detach() + d.b_enc.detach())
-
-
-def layer_output_hook(fn):
-    """A forward hook on a decoder block replacing its hidden-state output by fn(output) (tuple or tensor)."""
-    def hook(mod, args, out):
-        if isinstance(out, tuple):
-            return (fn(out[0]),) + tuple(out[1:])
-        return fn(out)
-    return hook
-
-
-def plain_logits(m, ids, layer=None, fn=None):
-    """Logits of the plain HF forward, optionally with fn applied to decoder block `layer`'s output."""
-    h = blocks(m.hf)[layer].register_forward_hook(layer_output_hook(fn)) if fn else None
-    try:
-        with torch.no_grad():
-            return m.hf(input_ids=ids).logits
-    finally:
-        if h:
-            h.remove()
 
 
 # ---------------------------------------------------------------- grammar and errors
@@ -135,7 +115,7 @@ def test_ablating_and_clamping_latents_match_plain_hooks(arch):
     attach(m, d)
     W = d.W_dec.detach()
     x = {}
-    plain_logits(m, IDS, 1, lambda t: x.setdefault("v", t.clone()))
+    block_output_logits(m, IDS, 1, lambda t: x.setdefault("v", t.clone()))
     a = hand_encode(d, x["v"])
     on = [f for f in range(4 * D) if a[:, 1:, f].gt(0).any()][:3]
     assert len(on) == 3                                                           # latents that really fire
@@ -151,10 +131,10 @@ def test_ablating_and_clamping_latents_match_plain_hooks(arch):
         return t
     ivs = [zero(f"L1.resid_post.sae{f}", pos=slice(1, None)) for f in on]
     got = m.run(IDS, interventions=ivs).logits
-    assert (got - plain_logits(m, IDS, 1, ablated)).abs().max().item() < 1e-5
-    assert (got - plain_logits(m, IDS)).abs().max().item() > 1e-3
+    assert (got - block_output_logits(m, IDS, 1, ablated)).abs().max().item() < 1e-5
+    assert (got - block_output_logits(m, IDS)).abs().max().item() > 1e-3
     got = m.run(IDS, interventions=[replace(f"L1.resid_post.sae{on[0]}", 2.5, pos=-1)]).logits
-    assert (got - plain_logits(m, IDS, 1, clamped)).abs().max().item() < 1e-5
+    assert (got - block_output_logits(m, IDS, 1, clamped)).abs().max().item() < 1e-5
     run = m.run(IDS, cache=["L1.resid_post.sae"], interventions=[scale("L1.resid_post.sae", 0.5)])
     assert (run["L1.resid_post.sae"] - 0.5 * a).abs().max().item() < 1e-5     # reads see the changed latents
 
@@ -182,14 +162,14 @@ def test_mlp_in_is_the_mlp_modules_input(arch):
     seen = {}
     h = mlp.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].clone()))
     try:
-        orig = plain_logits(m, IDS)
+        orig = block_output_logits(m, IDS)
     finally:
         h.remove()
     run = m.run(IDS, cache=["L1.mlp_in"])
     assert run["L1.mlp_in"].equal(seen["x"]) and run.logits.equal(orig)
     h = mlp.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,) + tuple(args[1:]))
     try:
-        ref = plain_logits(m, IDS)
+        ref = block_output_logits(m, IDS)
     finally:
         h.remove()
     got = m.run(IDS, interventions=[scale("L1.mlp_in", 0.5)]).logits

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from naive import blocks
+from naive import block_output_logits
 
 import mechanic
 from mechanic.features import Dictionary, attach, detach
@@ -18,15 +18,7 @@ IDS = torch.randint(3, 101, (3, 9), generator=torch.Generator().manual_seed(1))
 
 def plain(m, fn=None, layer=1):
     """Logits of the plain HF forward, with fn applied to decoder block `layer`'s hidden-state output."""
-    def hook(mod, args, out):
-        return (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out)
-    h = blocks(m.hf)[layer].register_forward_hook(hook) if fn else None
-    try:
-        with torch.no_grad():
-            return m.hf(input_ids=IDS).logits
-    finally:
-        if h:
-            h.remove()
+    return block_output_logits(m, IDS, layer, fn)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
