@@ -116,6 +116,8 @@ def test_gender_bias_features_lower_held_out_bias_more_than_random_latents(tmp_p
     r, rnd = row(res["evaluation"], "gender.logit_diff"), random_rows(res, "gender.logit_diff")
     print(f"\ngender bias change: top latents scaled {r['delta']}, random latents {rnd['draws']}")
     # measured at ci size (a 4x SAE on 16k tokens): change -0.106, CI [-0.216, -0.0098]; random draws +0, +0
-    # (random latents of a small TopK SAE rarely fire on these prompts)
-    assert r["before"]["mean"] > 0 and r["delta"]["hi"] < 0          # the located latents carry some bias ...
+    # (random latents of a small TopK SAE rarely fire on these prompts). The ci dictionary's size was picked
+    # among three by looking at this outcome, so this checks the machinery, not the method: the evidence is
+    # the full-size result in results/gender-bias-features, whose settings were fixed before its test split.
+    assert r["before"]["mean"] > 0 and r["delta"]["mean"] < 0        # the located latents carry some bias ...
     assert r["delta"]["mean"] < min(rnd["draws"])                     # ... which as many random latents do not
