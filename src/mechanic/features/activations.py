@@ -19,43 +19,21 @@ from mechanic.features.hooknames import parse_site, site_width
 
 
 def text_windows(model, text, split: str, seq_len: int) -> Iterator[torch.Tensor]:
-    """Windows from `text`: token ids (a LongTensor, cut into seq_len rows) or anything corpus.passages reads."""
-    if isinstance(text, torch.Tensor):
-        if text.dtype not in (torch.long, torch.int32, torch.int64):
-            raise FeaturesError(f"Token ids must be an integer tensor, got {text.dtype}.")
-        flat = text.reshape(-1)
-        return iter(flat[: flat.numel() // seq_len * seq_len].view(-1, seq_len).long())
-    from mechanic.features.corpus import passages
+    """Windows from `text`: token ids (a LongTensor, cut into seq_len rows) or anything corpus.passages reads,
+    joined and cut by mechanic.data.windows (the tail shorter than seq_len is dropped)."""
+    from mechanic.data.windows import stream_windows
 
-    return token_windows(model, passages(text, split), seq_len)
-
-
-def token_windows(model, passages: Iterable[str], seq_len: int = 128, chunk: int = 64) -> Iterator[torch.Tensor]:
-    """Equal windows of `seq_len` token ids from passages joined by blank lines, tokenized `chunk` passages at a time."""
-    if model.tokenizer is None:
+    if isinstance(text, torch.Tensor) and text.dtype not in (torch.long, torch.int32, torch.int64):
+        raise FeaturesError(f"Token ids must be an integer tensor, got {text.dtype}.")
+    if not isinstance(text, torch.Tensor) and model.tokenizer is None:
         raise FeaturesError("This model has no tokenizer, so it cannot read text; give token windows instead.")
     if seq_len < 2:
         raise FeaturesError(f"seq_len must be at least 2, got {seq_len}.")
-    carry: list[int] = []
-    batch: list[str] = []
+    if isinstance(text, torch.Tensor):
+        return stream_windows(model, text, seq_len)
+    from mechanic.features.corpus import passages
 
-    def flush(texts):
-        ids = model.tokenizer("\n\n".join(texts) + "\n\n", add_special_tokens=False)["input_ids"]
-        return ids
-
-    for p in passages:
-        batch.append(p)
-        if len(batch) == chunk:
-            carry += flush(batch)
-            batch = []
-            while len(carry) >= seq_len:
-                yield torch.tensor(carry[:seq_len], dtype=torch.long)
-                carry = carry[seq_len:]
-    if batch:
-        carry += flush(batch)
-    while len(carry) >= seq_len:
-        yield torch.tensor(carry[:seq_len], dtype=torch.long)
-        carry = carry[seq_len:]
+    return stream_windows(model, passages(text, split), seq_len, chunk=64)
 
 
 def _mlp_path(model, layer: int) -> str:
