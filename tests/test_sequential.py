@@ -138,7 +138,7 @@ def test_averaged_tracing_on_a_model(model):
 
 def test_sequential_errors(model):
     with pytest.raises(PlanError, match="Unknown editing method"):
-        sequential(model, FACTS, "ft", 2, [0])
+        sequential(model, FACTS, "sgd", 2, [0])
     with pytest.raises(PlanError, match="no setting lam"):
         sequential(model, FACTS, "rome", 2, [0], lam=1.0)
     with pytest.raises(PlanError, match="batch_size"):

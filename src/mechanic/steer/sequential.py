@@ -1,4 +1,5 @@
-"""Sequential, batched editing: N facts in batches of B with ROME, MEMIT or AlphaEdit, as deployed.
+"""Sequential, batched editing: N facts in batches of B with ROME, MEMIT or AlphaEdit (or the fine-tuning
+baselines FT-L and LoRA, mechanic.steer.finetune / lora, which need no prefixes or statistics), as deployed.
 
 Each batch is computed on the model with the earlier batches applied (ROME edits the facts of a batch one
 after the other); the context prefixes and the second-moment statistics are computed once, on the unedited
@@ -18,10 +19,13 @@ from collections.abc import Callable
 
 from mechanic.steer.alphaedit import NullSpaces, alphaedit
 from mechanic.steer.edit import Fact, _fact_dict, context_prefixes, layer_range, memit, rome, trace_layers
+from mechanic.steer.finetune import ft
+from mechanic.steer.lora import lora
 from mechanic.steer.plan import Plan, PlanError, WeightEdit
 from mechanic.steer.stats import second_moments
 
-METHODS = {"rome": rome, "memit": memit, "alphaedit": alphaedit}
+METHODS = {"rome": rome, "memit": memit, "alphaedit": alphaedit, "ft": ft, "lora": lora}
+TRAINED = ("ft", "lora")    # fine-tuning baselines: no prefixes, no statistics; one layer (the traced one) by default
 _OWN = {"model", "fact", "facts", "layer", "layers", "prefixes", "n_prefixes", "moments", "stats_tokens", "seed",
         "state"}
 _BULKY = ("facts", "fact", "prefixes", "delta", "trace")
@@ -37,7 +41,7 @@ def _layers(model, method: str, layers, trace_facts: list[Fact] | None, facts: l
         return layers, {"layers_from": "given"}
     pool = trace_facts if trace_facts is not None else facts
     top, mean = trace_layers(model, pool, samples)
-    chosen = [top] if method == "rome" else layer_range(top)
+    chosen = [top] if method in ("rome", *TRAINED) else layer_range(top)
     return chosen, {"layers_from": f"causal trace (mlp) averaged over {len(pool)} facts",
                     "trace_mean": [round(float(x), 6) for x in mean]}
 
@@ -70,9 +74,9 @@ def sequential(model, facts: list[Fact], method: str = "alphaedit", batch_size: 
     options = _options(method, options)
     t0 = time.perf_counter()
     layers, chosen = _layers(model, method, layers, trace_facts, facts, trace_samples)
-    prefixes = context_prefixes(model, n_prefixes, seed=seed)
+    prefixes = context_prefixes(model, n_prefixes, seed=seed) if method not in TRAINED else []
     t1 = time.perf_counter()
-    moments = second_moments(model, layers, max_tokens=stats_tokens)
+    moments = second_moments(model, layers, max_tokens=stats_tokens) if method not in TRAINED else {}
     stats_seconds = time.perf_counter() - t1
     state = NullSpaces(options.get("threshold", 2e-2)) if method == "alphaedit" else None
     shared = {"prefixes": prefixes, "moments": moments, "seed": seed, **options}
@@ -91,6 +95,8 @@ def sequential(model, facts: list[Fact], method: str = "alphaedit", batch_size: 
                     p = rome(model, part[0], layers[0], **shared)
                 elif method == "memit":
                     p = memit(model, part, layers, **shared)
+                elif method in TRAINED:
+                    p = METHODS[method](model, part, layers, seed=seed, **options)
                 else:
                     p = alphaedit(model, part, layers, state=state, **shared)
                 handles.append(p.apply(model))
@@ -113,7 +119,7 @@ def sequential(model, facts: list[Fact], method: str = "alphaedit", batch_size: 
              for name, value in final.items()]
     settings = {"method": method, "batch_size": batch_size, "layers": layers, **chosen,
                 "facts": [_fact_dict(f) for f in facts], "prefixes": prefixes, "options": options, "seed": seed,
-                "stats_tokens": {L: moments[L][1] for L in layers}, "stats_seconds": round(stats_seconds, 3),
+                "stats_tokens": {L: moments[L][1] for L in moments}, "stats_seconds": round(stats_seconds, 3),
                 "seconds": round(time.perf_counter() - t0, 3), "batches": steps, "curve": curve}
     if state is not None:
         settings["null_dims"] = state.dims
