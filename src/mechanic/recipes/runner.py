@@ -250,7 +250,7 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     return results
 
 
-EDIT_METHODS = ("rome", "memit", "alphaedit")
+EDIT_METHODS = ("rome", "memit", "alphaedit", "ft", "lora")
 
 
 def dictionary_stage(R: Runner, recipe: Recipe, m, base: dict):
