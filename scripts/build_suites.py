@@ -281,6 +281,198 @@ FACTS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
 }
 
 
+# More relations and subjects for `facts_large` (editing at scale: hundreds of facts). Same form as FACTS;
+# a relation needs 3+ subjects per target so every fact has neighbourhood prompts with its true answer.
+FACTS_MORE: dict[str, tuple[list[str], dict[str, list[str]]]] = {
+    "city_country": (FACTS["city_country"][0], {
+        "France": ["Lille", "Nantes", "Montpellier", "Rennes", "Grenoble", "Cannes", "Avignon", "Reims"],
+        "Germany": ["Düsseldorf", "Leipzig", "Bremen", "Hanover", "Nuremberg", "Dortmund", "Heidelberg", "Bonn"],
+        "Italy": ["Genoa", "Palermo", "Verona", "Pisa", "Siena", "Bari"],
+        "Spain": ["Malaga", "Granada", "Zaragoza", "Pamplona", "Salamanca"],
+        "Japan": ["Nagoya", "Sapporo", "Kobe", "Fukuoka", "Nagasaki", "Sendai"],
+        "China": ["Wuhan", "Chengdu", "Nanjing", "Tianjin", "Hangzhou", "Chongqing"],
+        "India": ["Delhi", "Jaipur", "Pune", "Ahmedabad", "Lucknow", "Agra"],
+        "Russia": ["Kazan", "Vladivostok", "Yekaterinburg", "Sochi", "Murmansk"],
+        "Canada": ["Winnipeg", "Edmonton", "Quebec City", "Halifax", "Victoria"],
+        "Australia": ["Adelaide", "Darwin", "Hobart", "Gold Coast"],
+        "Brazil": ["Recife", "Fortaleza", "Curitiba", "Manaus"],
+        "Egypt": ["Giza", "Aswan", "Port Said"],
+        "England": ["Leeds", "Bristol", "Sheffield", "Newcastle", "Nottingham"],
+        "Mexico": ["Cancún", "Acapulco", "Puebla", "Oaxaca"],
+        "Turkey": ["Antalya", "Bursa", "Konya"],
+        "Greece": ["Patras", "Heraklion", "Rhodes"],
+        "Poland": ["Gdansk", "Wroclaw", "Poznan", "Lodz"],
+        "Argentina": ["La Plata", "Mar del Plata", "Salta"],
+        "Portugal": ["Porto", "Braga", "Coimbra", "Faro"],
+        "Sweden": ["Gothenburg", "Malmö", "Uppsala"],
+        "Norway": ["Bergen", "Trondheim", "Stavanger"],
+        "Switzerland": ["Zurich", "Geneva", "Basel", "Lausanne"],
+        "Austria": ["Salzburg", "Innsbruck", "Graz"],
+        "Ireland": ["Cork", "Galway", "Limerick"],
+        "Scotland": ["Edinburgh", "Glasgow", "Aberdeen", "Dundee"],
+        "Belgium": ["Antwerp", "Bruges", "Ghent", "Liège"],
+        "Pakistan": ["Karachi", "Lahore", "Islamabad", "Peshawar"],
+        "Vietnam": ["Ho Chi Minh City", "Da Nang", "Hue"],
+        "Thailand": ["Chiang Mai", "Phuket", "Pattaya"],
+        "Nigeria": ["Lagos", "Abuja", "Kano", "Ibadan"],
+        "Morocco": ["Casablanca", "Marrakesh", "Fez", "Tangier"],
+        "Israel": ["Tel Aviv", "Haifa", "Eilat"],
+        "Iran": ["Isfahan", "Shiraz", "Tabriz"],
+        "Colombia": ["Bogotá", "Medellín", "Cartagena"],
+        "Peru": ["Cusco", "Arequipa", "Trujillo"],
+        "Ukraine": ["Kyiv", "Odessa", "Kharkiv", "Lviv"],
+        "Hungary": ["Debrecen", "Szeged", "Pécs"],
+        "Denmark": ["Aarhus", "Odense", "Aalborg"],
+        "Finland": ["Tampere", "Turku", "Oulu"],
+        "Malaysia": ["Kuala Lumpur", "Penang", "Malacca"],
+        "Chile": ["Valparaíso", "Concepción", "Antofagasta"],
+    }),
+    "us_state": (["{} is a city in the state of", "{} is located in the US state of",
+                  "The city of {} is in the state of"], {
+        "California": ["Los Angeles", "San Diego", "San Jose", "Sacramento", "Oakland", "Fresno"],
+        "Texas": ["Houston", "Dallas", "Austin", "San Antonio", "El Paso", "Fort Worth"],
+        "Florida": ["Miami", "Orlando", "Tampa", "Jacksonville", "Tallahassee"],
+        "Illinois": ["Chicago", "Peoria", "Naperville"],
+        "Ohio": ["Cleveland", "Columbus", "Cincinnati", "Dayton"],
+        "Pennsylvania": ["Philadelphia", "Pittsburgh", "Harrisburg"],
+        "Michigan": ["Detroit", "Ann Arbor", "Grand Rapids", "Lansing"],
+        "Georgia": ["Atlanta", "Savannah", "Augusta"],
+        "Arizona": ["Phoenix", "Tucson", "Scottsdale"],
+        "Colorado": ["Denver", "Boulder", "Aspen"],
+        "Nevada": ["Las Vegas", "Reno", "Carson City"],
+        "Tennessee": ["Nashville", "Memphis", "Knoxville"],
+        "Louisiana": ["New Orleans", "Baton Rouge", "Shreveport"],
+        "Minnesota": ["Minneapolis", "Saint Paul", "Duluth"],
+        "Utah": ["Salt Lake City", "Provo", "Ogden"],
+        "Wisconsin": ["Milwaukee", "Green Bay", "Madison"],
+        "Hawaii": ["Honolulu", "Hilo"],
+        "Alaska": ["Anchorage", "Juneau", "Fairbanks"],
+        "Indiana": ["Indianapolis", "Fort Wayne", "South Bend"],
+        "Maryland": ["Baltimore", "Annapolis"],
+        "Kentucky": ["Louisville", "Lexington"],
+        "Virginia": ["Richmond", "Norfolk", "Virginia Beach"],
+        "Connecticut": ["Hartford", "New Haven", "Stamford"],
+        "Alabama": ["Montgomery", "Huntsville", "Mobile"],
+        "Missouri": ["St. Louis", "Kansas City", "Springfield"],
+        "Massachusetts": ["Boston", "Lowell", "Worcester"],
+    }),
+    "continent": (FACTS["continent"][0], {
+        "Europe": ["Belgium", "Ireland", "Denmark", "Finland", "Hungary", "Romania", "Switzerland", "Ukraine",
+                   "Croatia", "Greece"],
+        "Asia": ["Pakistan", "Bangladesh", "South Korea", "Malaysia", "Cambodia", "Laos", "Kazakhstan",
+                 "Afghanistan", "the Philippines"],
+        "Africa": ["Egypt", "Algeria", "Tunisia", "Cameroon", "Zambia", "Zimbabwe", "Angola", "Mali", "Somalia",
+                   "Sudan", "Rwanda", "Botswana"],
+        "South America": ["Ecuador", "Uruguay", "Paraguay", "Guyana", "Suriname"],
+        "North America": ["Canada", "Mexico", "Cuba", "Guatemala", "Honduras", "Panama", "Costa Rica", "Jamaica"],
+    }),
+    "language": (FACTS["language"][0], {
+        "Spanish": ["Argentina", "Ecuador", "Bolivia", "Uruguay", "Paraguay", "Guatemala", "Honduras",
+                    "Costa Rica", "Panama", "Nicaragua"],
+        "Arabic": ["Morocco", "Algeria", "Tunisia", "Libya", "Lebanon", "Kuwait", "Qatar", "Oman", "Yemen"],
+        "French": ["Monaco", "Ivory Coast", "Mali", "Cameroon"],
+        "English": ["Australia", "New Zealand", "Jamaica", "the United States", "the United Kingdom"],
+        "Chinese": ["China", "Taiwan", "Singapore"],
+        "Swahili": ["Kenya", "Tanzania", "Uganda"],
+        "Portuguese": ["Cape Verde", "Guinea-Bissau"],
+        "German": ["Liechtenstein", "Switzerland"],
+    }),
+    "currency": (FACTS["currency"][0], {
+        "euro": ["Belgium", "the Netherlands", "Finland", "Slovakia", "Slovenia", "Estonia", "Latvia",
+                 "Lithuania", "Luxembourg", "Malta", "Cyprus", "Croatia"],
+        "dollar": ["Singapore", "Jamaica", "Hong Kong", "Taiwan"],
+        "peso": ["Cuba", "the Philippines", "Uruguay", "the Dominican Republic"],
+        "dinar": ["Iraq", "Jordan", "Kuwait", "Serbia", "Algeria", "Tunisia", "Libya"],
+        "shilling": ["Kenya", "Uganda", "Tanzania", "Somalia"],
+        "riyal": ["Saudi Arabia", "Qatar", "Oman"],
+        "krona": ["Sweden", "Iceland"],
+        "pound": ["Egypt", "Lebanon", "Syria"],
+    }),
+    "company_country": (FACTS["company_country"][0], {
+        "Japan": ["Yamaha", "Suzuki", "Toshiba", "Fujifilm", "Subaru", "Mazda", "Casio"],
+        "Germany": ["Audi", "Mercedes-Benz", "SAP", "Bayer", "BASF", "Puma", "Deutsche Bank"],
+        "Italy": ["Versace", "Armani", "Pirelli", "Maserati", "Benetton", "Ducati"],
+        "France": ["Citroën", "L'Oréal", "Danone", "Hermès", "Dior", "Bugatti"],
+        "Sweden": ["H&M", "Saab", "Electrolux", "Scania"],
+        "South Korea": ["LG", "SK Telecom", "Daewoo"],
+        "Switzerland": ["Swatch", "Novartis", "Roche", "Lindt", "Omega"],
+        "China": ["Tencent", "Xiaomi", "BYD", "Baidu"],
+        "Denmark": ["Lego", "Carlsberg", "Maersk", "Pandora"],
+        "Taiwan": ["Acer", "Asus", "Foxconn"],
+        "Canada": ["BlackBerry", "Bombardier", "Tim Hortons"],
+    }),
+    "product_company": (FACTS["product_company"][0], {
+        "Microsoft": ["Microsoft Word", "Excel", "PowerPoint", "Outlook", "Skype"],
+        "Apple": ["the Apple Watch", "Siri", "the iMac"],
+        "Google": ["YouTube", "Google Maps", "the Pixel phone"],
+        "Adobe": ["Photoshop", "Acrobat", "Illustrator"],
+        "Boeing": ["the 747", "the 737", "the Dreamliner"],
+        "Volkswagen": ["the Beetle", "the Golf", "the Passat"],
+        "Tesla": ["the Model S", "the Model 3", "the Cybertruck"],
+        "Samsung": ["the Galaxy phone", "the Galaxy Tab"],
+    }),
+    "athlete_sport": (FACTS["athlete_sport"][0], {
+        "basketball": ["Larry Bird", "Kevin Durant", "Tim Duncan", "Dirk Nowitzki", "Kareem Abdul-Jabbar"],
+        "tennis": ["Pete Sampras", "Maria Sharapova", "Venus Williams", "Andy Murray", "Steffi Graf",
+                   "Björn Borg"],
+        "golf": ["Rory McIlroy", "Gary Player", "Ernie Els"],
+        "soccer": ["Zinedine Zidane", "Kylian Mbappé", "Neymar", "Ronaldinho", "Johan Cruyff", "Thierry Henry",
+                   "Wayne Rooney"],
+        "baseball": ["Mickey Mantle", "Joe DiMaggio", "Hank Aaron", "Jackie Robinson"],
+        "hockey": ["Mario Lemieux", "Bobby Orr", "Alexander Ovechkin"],
+        "cricket": ["Don Bradman", "Brian Lara", "Shane Warne"],
+    }),
+    "instrument": (FACTS["instrument"][0], {
+        "guitar": ["Keith Richards", "Eddie Van Halen", "Slash", "Chuck Berry"],
+        "piano": ["Elton John", "Ray Charles", "Vladimir Horowitz", "Arthur Rubinstein"],
+        "trumpet": ["Chet Baker", "Wynton Marsalis"],
+        "saxophone": ["Sonny Rollins", "Kenny G"],
+        "drums": ["Ringo Starr", "John Bonham", "Neil Peart", "Keith Moon"],
+        "cello": ["Yo-Yo Ma", "Pablo Casals", "Jacqueline du Pré"],
+    }),
+    "occupation": (["{} worked as a", "By profession, {} was a", "{} is best known as a"], {
+        "painter": ["Pablo Picasso", "Claude Monet", "Salvador Dalí", "Leonardo da Vinci", "Henri Matisse",
+                    "Paul Cézanne"],
+        "physicist": ["Albert Einstein", "Isaac Newton", "Niels Bohr", "Max Planck", "Richard Feynman"],
+        "composer": ["Wolfgang Amadeus Mozart", "Ludwig van Beethoven", "Johann Sebastian Bach",
+                     "Pyotr Tchaikovsky", "Antonio Vivaldi"],
+        "philosopher": ["Plato", "Aristotle", "Immanuel Kant", "Socrates", "René Descartes"],
+        "poet": ["Homer", "Walt Whitman", "Emily Dickinson", "John Keats", "Lord Byron"],
+        "novelist": ["Charles Dickens", "Jane Austen", "Ernest Hemingway", "Mark Twain"],
+    }),
+    "animal_class": (["The {} is a kind of", "Biologically, the {} is a", "Zoologists classify the {} as a"], {
+        "mammal": ["dolphin", "whale", "bat", "elephant", "tiger", "horse", "kangaroo"],
+        "bird": ["eagle", "penguin", "parrot", "owl", "sparrow", "ostrich", "flamingo"],
+        "reptile": ["snake", "lizard", "crocodile", "turtle", "iguana"],
+        "fish": ["salmon", "tuna", "shark", "trout", "cod"],
+        "insect": ["ant", "bee", "butterfly", "beetle", "mosquito"],
+        "amphibian": ["frog", "toad", "salamander", "newt"],
+    }),
+    "dish_country": (["{} is a dish that comes from", "The dish {} originated in", "{} is a traditional food of"], {
+        "Italy": ["Pizza", "Lasagna", "Risotto", "Tiramisu", "Carbonara"],
+        "Japan": ["Sushi", "Ramen", "Tempura", "Sashimi", "Miso soup"],
+        "Mexico": ["Tacos", "Burritos", "Enchiladas", "Guacamole", "Quesadillas"],
+        "India": ["Biryani", "Naan", "Samosas", "Tandoori chicken", "Dal"],
+        "France": ["Croissants", "Crêpes", "Ratatouille", "Escargot", "Bouillabaisse"],
+        "Spain": ["Paella", "Tapas", "Gazpacho", "Churros"],
+        "Greece": ["Moussaka", "Souvlaki", "Tzatziki", "Gyros"],
+        "China": ["Dim sum", "Peking duck", "Chow mein", "Kung pao chicken"],
+        "Germany": ["Bratwurst", "Sauerkraut", "Pretzels"],
+        "Korea": ["Kimchi", "Bibimbap", "Bulgogi"],
+    }),
+}
+
+
+def facts_large_table() -> dict[str, tuple[list[str], dict[str, list[str]]]]:
+    """FACTS with FACTS_MORE merged in: the same relations, more subjects, and new relations."""
+    out = {rel: (tpls, {t: list(s) for t, s in table.items()}) for rel, (tpls, table) in FACTS.items()}
+    for rel, (tpls, table) in FACTS_MORE.items():
+        merged = out.setdefault(rel, (tpls, {}))[1]
+        for target, subjects in table.items():
+            merged.setdefault(target, []).extend(s for s in subjects if s not in merged.get(target, []))
+    return out
+
+
 def _fill(tpl: str, subject: str) -> str:
     """Subjects are written mid-sentence ("the Eiffel Tower"); capitalise the article at the start."""
     if tpl.startswith("{}") and subject.startswith("the "):
@@ -288,13 +480,13 @@ def _fill(tpl: str, subject: str) -> str:
     return tpl.format(subject)
 
 
-def build_fact_candidates(tok, rng: random.Random) -> list[dict]:
+def build_fact_candidates(tok, rng: random.Random, table_of=None) -> list[dict]:
     """Every (relation, subject, target) with its paraphrases and a provisional counterfactual target from
     the same relation (first token differs; replaced in finish_facts). Neighbourhoods come after filtering.
     meta["subject"] is the subject as it appears in every prompt (without a leading article)."""
     first = lambda s: tok(" " + s, add_special_tokens=False)["input_ids"][0]  # noqa: E731
     out = []
-    for rel, (tpls, table) in FACTS.items():
+    for rel, (tpls, table) in (table_of or FACTS).items():
         targets = list(table)
         for target, subjects in table.items():
             for subj in subjects:
@@ -310,20 +502,33 @@ def build_fact_candidates(tok, rng: random.Random) -> list[dict]:
 def fact_subjects() -> dict[str, str]:
     """{subject: split}: every subject of FACTS (as in meta, without a leading article), partitioned 2:1:2
     with one stratum per relation (a subject of several relations counts in the first)."""
+    return partition(_strata(FACTS), "facts")
+
+
+def _strata(table_of) -> list[list[str]]:
+    """One list of subjects (as in meta, without a leading article) per relation."""
     strip = lambda s: s[4:] if s.startswith("the ") else s  # noqa: E731
-    return partition([[strip(s) for subjects in table.values() for s in subjects] for _, table in FACTS.values()],
-                     "facts")
+    return [[strip(s) for subjects in table.values() for s in subjects] for _, table in table_of.values()]
+
+
+def facts_large_subjects() -> dict[str, str]:
+    """{subject: split} for facts_large: FACTS's subjects keep their `facts` split (so a subject is never in
+    two splits across the two suites); the new ones are partitioned 2:1:2 per relation in the same way."""
+    old = fact_subjects()
+    new = partition([[x for x in st if x not in old] for st in _strata(facts_large_table())], "facts_large")
+    return {**new, **old}
 
 
 def finish_facts(kept: list[dict], candidates: list[dict], tok, rng: random.Random, n_neigh: int = 3,
-                 split_of: dict[str, str] | None = None):
+                 split_of: dict[str, str] | None = None, corrupted: bool = True):
     """Neighbourhood prompts (other subjects, same true target; kept facts first) and a corrupted prompt:
     the prompt of another kept fact of the same relation, with another target (another first token) and the
     same token length; that target becomes the counterfactual one (`wrong`), so the corrupted prompt's true
     answer is the clean prompt's wrong one. Facts with fewer than 2 neighbours or no partner are dropped.
     With `split_of` ({subject: split}), a partner from another split than the fact's is re-drawn from the kept
     facts of the fact's split (a second generator, so the other facts keep theirs); with none there, the fact
-    is dropped."""
+    is dropped. corrupted=False (facts_large, made for editing): no partner; `wrong` stays the counterfactual
+    target drawn from the same relation."""
     n_tok = lambda s: len(tok(s)["input_ids"])  # noqa: E731
     final = []
     for f in kept:
@@ -338,6 +543,8 @@ def finish_facts(kept: list[dict], candidates: list[dict], tok, rng: random.Rand
             continue
         m["neighborhood"] = neigh
         final.append(f)
+    if not corrupted:
+        return final
 
     first = lambda s: tok(" " + s, add_special_tokens=False)["input_ids"][0]  # noqa: E731
 
@@ -693,6 +900,26 @@ def main(argv=None) -> None:
                               with_corrupted=rows[0]["corrupted"] is not None if rows else False,
                               paraphrase_above_cf=para_ok)
         write(rows, args.out / "facts.jsonl")
+
+    if "facts_large" in only:
+        rng = random.Random(f"{SEED}:facts_large")
+        cands = build_fact_candidates(tok, rng, facts_large_table())
+        ld, top1, _ = score(model, cands)
+        kept = [c for c, ok in zip(cands, top1.tolist()) if ok]
+        for c in kept:
+            c["meta"]["model_check"] = "true target's first token is the top-1 prediction"
+        subjects = facts_large_subjects()
+        rows = finish(finish_facts(kept, cands, tok, rng, split_of=subjects, corrupted=False), "facts_large",
+                      subjects, stats)
+        para = [dict(prompt=p, answer=r["answer"], wrong=r["wrong"]) for r in rows for p in r["meta"]["paraphrases"]]
+        pld, _, _ = score(model, para)
+        per_rel = {}
+        for r in rows:
+            per_rel[r["meta"]["relation"]] = per_rel.get(r["meta"]["relation"], 0) + 1
+        stats["facts_large"] = dict(candidates=len(cands), top1=float(top1.float().mean()), kept_top1=len(kept),
+                                    n=len(rows), paraphrase_above_cf=float((pld > 0).float().mean()),
+                                    relations=per_rel)
+        write(rows, args.out / "facts_large.jsonl")
 
     if "greater_than" in only:
         entities = greater_than_entities()

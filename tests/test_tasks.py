@@ -14,7 +14,7 @@ from mechanic.tasks import splits as S
 from mechanic.tasks.splits import check_disjoint
 from mechanic.tasks.task import TaskBatch
 
-SUITES = ["ioi", "facts", "greater_than", "gender", "sentiment", "icl_labels"]
+SUITES = ["ioi", "facts", "facts_large", "greater_than", "gender", "sentiment", "icl_labels"]
 # IOI is unfiltered, so 0.95 is a real claim (docs/TASKS.md). The facts suite keeps only facts SmolLM2 answers
 # top-1 when it is built, so anything below 1.0 means loading, tokenization or batching now differs from the
 # build: a consistency check, not an accuracy claim.
@@ -45,7 +45,7 @@ def word_model():
 
 def test_list_and_unknown_name():
     assert list_tasks() == SUITES
-    with pytest.raises(TaskError, match=r"Unknown task 'iio'.*ioi, facts, greater_than"):
+    with pytest.raises(TaskError, match=r"Unknown task 'iio'.*ioi, facts, facts_large, greater_than"):
         load_task("iio")
 
 
@@ -57,7 +57,8 @@ def test_suite_fields(name):
     assert len(task) >= 100
     for e in task.examples:
         assert e.prompt and e.answer and e.wrong and e.answer != e.wrong
-        assert e.corrupted and e.corrupted != e.prompt
+        if name != "facts_large":           # made for editing: no corrupted prompts
+            assert e.corrupted and e.corrupted != e.prompt
         assert isinstance(e.meta, dict)
     assert len(load_task(name, n=5)) == 5
 
@@ -88,6 +89,25 @@ def test_facts_counterfact_fields():
         assert all(m["subject"] not in p for p in m["neighborhood"])
         assert all(m["subject"] in p for p in m["paraphrases"])
     assert len({e.meta["relation"] for e in task.examples}) >= 5
+
+
+def test_facts_large_is_big_counterfact_and_keeps_the_facts_splits():
+    task, small = load_task("facts_large"), load_task("facts")
+    assert len(task) >= 300 and len({e.meta["relation"] for e in task.examples}) >= 10
+    answer_of = {e.prompt: e.meta["target_true"] for e in task.examples}
+    for e in task.examples:
+        m = e.meta
+        assert e.answer == " " + m["target_true"] and e.wrong == " " + m["target_new"] and e.corrupted is None
+        assert m["subject"] in e.prompt and len(m["paraphrases"]) >= 2 and len(m["neighborhood"]) >= 2
+        assert all(m["subject"] in p for p in m["paraphrases"])
+        assert all(m["subject"] not in p for p in m["neighborhood"])
+        # a neighbourhood prompt's true answer is the fact's true answer (CounterFact's definition)
+        assert all(answer_of.get(p, m["target_true"]) == m["target_true"] for p in m["neighborhood"])
+    split_of = {e.meta["subject"]: e.split for e in small.examples}
+    for e in task.examples:            # a subject of both suites sits in the same split in both
+        assert split_of.get(e.meta["subject"], e.split) == e.split
+    assert {s: sum(e.split == s for e in task.examples) >= 70 for s in ("train", "validation", "test")} == \
+        {"train": True, "validation": True, "test": True}
 
 
 def test_greater_than_sets_and_gender_meta():
@@ -125,6 +145,7 @@ ENTITY_WORDS = {
     "ioi": lambda m: {m["IO"], m["S"], m["C"]},
     "gender": lambda m: {m["profession"], m["corrupted_profession"]},
     "facts": lambda m: {m["subject"], m["corrupted_subject"]},
+    "facts_large": lambda m: {m["subject"]},
     "sentiment": lambda m: {m["item"]},
     "icl_labels": lambda m: {m["query"]},
     "greater_than": lambda m: {m["event"], str(m["start"])} if m["kind"] == "year"
@@ -388,8 +409,9 @@ def test_suites_tokenize_aligned_on_smollm2(smollm2):
         task = load_task(name)
         b = task.tokenize(smollm2)            # raises if any pair differs in length
         assert (b.answer != b.wrong).all(), name
-        lens = [len(tok(e.prompt)["input_ids"]) for e in task.examples]
-        assert lens == [len(tok(e.corrupted)["input_ids"]) for e in task.examples], name
+        if name != "facts_large":         # no corrupted prompts
+            lens = [len(tok(e.prompt)["input_ids"]) for e in task.examples]
+            assert lens == [len(tok(e.corrupted)["input_ids"]) for e in task.examples], name
     for e in load_task("ioi").examples:
         assert all(len(tok(" " + e.meta[k], add_special_tokens=False)["input_ids"]) == 1 for k in ("IO", "S", "C"))
     assert load_task("greater_than").tokenize(smollm2).answer_sets is not None

@@ -14,6 +14,8 @@ SUITES: dict[str, tuple[str, str]] = {
                           "drink to' -> ' Mary' vs ' John'; ABBA and BABA; corrupted = S2 replaced by a third name."),
     "facts": ("logit_diff", "Factual recall in CounterFact form: true target vs a counterfactual target, with "
                             "paraphrases and neighbourhood prompts in meta."),
+    "facts_large": ("logit_diff", "Facts in CounterFact form for editing at scale: more relations and subjects "
+                                  "than facts, paraphrases and neighbourhood prompts, no corrupted prompts."),
     "greater_than": ("prob_diff", "Greater-than: 'from the year 1732 to the year 173' -> a digit > 2 "
                                   "(probability mass above minus at-or-below), plus few-shot one-digit sums."),
     "gender": ("logit_diff", "Profession -> pronoun: logit(stereotyped pronoun) - logit(other); a bias score, "

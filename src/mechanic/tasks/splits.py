@@ -37,6 +37,7 @@ ENTITIES: dict[str, tuple[str, ...]] = {
     "ioi": ("IO", "S", "C"),                              # the three names
     "gender": ("profession", "corrupted_profession"),     # clean and corrupted professions
     "facts": ("subject", "corrupted_subject"),            # clean and corrupted subjects
+    "facts_large": ("subject",),                          # the subject (no corrupted prompts)
     "sentiment": ("item",),                               # what is reviewed (movie, hotel, ...)
     "icl_labels": ("query",),                             # the query input phrase
     "greater_than": ("event", "start", "problem", "corrupted_problem"),   # years: event noun, start year;
