@@ -1,0 +1,19 @@
+"""Attribution graphs (Ameisen et al. 2025, "Circuit Tracing"): one prompt's computation as a linear graph.
+
+    from mechanic.locate.graph import attribute, prune, graph_scores
+    g = attribute(model, transcoders, "The capital of France is")   # one transcoder per layer (or None)
+    g.scores = graph_scores(g)                                       # replacement, completeness
+    kept = prune(g, node_threshold=0.8, edge_threshold=0.98)
+    g.save("runs/graph")
+
+See docs/GRAPHS.md.
+"""
+
+from mechanic.locate.graph.attribute import attribute, salient_logits
+from mechanic.locate.graph.errors import GraphError
+from mechanic.locate.graph.graph import Graph
+from mechanic.locate.graph.prune import Pruned, graph_scores, influence, prune
+from mechanic.locate.graph.replacement import Replacement
+
+__all__ = ["Graph", "GraphError", "Pruned", "Replacement", "attribute", "graph_scores", "influence", "prune",
+           "salient_logits"]

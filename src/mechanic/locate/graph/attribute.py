@@ -1,0 +1,154 @@
+"""Direct-effect edges of one prompt's attribution graph, by batched backward passes through the replacement.
+
+The replacement is affine in its sources (token embeddings, active feature activations, error vectors),
+so the direct effect of source s on target t is value_s * d target_t / d source_s. One backward pass per
+target row gives a whole row; rows are batched: the replacement runs once on `batch_size` copies of
+the prompt and each backward injects a different target's read-out vector into each copy (a feature's
+encoder row at its layer's MLP input, a logit's demeaned unembedding row at the final norm output).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mechanic.locate.graph.codes import encoder_rows
+from mechanic.locate.graph.errors import GraphError
+from mechanic.locate.graph.graph import KINDS, Graph
+from mechanic.locate.graph.replacement import Replacement, Sources
+
+
+def salient_logits(logits: torch.Tensor, mass: float = 0.95, max_logits: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fewest most probable tokens whose probabilities sum to >= `mass` (at most `max_logits`): (ids, probs)."""
+    if not 0 < mass <= 1 or max_logits < 1:
+        raise GraphError(f"logit_mass must be in (0, 1] and max_logits >= 1; got {mass} and {max_logits}.")
+    probs = torch.softmax(logits.float(), -1)
+    p, idx = probs.topk(min(max_logits, probs.shape[-1]))
+    n = int(torch.searchsorted(p.cumsum(0), torch.tensor(mass, dtype=p.dtype))) + 1
+    return idx[:n], p[:n]
+
+
+def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logits: int = 10,
+              batch_size: int = 64) -> Graph:
+    """The full (unpruned) attribution graph of `prompt` (see mechanic.locate.graph.prune to prune and score it).
+
+    transcoders: one mechanic transcoder per layer (a list with None for layers without one, or a dict
+    {layer: Dictionary}), or an already built Replacement of this prompt.
+    """
+    t0 = time.perf_counter()
+    rep = transcoders if isinstance(transcoders, Replacement) else Replacement(model, transcoders, prompt)
+    t_rep = time.perf_counter() - t0
+    m, L, P = model, model.dims.n_layers, rep.n_pos
+    W_U = rep._unembed.weight.detach()
+    logit_ids, probs = salient_logits(rep.hf_logits[-1], logit_mass, max_logits)
+    logit_vecs = W_U[logit_ids] - W_U.mean(0)
+    K = len(logit_ids)
+
+    # nodes: features (layer, pos, feature), errors (layer, pos), tokens (pos), logits
+    f_layer = torch.cat([torch.full((len(a.pos),), i, dtype=torch.long) for i, a in enumerate(rep.active)])
+    f_pos = torch.cat([a.pos for a in rep.active])
+    f_feat = torch.cat([a.feat for a in rep.active])
+    F = len(f_layer)
+    src = rep.sources
+    N = F + L * P + P + K
+    kind = torch.tensor([0] * F + [1] * (L * P) + [2] * P + [3] * K, dtype=torch.int8)
+    layer = torch.cat([f_layer, torch.arange(L).repeat_interleave(P), torch.full((P,), -1), torch.full((K,), L)])
+    pos = torch.cat([f_pos, torch.arange(P).repeat(L), torch.arange(P), torch.full((K,), P - 1)])
+    feature = torch.cat([f_feat, torch.full((L * P,), -1), rep.ids.cpu(), logit_ids.cpu()])
+    logit_value = rep.logits[-1, logit_ids] - rep.logits[-1].mean()
+    value = torch.cat([*src.acts, torch.stack(src.errors).norm(dim=-1).flatten(), src.embed.norm(dim=-1),
+                       logit_value]).detach().float()
+
+    # targets: logits first (they read the last layer), then features from the top layer down
+    order = [("logit", k) for k in range(K)] + [("feature", j) for j in torch.argsort(f_layer, descending=True,
+                                                                                         stable=True).tolist()]
+    enc = {}
+    for i, d in enumerate(rep.transcoders):
+        if d is not None and len(rep.active[i].feat):
+            enc[i] = encoder_rows(d, rep.active[i].feat).to(src.embed.dtype)
+    starts = torch.tensor([0] + [len(a.pos) for a in rep.active]).cumsum(0)
+
+    adjacency = torch.zeros(N, N)
+    B = max(1, min(batch_size, len(order)))
+    leaves = src.leaves()
+    values = Sources(leaves.embed.detach(), [a.detach() for a in leaves.acts], [e.detach() for e in leaves.errors])
+    batched = leaves.expand(B)
+    t1 = time.perf_counter()
+    with torch.enable_grad():
+        trace = rep.run(batched)
+        inputs = [batched.embed] + [a for a in batched.acts if a.shape[-1]] + batched.errors
+        with_acts = [i for i, a in enumerate(batched.acts) if a.shape[-1]]
+        for c in range(0, len(order), B):
+            chunk = order[c:c + B]
+            grads_out: dict[int, torch.Tensor] = {}       # layer -> [B, P, d] injected at that MLP input; L: final
+            rows = []
+            for r, (what, j) in enumerate(chunk):
+                if what == "logit":
+                    g = grads_out.setdefault(L, torch.zeros_like(trace.final))
+                    g[r, -1] = logit_vecs[j]
+                    rows.append(F + L * P + P + j)
+                else:
+                    li = int(f_layer[j])
+                    g = grads_out.setdefault(li, torch.zeros_like(trace.mlp_in[li]))
+                    g[r, int(f_pos[j])] = enc[li][j - int(starts[li])]
+                    rows.append(j)
+            outs = [trace.final if li == L else trace.mlp_in[li] for li in grads_out]
+            last = c + B >= len(order)
+            grads = torch.autograd.grad(outs, inputs, list(grads_out.values()), retain_graph=not last,
+                                        allow_unused=True)
+            grads = [None if g is None else g.detach() for g in grads]
+            g_embed, g_acts, g_err = grads[0], grads[1:1 + len(with_acts)], grads[1 + len(with_acts):]
+            n = len(chunk)
+            row = torch.zeros(n, N)
+            for i, g in zip(with_acts, g_acts):
+                if g is not None:
+                    row[:, int(starts[i]):int(starts[i + 1])] = (g[:n] * values.acts[i]).float()
+            for i, g in enumerate(g_err):
+                if g is not None:
+                    row[:, F + i * P:F + (i + 1) * P] = (g[:n] * values.errors[i]).sum(-1).float()
+            if g_embed is not None:
+                row[:, F + L * P:F + L * P + P] = (g_embed[:n] * values.embed).sum(-1).float()
+            adjacency[torch.tensor(rows)] = row
+    t_edges = time.perf_counter() - t1
+
+    bias = torch.zeros(N)
+    with torch.no_grad():
+        zero = rep.run(src.zeros().expand(1))
+        for i, d in enumerate(rep.transcoders):
+            a = rep.active[i]
+            if d is not None and len(a.pos):
+                bias[int(starts[i]):int(starts[i + 1])] = d.pre(zero.mlp_in[i][0])[a.pos, a.feat].float()
+        z = zero.logits[0]
+        bias[F + L * P + P:] = (z[logit_ids] - z.mean()).float()
+
+    labels = _labels(m, kind, layer, pos, feature, probs)
+    meta = {"model": m.name, "n_layers": L, "transcoders": [repr(d) if d is not None else None for d in rep.transcoders],
+            "logit_mass": logit_mass, "max_logits": max_logits, "batch_size": B,
+            "seconds": {"replacement": round(t_rep, 3), "edges": round(t_edges, 3),
+                        "total": round(time.perf_counter() - t0, 3)}}
+    prompt_text = prompt if isinstance(prompt, str) else None
+    return Graph(kind, layer.int(), pos.int(), feature.long(), value, bias, adjacency, rep.ids.cpu(), logit_ids.cpu(),
+                 probs.float().cpu(), labels, prompt_text, {}, meta)
+
+
+def _labels(model, kind, layer, pos, feature, probs) -> list[str]:
+    """Readable node labels: `L3.mlp_out.sae17@5`, `L3.mlp_out.sae_error@5`, `embed@5 'the'`, `logit ' cat' p=0.41`."""
+    tok = model.tokenizer
+    text = (lambda i: repr(tok.decode([i]))) if tok is not None else (lambda i: f"#{i}")   # noqa: E731
+    out, k = [], 0
+    for kd, L, p, f in zip(kind.tolist(), layer.tolist(), pos.tolist(), feature.tolist()):
+        name = KINDS[kd]
+        if name == "feature":
+            out.append(f"L{L}.mlp_out.sae{f}@{p}")
+        elif name == "error":
+            out.append(f"L{L}.mlp_out.sae_error@{p}")
+        elif name == "token":
+            out.append(f"embed@{p} {text(f)}")
+        else:
+            out.append(f"logit {text(f)} p={float(probs[k]):.3f}")
+            k += 1
+    return out
+
+
+__all__ = ["attribute", "salient_logits", "Sources"]
