@@ -105,6 +105,37 @@ def _protected(v: dict) -> list[str]:
     return out
 
 
+def comparisons(runs: list[dict]) -> list[str]:
+    """Side-by-side tables of recipes that act on the same behaviour (same task, same target rows) with
+    different components, e.g. neurons vs dictionary features: each target and protected row's change."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        key = ((r["recipe"].get("task") or {}).get("name"), tuple(sorted(r["verdict"]["targets"])))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (task, targets), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        names = [x["recipe"]["name"] for x in rs]
+        out += [f"### Same behaviour, different components: {', '.join(f'`{n}`' for n in names)}", "",
+                f"Task `{task}`, test split; each cell is before -> after (change, 95% CI); **cost** marks a "
+                "protected row outside its margin.", "",
+                "| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(rs),
+                "| verdict | " + " | ".join(f"**{x['verdict']['label']}**" for x in rs) + " |",
+                "| changed | " + " | ".join(x["summary"]["changed"].replace("|", "/") for x in rs) + " |"]
+        ids = list(targets) + [p["id"] for p in rs[0]["verdict"]["protected"]]
+        for i in ids:
+            cells = []
+            for x in rs:
+                row = next((y for y in x["evaluation"]["rows"] if y["id"] == i), None)
+                bad = any(p["id"] == i and not p["ok"] for p in x["verdict"]["protected"])
+                cells.append("–" if row is None else f"{_change(row)} ({row['delta']['mean']:+.3g} "
+                             f"[{row['delta']['lo']:+.3g}, {row['delta']['hi']:+.3g}]){' **cost**' if bad else ''}")
+            out.append(f"| {i} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def _selected(r: dict) -> list[str]:
     """The select stage's sentence and its candidates (validation rows), when the recipe has one."""
     sel = next((x for x in r.get("stages", []) if x["name"] == "select"), None)
@@ -145,7 +176,8 @@ def page(results_dir: Path) -> str:
     missing = [r for r in list_recipes() if r not in {x["recipe"]["name"] for x in runs}]
     pending = ([f"Not yet run at full size under these rules (no committed result): {', '.join(missing)}.", ""]
                if missing else [])
-    return "\n".join([INTRO, *summary_table(runs), "", *pending, *[digest(r) for r in runs]]).rstrip() + "\n"
+    return "\n".join([INTRO, *summary_table(runs), "", *pending, *comparisons(runs),
+                      *[digest(r) for r in runs]]).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
