@@ -202,8 +202,9 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
         if random_spec is not None:      # the random draws take the same count and strength as the plan
             random_spec = random_spec.model_copy(update=chosen.data["choice"])
     skey = key_of(base, "steer", steer_spec.model_dump(), lkey, choice_key)
-    _, steer_dir = R.stage("steer", skey, f"Steer: {recipe.steer.method}", guarded(
+    steer_out, steer_dir = R.stage("steer", skey, f"Steer: {recipe.steer.method}", guarded(
         "steer", (*held_in, "request"), lambda d: run_method("steer", {**steered, "dir": d}, steer_spec)))
+    pages = feature_pages_stage(R, recipe, m, base, found, steer_out, lkey, skey, guarded)
     ckey = control_dir = None
     if recipe.control is not None:
         ckey = key_of(base, "control", recipe.control.model_dump(), lkey)
@@ -236,11 +237,13 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     results = {"mechanic": mechanic.__version__, "recipe": recipe.model_dump(mode="json"),
                "manifest": {**manifest(m, recipe, size, R.timings), "splits": base["splits"], "reads": reads},
                "summary": summary(recipe, R.stages, data),
-               "stages": [s for s in R.stages if s["name"] != "evaluate"],
+               "stages": [s for s in R.stages if s["name"] not in ("evaluate", "features")],
                "evaluation": data["evaluation"], "verdict": data["verdict"], "verdict_figures": baseline_figures(data)}
     for k in ("control", "control_verdict", "baselines"):
         if k in data:
             results[k] = data[k]
+    if pages is not None:
+        results["feature_pages"] = pages
     # results.json first: it holds the manifest too, so a failed write (a full disk) leaves the previous pair
     write_text(out / "results.json", json.dumps(results, indent=1))
     write_text(out / "manifest.json", json.dumps(results["manifest"], indent=1))
@@ -268,6 +271,27 @@ def dictionary_stage(R: Runner, recipe: Recipe, m, base: dict):
     out, d = R.stage("dictionary", dkey, f"Train a {spec.arch} dictionary on {spec.site}",
                      lambda tmp: train_stage(m, spec, tmp, recipe.seed))
     return recipe.locate.model_copy(update={"dictionary": str(d / out.data["path"])}), dkey
+
+
+def feature_pages_stage(R: Runner, recipe: Recipe, m, base: dict, found: StageOut, steer_out: StageOut,
+                        lkey: str, skey: str, guarded) -> dict | None:
+    """The `features` stage when the plan acts on dictionary latents (or locate ranked them): pages of the steered
+    and top located latents on held-out prose (recipes.feature_pages); None otherwise. Its result goes to
+    results["feature_pages"] (not `stages`), with the stage's key, time and paragraph under "stage"."""
+    from mechanic.recipes.dictionaries import train_spec
+    from mechanic.recipes.feature_pages import page_tokens, pages_stage, text_source, wanted
+
+    want = wanted(found, steer_out)
+    if want is None:
+        return None
+    spec = train_spec(recipe.locate)
+    tokens = page_tokens(None if spec is None else spec.tokens)
+    where = {k: v for k, v in want.items() if k != "dictionary"}     # lkey names the dictionary, not its path
+    key = key_of(base, "features", where, tokens, text_source()[1], lkey, skey)
+    out, _ = R.stage("features", key, "Features: pages of the steered and located latents", guarded(
+        "features", ("train", "validation"), lambda tmp: pages_stage(m, want, tokens, tmp)))
+    st = R.stages[-1]
+    return {**out.data, "stage": {k: st[k] for k in ("key", "seconds", "reused", "dir", "text")}}
 
 
 def select(recipe: Recipe, m, steered: dict, d: Path) -> StageOut:

@@ -50,10 +50,13 @@ def page(title: str, body: str, plots: list, footer: str) -> Iterator[str]:
 
 def pieces(results: dict) -> Iterator[str]:
     """The page in pieces: all but plotly.js is built (and figures checked) before the first piece is yielded."""
+    from mechanic.report.feature_pages import run_section   # it builds on page() and write() below
+
     plots: list = []
     body = [sections.summary(results.get("summary") or {}), _evaluation(results.get("evaluation") or {}, plots),
             sections.verdict(results, plots)]
     body += [sections.stage(st, i, plots) for i, st in enumerate(results.get("stages", []))]
+    body.append(run_section(results, plots))
     body.append(sections.manifest(results))
     return page((results.get("summary") or {}).get("title", "mechanic run"), "".join(body), plots,
                 f'mechanic {results.get("mechanic", "")} · report built from results.json')
