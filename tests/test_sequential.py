@@ -167,3 +167,28 @@ def test_alphaedit_steer_method_edits_the_tasks_facts_in_batches(model, tmp_path
     plan = Plan.load(tmp_path / out.artifacts["plan"])
     assert plan.method == "sequential alphaedit" and plan.settings["batch_size"] == 2
     assert [b["facts"] for b in plan.settings["batches"]] == [2, 1] and out.data["layers"] == [0, 1]
+
+
+def test_causal_trace_locate_method_averages_over_train_facts(model, tmp_path):
+    """locate `causal_trace` with facts: N picks the layer trace_layers picks over the task's first N facts."""
+    from types import SimpleNamespace
+
+    from mechanic.recipes.methods import run_method
+    from mechanic.recipes.schema import Strict
+
+    class Spec(Strict):
+        method: str = "causal_trace"
+        samples: int = 3
+        facts: int = 3
+        heatmap: bool = False
+
+    rows = [SimpleNamespace(prompt=f.prompt, answer=f.target_new, wrong=f.target_true, split="train",
+                            meta={"subject": f.subject, "target_true": f.target_true.strip(),
+                                  "target_new": f.target_new.strip()}) for f in FACTS]
+    task = SimpleNamespace(name="tiny facts", examples=rows)
+    out = run_method("locate", {"model": model, "task": task, "dir": tmp_path, "seed": 0}, Spec())
+    from mechanic.steer.edit import facts_from_task
+    top, mean = trace_layers(model, facts_from_task(task)[:3], samples=3)
+    assert out.data["layer"] == top and out.data["facts"] == 3
+    assert out.data["effects"] == [round(float(v), 5) for v in mean]
+    assert "averaged over 3 train facts" in out.text

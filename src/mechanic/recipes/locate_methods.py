@@ -28,22 +28,29 @@ class CausalTrace(Strict):
     """ROME's causal trace: the MLP layer at the subject's last token (chosen layer) plus an optional full heatmap."""
 
     samples: int = Field(5, ge=1)
+    facts: int = Field(1, ge=1)   # average the MLP trace over this many train facts (ROME/MEMIT: once per model)
     heatmap: bool = True          # also trace hidden states at every layer x position of the first fact
     heatmap_samples: int = Field(3, ge=1)
 
 
 @method(LOCATE, "causal_trace", CausalTrace)
 def causal_trace_layer(ctx) -> StageOut:
-    """Trace the first fact; the layer with the largest MLP indirect effect is where ROME edits."""
+    """Trace the first fact (or average over `facts` train facts); the layer with the largest MLP indirect
+    effect is where ROME edits (and where MEMIT's and AlphaEdit's layer range ends)."""
     from mechanic.locate.trace import causal_trace
-    from mechanic.steer.edit import facts_from_task, trace_layer
+    from mechanic.steer.edit import facts_from_task, trace_layer, trace_layers
 
     s = ctx.settings
-    fact = facts_from_task(ctx.task)[0]
+    pool = facts_from_task(ctx.task)[: s.facts]
+    fact = pool[0]
     layer, scores = trace_layer(ctx.model, fact, samples=s.samples)
     scores.save(ctx.dir / "mlp_trace.json")
     effects = [round(float(v), 5) for v in scores.values[:, 0]]
-    figs = [{"kind": "line", "id": "trace_mlp", "title": f"MLP indirect effect at the last subject token: {fact.prompt!r}",
+    title = f"MLP indirect effect at the last subject token: {fact.prompt!r}"
+    if len(pool) > 1:
+        layer, mean = trace_layers(ctx.model, pool, s.samples)
+        effects, title = [round(float(v), 5) for v in mean], f"MLP indirect effect, mean over {len(pool)} train facts"
+    figs = [{"kind": "line", "id": "trace_mlp", "title": title,
              "x": list(range(len(effects))), "series": [{"name": "indirect effect (MLP window)", "y": effects}],
              "xlabel": "layer", "ylabel": "P(restored) - P(noised)"}]
     arts = {"mlp_trace": "mlp_trace.json"}
@@ -59,7 +66,11 @@ def causal_trace_layer(ctx) -> StageOut:
             f"\"{fact.subject}\" drops p(answer) from {p.get('p_clean', float('nan')):.3f} to "
             f"{p.get('p_noised', float('nan')):.3f}; restoring the MLP output at the subject's last token recovers "
             f"most at layer {layer} (indirect effect {effects[layer]:.3f}), so the edit goes there.")
-    return StageOut(text, figs, {"layer": layer, "effects": effects}, arts)
+    if len(pool) > 1:
+        text = (f"Causal tracing averaged over {len(pool)} train facts (noised subject, MLP output restored at the "
+                f"subject's last token): the mean indirect effect peaks at layer {layer} ({effects[layer]:.3f}), so "
+                "the edit goes there (chosen once for the model, as ROME and MEMIT do).")
+    return StageOut(text, figs, {"layer": layer, "effects": effects, "facts": len(pool)}, arts)
 
 
 class NeuronAttribution(Strict):
