@@ -130,6 +130,63 @@ def alphaedit(ctx) -> StageOut:
     return _out(ctx, plan, text, data={"layers": plan.settings["layers"]})
 
 
+def _trained(ctx, method: str, layers, **options):
+    """(plan, facts, batch size): a fine-tuning baseline (ft, lora) on the task's facts, all at once or in
+    sequential batches; layers default to the one locate traced, else to causal tracing over the facts."""
+    from mechanic.steer.edit import facts_from_task
+    from mechanic.steer.sequential import sequential
+
+    if layers is None and ctx.found is not None and "layer" in ctx.found.data:
+        layers = [int(ctx.found.data["layer"])]
+    facts = facts_from_task(ctx.task)
+    batch = ctx.settings.batch_size or len(facts)
+    plan = sequential(ctx.model, facts, method, batch, layers, seed=ctx.seed, progress=False, **options)
+    return plan, facts, batch
+
+
+class FineTune(Strict):
+    """FT-L: fine-tune one layer's down_proj on the facts, each weight within eps of its start (L-infinity)."""
+
+    layer: int | None = None        # default: the layer locate traced, else causal tracing over the facts
+    eps: float = Field(5e-3, gt=0)
+    lr: float = Field(5e-3, gt=0)
+    steps: int = Field(25, ge=1)
+    batch_size: int | None = Field(None, ge=1)   # default: all facts in one batch
+
+
+@method(STEER, "ft", FineTune)
+def ft(ctx) -> StageOut:
+    """The FT-L baseline (ROME paper) at the traced layer, all facts at once or in sequential batches."""
+    s = ctx.settings
+    plan, facts, batch = _trained(ctx, "ft", None if s.layer is None else [s.layer], eps=s.eps, lr=s.lr,
+                                  steps=s.steps)
+    text = (f"FT-L fine-tuned layer {plan.settings['layers'][0]}'s down_proj on {len(facts)} facts in batches of "
+            f"{batch} (up to {s.steps} Adam steps, lr {s.lr:g}), every weight kept within {s.eps:g} of its value "
+            "before each batch.")
+    return _out(ctx, plan, text, data={"layers": plan.settings["layers"]})
+
+
+class Lora(Strict):
+    """LoRA (peft) adapters on the down_proj of `layers`, trained on the facts and merged into the weights."""
+
+    layers: list[int] | None = None     # default: the layer locate traced, else causal tracing over the facts
+    rank: int = Field(8, ge=1)
+    alpha: float | None = Field(None, gt=0)     # default 2 x rank
+    lr: float = Field(5e-3, gt=0)
+    steps: int = Field(50, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+
+
+@method(STEER, "lora", Lora)
+def lora(ctx) -> StageOut:
+    """The LoRA baseline: rank-r adapters trained on the facts, merged (B @ A * alpha / r) into a weight-edit plan."""
+    s = ctx.settings
+    plan, facts, batch = _trained(ctx, "lora", s.layers, rank=s.rank, alpha=s.alpha, lr=s.lr, steps=s.steps)
+    text = (f"LoRA rank {s.rank} on the down_proj of layer(s) {plan.settings['layers']}, trained on {len(facts)} "
+            f"facts in batches of {batch} (up to {s.steps} Adam steps, lr {s.lr:g}) and merged into the weights.")
+    return _out(ctx, plan, text, data={"layers": plan.settings["layers"]})
+
+
 class NeuronEdit(Strict):
     """Scale the located FFN neurons in the weights (0 = remove); random=True scales as many random neurons."""
 
