@@ -1,6 +1,7 @@
-"""Sequential editing on SmolLM2: ROME, MEMIT and AlphaEdit on the same test facts in batches, CounterFact ES / PS / NS
-after every batch, layers from causal tracing averaged over train facts, AlphaEdit's threshold and alpha chosen
-on validation facts. Writes the raw results as JSON."""
+"""Sequential editing on SmolLM2: ROME, MEMIT and AlphaEdit, and the fine-tuning baselines FT-L and LoRA, on the same
+test facts in batches, CounterFact ES / PS / NS after every batch, layers from causal tracing averaged over train
+facts (FT-L and LoRA train ROME's layer), AlphaEdit's threshold and alpha chosen on validation facts. Writes the raw
+results as JSON."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from mechanic.steer.stats import second_moments
 from mechanic.tasks.builtin import load_task
 
 OPT = dict(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp=4.0)
+TRAINED = ("ft", "lora")    # fine-tuning baselines: their own settings, no statistics
 
 
 def facts_of(m, split: str, n: int):
@@ -67,7 +69,9 @@ def main() -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--facts", type=int, default=20)
     p.add_argument("--batch", type=int, default=5)
-    p.add_argument("--methods", default="rome,memit,alphaedit")
+    p.add_argument("--methods", default="rome,memit,alphaedit,ft,lora")
+    p.add_argument("--ft", default="5e-3,5e-3,25", help="FT-L's 'eps,lr,steps'")
+    p.add_argument("--lora", default="8,5e-3,50", help="LoRA's 'rank,lr,steps' (alpha = 2 x rank)")
     p.add_argument("--trace-facts", type=int, default=8)
     p.add_argument("--calibration-facts", type=int, default=5)
     p.add_argument("--stats-tokens", type=int, default=16384)
@@ -76,6 +80,7 @@ def main() -> None:
     p.add_argument("--alphaedit", help="skip the calibration: 'threshold,alpha' for AlphaEdit")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "editing_sequential.json"))
     args = p.parse_args()
+    methods = args.methods.split(",")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     t0 = time.perf_counter()
     m = mechanic.load(args.model)
@@ -93,10 +98,13 @@ def main() -> None:
     range_ = layer_range(top)
     print(f"averaged trace over {len(train)} train facts: layer {top}; MEMIT/AlphaEdit layers {range_}", flush=True)
     t = time.perf_counter()
-    moments = second_moments(m, sorted(set(range_)), max_tokens=args.stats_tokens, progress=True)
-    result["stats_seconds"] = round(time.perf_counter() - t, 1)
-    prefixes = context_prefixes(m, 10)
-    if args.alphaedit is None:
+    if any(x not in TRAINED for x in methods):
+        moments = second_moments(m, sorted(set(range_)), max_tokens=args.stats_tokens, progress=True)
+        result["stats_seconds"] = round(time.perf_counter() - t, 1)
+        prefixes = context_prefixes(m, 10)
+    if "alphaedit" not in methods:
+        best = {"threshold": None, "alpha": None}
+    elif args.alphaedit is None:
         grid = calibrate(m, val, range_, moments, prefixes, [2e-2, 5e-3, 1e-3], [10.0, 1.0, 0.1])
         best = max((r for r in grid if "error" not in r), key=lambda r: (r["score"], r["es"]))
         result["alphaedit_calibration"] = grid
@@ -108,14 +116,21 @@ def main() -> None:
     result["before"] = counterfact(m, test)
     nb_before = top1(m, nb)
     result["methods"] = {}
-    for method in args.methods.split(","):
-        layers = [top] if method == "rome" else range_
+    ft_eps, ft_lr, ft_steps = (float(x) for x in args.ft.split(","))
+    rank, lora_lr, lora_steps = (float(x) for x in args.lora.split(","))
+    own = {"ft": {"eps": ft_eps, "lr": ft_lr, "steps": int(ft_steps)},
+           "lora": {"rank": int(rank), "lr": lora_lr, "steps": int(lora_steps)}}
+    for method in methods:
+        layers = [top] if method in ("rome", *TRAINED) else range_
         extra = {"lam": args.lam} if method == "memit" else {}
         if method == "alphaedit":
             extra = {"threshold": best["threshold"], "alpha": best["alpha"]}
         t = time.perf_counter()
-        plan = sequential(m, test, method, args.batch, layers, on_batch=running_scores, stats_tokens=args.stats_tokens,
-                          **OPT, **extra)
+        if method in TRAINED:
+            plan = sequential(m, test, method, args.batch, layers, on_batch=running_scores, **own[method])
+        else:
+            plan = sequential(m, test, method, args.batch, layers, on_batch=running_scores,
+                              stats_tokens=args.stats_tokens, **OPT, **extra)
         secs = time.perf_counter() - t
         with m.applied(plan):
             nb_after = top1(m, nb)
