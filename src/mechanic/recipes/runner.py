@@ -1,5 +1,8 @@
 """Run a recipe: locate -> steer (-> control) -> evaluate -> report, each stage content-addressed and resumable.
 
+A recipe with a sparse dictionary also has a `dictionary` stage (training it) and a `features` stage (pages of
+its steered and located latents for the report, recipes.feature_pages).
+
 A stage's key hashes the model fingerprint, the stage's settings, the task and the keys of the stages
 it reads. Its files go to a temporary directory renamed to `stages/<stage>-<key>` only when it has
 finished (done.json last), so a re-run reuses finished stages and an interrupted run resumes at the
