@@ -17,7 +17,7 @@ import mechanic
 from mechanic.data.windows import stream_windows
 from mechanic.features import load
 from mechanic.features.corpus import passages
-from mechanic.recipes.feature_pages import GCIDE_HELDOUT, MAX_CARDS, page_tokens, wanted
+from mechanic.recipes.feature_pages import CALIBRATION, GCIDE_HELDOUT, MAX_CARDS, page_tokens, text_source, wanted
 from mechanic.recipes.methods import StageOut
 from mechanic.report import build_report
 from mechanic.report.feature_pages import visible
@@ -123,6 +123,15 @@ def test_wanted_keeps_every_steered_latent_and_skips_recipes_without_latents():
     assert [c[0] for c in w["cards"]] == list(range(20, 32)) and all(c[2] is None for c in w["cards"])
     assert wanted(StageOut(data={"layer": 3, "sites": ["L3.neuron5"]}), StageOut(data={"latents": many})) is None
     assert page_tokens(16384) == 4096 and page_tokens(1_000_000) == 32768 and page_tokens(100) == 2048
+
+
+def test_without_the_corpus_the_pages_read_calibration_prose_not_the_evaluations(monkeypatch):
+    from mechanic.data.text import calibration, heldout
+
+    assert text_source() == (None, GCIDE_HELDOUT)
+    monkeypatch.setattr("mechanic.features.corpus.corpus_file", lambda: None)
+    text, said = text_source()
+    assert said == CALIBRATION and text == calibration() and not set(text) & set(heldout())
 
 
 def hostile(results: dict) -> dict:
