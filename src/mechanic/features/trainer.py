@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from mechanic.features.dictionary import Dictionary, topk_acts
+from mechanic.features.dictionary import Dictionary
 from mechanic.features.errors import FeaturesError
 from mechanic.features.saelens import fold_scale
 
