@@ -165,3 +165,13 @@ def test_save_load_round_trip(tmp_path):
     assert not list((tmp_path / "g").glob(".*partial*"))
     with pytest.raises(GraphError, match="graph.json"):
         Graph.load(tmp_path)
+
+
+def test_top_features_rank_by_weighted_direct_effect_on_logits():
+    model, rep, g = graph_for("qwen2")
+    lg, f = g.span("logit"), g.span("feature")
+    effect = [abs(sum(float(g.logit_probs[k]) * float(g.adjacency[lg.start + k, j]) for k in range(g.count("logit"))))
+              for j in range(f.start, f.stop)]
+    expected = sorted(range(len(effect)), key=lambda j: -effect[j])[:5]
+    assert g.top(5) == expected
+    assert all(g.labels[i].startswith(f"L{int(g.layer[i])}.mlp_out.sae{int(g.feature[i])}@") for i in g.top(5))

@@ -34,7 +34,10 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
     """The full (unpruned) attribution graph of `prompt` (see mechanic.locate.graph.prune to prune and score it).
 
     transcoders: one mechanic transcoder per layer (a list with None for layers without one, or a dict
-    {layer: Dictionary}), or an already built Replacement of this prompt.
+    {layer: Dictionary}), or an already built Replacement (then `prompt` is only the graph's text).
+    logit_mass / max_logits: which next tokens become logit nodes (see salient_logits).
+    batch_size: target rows per backward pass (memory grows with it: the replacement runs on that many
+    copies of the prompt).
     """
     t0 = time.perf_counter()
     rep = transcoders if isinstance(transcoders, Replacement) else Replacement(model, transcoders, prompt)
@@ -127,7 +130,8 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
             "logit_mass": logit_mass, "max_logits": max_logits, "batch_size": B,
             "seconds": {"replacement": round(t_rep, 3), "edges": round(t_edges, 3),
                         "total": round(time.perf_counter() - t0, 3)}}
-    prompt_text = prompt if isinstance(prompt, str) else None
+    tok = m.tokenizer
+    prompt_text = prompt if isinstance(prompt, str) else (tok.decode(rep.ids.tolist()) if tok is not None else None)
     return Graph(kind, layer.int(), pos.int(), feature.long(), value, bias, adjacency, rep.ids.cpu(), logit_ids.cpu(),
                  probs.float().cpu(), labels, prompt_text, {}, meta)
 
@@ -151,4 +155,4 @@ def _labels(model, kind, layer, pos, feature, probs) -> list[str]:
     return out
 
 
-__all__ = ["attribute", "salient_logits", "Sources"]
+__all__ = ["attribute", "salient_logits"]
