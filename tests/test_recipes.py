@@ -185,3 +185,30 @@ def test_declared_margins_reach_the_verdict():
             {"id": "ioi.accuracy", "kind": "side", "better": "higher"}]
     m = resolve_margins(declared, rows)
     assert m == {"edit.neighborhood": Margin(0.05), "ioi.accuracy": Margin(0.02)}
+
+
+@pytest.mark.real
+def test_baseline_methods_are_evaluated_beside_the_plan(tmp_path):
+    """baselines.methods: another steer method on the same inputs, its own cached stage, evaluated on the same rows
+    with the same margins; its rows equal evaluating its saved plan by hand."""
+    import mechanic
+    from mechanic.improve.evaluate import evaluate
+    from mechanic.recipes.measures import recipe_measures
+    from mechanic.recipes.runner import run, split_tasks
+    from mechanic.steer.plan import Plan
+
+    text = CHEAP + "baselines: {methods: [{method: neuron_edit, factor: 0.5}]}\n"
+    out = tmp_path / "run"
+    res = run(write(tmp_path, text), out)
+    (m,) = res["baselines"]["methods"]
+    assert m["method"] == "neuron_edit" and m["settings"]["factor"] == 0.5 and m["verdict"]["label"]
+    assert [s["name"] for s in res["stages"]] == ["locate", "steer", "baseline-neuron_edit"]
+    assert {(x["stage"], tuple(x["splits"])) for x in res["manifest"]["reads"]} == {
+        ("locate", ("train",)), ("evaluate", ("test",))}
+    recipe = load_recipe(out / "recipe.yaml")[0]
+    model = mechanic.load(recipe.model)
+    plan = Plan.load(stage_dirs(out)["baseline"] / "plan.safetensors")
+    ev = evaluate(model, plan, recipe_measures(recipe.evaluate, model, split_tasks(recipe)[2]), seed=0, n_boot=200)
+    by = {r["id"]: r for r in ev.to_dict()["rows"]}
+    for r in m["evaluation"]["rows"]:
+        assert abs(r["after"]["mean"] - by[r["id"]]["after"]["mean"]) < 1e-6, r["id"]

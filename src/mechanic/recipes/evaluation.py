@@ -36,8 +36,9 @@ def random_summary(ev: dict, draws: list[dict]) -> dict:
     return out
 
 
-def run_evaluation(recipe: Recipe, m, measures: list, plan, control_plan, random_plans) -> StageOut:
-    """Evaluate the plan, control, prompt baseline and random draws; the StageOut holds every evaluation and verdict."""
+def run_evaluation(recipe: Recipe, m, measures: list, plan, control_plan, random_plans, method_plans=()) -> StageOut:
+    """Evaluate the plan, control, prompt baseline, random draws and other methods' plans ((name, settings, plan)
+    each); the StageOut holds every evaluation and verdict."""
     from mechanic.improve.evaluate import Prompt, collect_before, evaluate
     from mechanic.improve.verdict import judge, resolve_margins
 
@@ -62,6 +63,10 @@ def run_evaluation(recipe: Recipe, m, measures: list, plan, control_plan, random
         draws = [evaluate(m, p, targets, before=before, **kw).to_dict() for p in random_plans()]
         base["random"] = {"method": recipe.baselines.random.method, "draws": len(draws),
                           "rows": random_summary(data["evaluation"], draws)}
+    for name, settings, mplan in method_plans:
+        mev = evaluate(m, mplan, measures, before=before, **kw).to_dict()
+        base.setdefault("methods", []).append({"method": name, "settings": settings, "evaluation": mev,
+                                               "verdict": judge(mev["rows"], margins)})
     if base:
         data["baselines"] = base
     return StageOut(verdict_text(data), figs, data, {"evaluation": "evaluation.json"})
@@ -82,6 +87,9 @@ def verdict_text(data: dict) -> str:
     if "prompt" in b:
         parts.append(f"Prompting baseline ({b['prompt']['prefix']!r}): {b['prompt']['verdict']['label']}; " +
                      "; ".join(_change(r) for r in _targets(b["prompt"]["evaluation"])) + ".")
+    for x in b.get("methods", []):
+        parts.append(f"Method {x['method']}: {x['verdict']['label']}; " +
+                     "; ".join(_change(r) for r in _targets(x["evaluation"])) + ".")
     if "random" in b:
         parts.append(f"Random components ({b['random']['draws']} draws of {b['random']['method']}): " + "; ".join(
             f"{k} change {v['located']:+.3g} beats {v['percentile']:.0f}% of draws (their median {v['median']:+.3g}, "
@@ -95,7 +103,9 @@ def baseline_figures(data: dict) -> list[dict]:
     b = data.get("baselines", {})
     for r in _targets(data["evaluation"]):
         labels, mean, lo, hi = ["plan"], [r["delta"]["mean"]], [r["delta"]["lo"]], [r["delta"]["hi"]]
-        for name, ev in (("control", data.get("control")), ("prompt", b.get("prompt", {}).get("evaluation"))):
+        others = [("control", data.get("control")), ("prompt", b.get("prompt", {}).get("evaluation")),
+                  *((x["method"], x["evaluation"]) for x in b.get("methods", []))]
+        for name, ev in others:
             row = next((x for x in (ev or {}).get("rows", []) if x["id"] == r["id"]), None)
             if row is not None:
                 labels.append(name)
@@ -110,8 +120,8 @@ def baseline_figures(data: dict) -> list[dict]:
             hi.append(rnd["max"])
         if len(labels) > 1:
             figs.append({"kind": "bars", "id": f"baselines-{r['id']}", "title": f"Change of {r['id']}: plan vs baselines",
-                         "caption": "Plan, control and prompt: change with its 95% CI; random draws: median change with "
-                                    "the range over draws.", "labels": labels, "ylabel": "change (after - before)",
+                         "caption": "Plan, control, prompt and other methods: change with its 95% CI; random draws: "
+                                    "median change with the range over draws.", "labels": labels, "ylabel": "change (after - before)",
                          "series": [{"name": "change", "mean": mean, "lo": lo, "hi": hi}]})
     return figs
 

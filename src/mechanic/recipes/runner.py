@@ -224,17 +224,28 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
                 run_method("control", {**steered, "seed": i, "dir": sub}, spec)
             yield Plan.load(sub / "plan.safetensors")
 
+    method_dirs, mkeys = [], []
+    for spec in recipe.baselines.methods:       # other methods on the same inputs, each its own cached stage
+        mkey = key_of(base, "method", spec.model_dump(), lkey)
+        _, mdir = R.stage(f"baseline-{spec.method}", mkey, f"Baseline method: {spec.method}", guarded(
+            "baselines", (*held_in, "request"), lambda d, spec=spec: run_method("steer", {**steered, "dir": d}, spec)))
+        method_dirs.append((spec, mdir))
+        mkeys.append(mkey)
+
     def evaluation(d: Path) -> StageOut:
         plan = Plan.load(steer_dir / "plan.safetensors")
         cplan = Plan.load(control_dir / "plan.safetensors") if control_dir is not None else None
+        others = [(spec.method, spec.model_dump(exclude={"method"}), Plan.load(mdir / "plan.safetensors"))
+                  for spec, mdir in method_dirs]
         with reading("evaluate", None, reads):      # measures load their rows here (refusal: the test split)
             res = run_evaluation(recipe, m, recipe_measures(recipe.evaluate, m, eval_task), plan, cplan,
-                                 (lambda: random_plans(d)) if random_spec else None)
+                                 (lambda: random_plans(d)) if random_spec else None, others)
         write_text(d / "evaluation.json", json.dumps(res.data, indent=1))
         return res
 
-    ekey = key_of(base, "evaluate", recipe.evaluate.model_dump(), recipe.baselines.model_dump(),
-                  file_digest(recipe.evaluate.task), skey, ckey, None if random_spec is None else random_spec.model_dump())
+    baselines = recipe.baselines.model_dump(exclude=set() if recipe.baselines.methods else {"methods"})  # old keys kept
+    ekey = key_of(base, "evaluate", recipe.evaluate.model_dump(), baselines, file_digest(recipe.evaluate.task), skey,
+                  ckey, None if random_spec is None else random_spec.model_dump(), *mkeys)
     ev_out, _ = R.stage("evaluate", ekey, "Improve: before / after evaluation with baselines", evaluation)
     data = ev_out.data
     results = {"mechanic": mechanic.__version__, "recipe": recipe.model_dump(mode="json"),

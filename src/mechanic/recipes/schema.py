@@ -88,10 +88,12 @@ class RandomSpec(MethodSpec):
 
 
 class BaselinesSpec(Strict):
-    """Baselines evaluated beside the plan on the same test split: a prompt prefix and random components."""
+    """Baselines evaluated beside the plan on the same test split: a prompt prefix, random components, and other
+    steer methods on the same inputs (e.g. MEMIT, ROME, FT-L and LoRA beside AlphaEdit), each with its own verdict."""
 
     prompt: str | None = None       # an instruction or few-shot prefix asking for the target behaviour
     random: RandomSpec | None = None
+    methods: list[MethodSpec] = []
 
 
 class SelectSpec(Strict):

@@ -70,6 +70,10 @@ def baselines_cell(r: dict) -> str:
         row = next((x for x in (ev or {}).get("rows", []) if x["id"] == first), None)
         if row is not None:
             out.append(f"{name}: {_change(row)} ({label})")
+    for x in (r.get("baselines") or {}).get("methods", []):
+        row = next((y for y in x["evaluation"]["rows"] if y["id"] == first), None)
+        if row is not None:
+            out.append(f"{x['method']}: {_change(row)} ({x['verdict']['label']})")
     rnd = (r.get("baselines") or {}).get("random", {}).get("rows", {}).get(first)
     if rnd:
         out.append(f"random x{len(rnd['draws'])}: median change {rnd['median']:+.3g}, plan beats {rnd['percentile']:.0f}%")
@@ -165,6 +169,10 @@ def digest(r: dict) -> str:
     if p:
         lines += [f"Prompting baseline (prefix {p['prefix']!r}): **{p['verdict']['label']}**.", "",
                   *_rows(p["evaluation"], ("target",)), ""]
+    for x in (r.get("baselines") or {}).get("methods", []):
+        costs = ", ".join(x["verdict"]["costs"]) or "none"
+        lines += [f"Baseline method `{x['method']}` ({x['settings']}): **{x['verdict']['label']}** (costs: {costs}).",
+                  "", *_rows(x["evaluation"], ("target",)), ""]
     return "\n".join(lines)
 
 
