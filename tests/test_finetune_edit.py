@@ -79,6 +79,20 @@ def test_ft_raises_the_target_within_the_bound_on_one_parameter(tiny, tmp_path):
         assert all(torch.equal(after[n], p) for n, p in weights(m).items())
 
 
+def test_training_loss_is_the_targets_mean_nll(word_tokenizer):
+    from mechanic.steer.finetune import forward, requests, target_nll
+
+    m = worded("gpt2", word_tokenizer)
+    facts = FACTS[:3]
+    inputs, reads = requests(m, facts)
+    with torch.no_grad():
+        got = float(target_nll(forward(m, inputs), reads, len(facts)))
+    n_tokens = torch.tensor([len(m.tokenizer(f.target_new, add_special_tokens=False)["input_ids"]) for f in facts])
+    assert n_tokens.max() > 1   # a multi-token target, so the per-target mean matters
+    ref = float((-new_logprobs(m, facts) / n_tokens).mean())   # edit_metrics' own teacher forcing
+    assert abs(got - ref) < 1e-4
+
+
 def test_clamp_linf_is_exact_in_float64():
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(200, 300, generator=g)

@@ -88,9 +88,10 @@ def requests(model, facts: list[Fact]):
 def target_nll(logits: torch.Tensor, reads: torch.Tensor, n_facts: int) -> torch.Tensor:
     """The new targets' NLL: mean over each target's tokens, then over the facts."""
     logp = torch.log_softmax(logits.float(), -1)
+    reads = reads.to(logp.device)
     tok_nll = -logp[reads[:, 0], reads[:, 1], reads[:, 2]]
-    per_fact = torch.zeros(n_facts).index_add(0, reads[:, 0], tok_nll)
-    counts = torch.zeros(n_facts).index_add(0, reads[:, 0], torch.ones_like(tok_nll))
+    per_fact = torch.zeros(n_facts, device=logp.device).index_add(0, reads[:, 0], tok_nll)
+    counts = torch.zeros(n_facts, device=logp.device).index_add(0, reads[:, 0], torch.ones_like(tok_nll))
     return (per_fact / counts).mean()
 
 
