@@ -55,8 +55,10 @@ def down_name(m, layer: int) -> str:
 def test_ft_raises_the_target_within_the_bound_on_one_parameter(tiny, tmp_path):
     m = tiny
     if m.hf.config.model_type in ALL_MOE:   # a real reason: every layer is a mixture of experts, no dense down_proj
-        with pytest.raises(PlanError, match="mixtures of experts"):
+        with pytest.raises(PlanError, match="every layer of this model is a mixture of experts"):
             ft(m, FACTS[:2], 1)
+        with pytest.raises(PlanError, match="every layer of this model is a mixture of experts"):
+            ft(m, FACTS[:2])   # before any tracing
         return
     before, fp = weights(m), m.fingerprint
     lp0 = new_logprobs(m, FACTS[:2])
@@ -112,7 +114,7 @@ def test_lora_delta_equals_hand_written_and_peft_merge(tiny):
 
     m = tiny
     if m.hf.config.model_type in ALL_MOE:
-        with pytest.raises(PlanError, match="mixtures of experts"):
+        with pytest.raises(PlanError, match="every layer of this model is a mixture of experts"):
             lora(m, FACTS[:2], 1)
         return
     before, fp = weights(m), m.fingerprint
@@ -198,12 +200,15 @@ def test_bad_settings_are_one_paragraph(word_tokenizer):
         with pytest.raises(PlanError, match="eps must be a positive") as e:
             ft(m, FACTS[:1], 1, eps=eps)
         paragraph(e)
-    for layer in (3, -1, [0, 7]):
+    for layer in (3, -1, [0, 7], "two"):
         with pytest.raises(PlanError, match="layers 0..2") as e:
             ft(m, FACTS[:1], layer)
         paragraph(e)
     with pytest.raises(PlanError, match="layers 0..2") as e:
         lora(m, FACTS[:1], 9)
+    paragraph(e)
+    with pytest.raises(PlanError, match=r"layer\(s\) \[0\] are mixtures of experts. Choose a dense layer \(1\)") as e:
+        ft(worded("qwen2_moe", word_tokenizer), FACTS[:1], 0)
     paragraph(e)
     with pytest.raises(PlanError, match="steps must be") as e:
         ft(m, FACTS[:1], 1, steps=0)

@@ -37,7 +37,12 @@ def as_facts(facts, what: str) -> list[Fact]:
 def edit_layers(model, layers, facts: list[Fact], what: str) -> tuple[list[int], bool]:
     """The layers to train (given, or the one causal tracing averaged over `facts` chooses) and whether traced;
     each must exist and have a dense MLP."""
-    traced = layers is None
+    n = model.dims.n_layers
+    dense = [L for L in range(n) if not model.is_moe(L)]
+    if not dense:
+        raise PlanError(f"{what} trains a dense MLP's down-projection, but every layer of this model is a mixture "
+                        "of experts (none has one); use a dense model.")
+    given, traced = layers, layers is None
     if traced:
         layers = [trace_layers(model, facts)[0]]
     elif isinstance(layers, int) and not isinstance(layers, bool):
@@ -46,17 +51,15 @@ def edit_layers(model, layers, facts: list[Fact], what: str) -> tuple[list[int],
         layers = sorted({int(x) for x in layers if not isinstance(x, bool) and int(x) == x})
     except (TypeError, ValueError):
         layers = []
-    n = model.dims.n_layers
     bad = [L for L in layers if not 0 <= L < n]
     if not layers or bad:
-        raise PlanError(f"{what} cannot train layer(s) {bad or layers!r}: this model has layers 0..{n - 1}. Give "
+        raise PlanError(f"{what} cannot train layer(s) {bad or given!r}: this model has layers 0..{n - 1}. Give "
                         "a layer index in that range (or a list of them), or None for the layer causal tracing "
                         "chooses (the one ROME would edit).")
     moe = [L for L in layers if model.is_moe(L)]
     if moe:
-        dense = [L for L in range(n) if not model.is_moe(L)]
         raise PlanError(f"{what} trains a dense MLP's down-projection, but layer(s) {moe} are mixtures of experts. "
-                        f"Choose a dense layer ({', '.join(map(str, dense)) or 'this model has none'}).")
+                        f"Choose a dense layer ({', '.join(map(str, dense))}).")
     return layers, traced
 
 
