@@ -14,16 +14,26 @@ from mechanic.cli.common import app, console, emit_json, user_errors
 def _run(recipe: str, out: Path, size: Optional[str], model: Optional[str], reuse: bool, as_json: bool) -> dict:
     """Execute a recipe with a progress bar over its stages; print the verdict and where the report is."""
     from rich.markup import escape
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from mechanic.progress import reporting
     from mechanic.recipes import recipe_path
     from mechanic.recipes.runner import run
     from mechanic.report import build_report
 
     path = recipe_path(recipe)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
-                  disable=as_json, transient=False) as bar:
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console, disable=as_json, transient=False) as bar:
         job = bar.add_task(f"{path.stem}: loading", total=5)
+        inner = bar.add_task("", total=None, visible=False)     # the running loop inside a stage, with its ETA
+
+        def loop(desc: str, done: int, total, info: dict) -> None:
+            extra = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+            text = escape(f"  {desc}" + (f"  ({extra})" if extra else ""))
+            if done == 0:      # a new loop: its own clock, so the ETA is this loop's
+                bar.reset(inner, total=total, visible=True, description=text)
+            else:
+                bar.update(inner, completed=done, total=total, description=text)
 
         def log(msg: str) -> None:
             if msg.startswith("[") and (" ..." in msg or "reused" in msg or "done in" in msg):
@@ -35,7 +45,9 @@ def _run(recipe: str, out: Path, size: Optional[str], model: Optional[str], reus
             if not as_json:
                 bar.console.print(f"[dim]{escape(msg)}[/]", highlight=False)
 
-        results = run(path, out, size=size, model=model, reuse=reuse, log=log, report=build_report)
+        with reporting(loop):
+            results = run(path, out, size=size, model=model, reuse=reuse, log=log, report=build_report)
+        bar.update(inner, visible=False)
         bar.update(job, completed=5, description=f"{path.stem}: done")
     return results
 

@@ -31,6 +31,7 @@ from mechanic.features.errors import FeaturesError
 from mechanic.features.hooknames import site_width
 from mechanic.features.saelens import save
 from mechanic.features.trainer import DictConfig, Trainer
+from mechanic.progress import counter
 
 __all__ = ["DictConfig", "train"]
 
@@ -83,7 +84,8 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
     for _ in range(windows_read):   # deterministic re-read up to where the checkpoint stopped
         if next(stream, None) is None:
             raise FeaturesError("The text is shorter than when the checkpoint was written; it changed.")
-    bar = _bar(tokens, seen, progress)
+    bar = counter(f"training {len(trainers)} dictionar{'y' if len(trainers) == 1 else 'ies'}", tokens, show=progress,
+                  unit="tok", initial=seen)
     t0, last_ckpt = time.perf_counter() - elapsed, seen
     exhausted = False
     while seen < tokens and not exhausted:
@@ -111,17 +113,14 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
                 on_step(row)
             if len(log) == 0 or seen - log[-1]["tokens"] >= max(batch_size, tokens // 200) or seen >= tokens:
                 log.append(row)
-            if bar is not None:
-                s = trainers[0].stats
-                bar.update(batch_size)
-                bar.set_postfix_str(f"{rate:,.0f} tok/s  FVU {s['fvu']:.3f}  L0 {s['l0']:.1f}  dead {s['dead']:.2f}")
+            s = trainers[0].stats
+            bar.update(batch_size, tok_s=round(rate), fvu=s["fvu"], l0=s["l0"], dead=s["dead"])
             if seen >= tokens:
                 break
         if checkpoint_every and seen - last_ckpt >= checkpoint_every and seen < tokens:
             _checkpoint(ckpt, settings, trainers, buffer, gen, seen, windows_read, log, time.perf_counter() - t0)
             last_ckpt = seen
-    if bar is not None:
-        bar.close()
+    bar.close()
     if seen < tokens and progress:
         print(f"note: the text ran out after {seen:,} of {tokens:,} tokens; training stopped there.")
     done = [t.finished() for t in trainers]
@@ -135,14 +134,6 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
     if ckpt.exists():
         shutil.rmtree(ckpt)
     return done
-
-
-def _bar(total: int, initial: int, show: bool):
-    if not show:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="training", dynamic_ncols=True)
 
 
 def _checkpoint(ckpt: Path, settings, trainers, buffer, gen, seen, windows_read, log, elapsed) -> None:

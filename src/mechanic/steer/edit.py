@@ -23,6 +23,7 @@ import torch
 
 from mechanic.locate.scores import Scores
 from mechanic.model.interventions import add
+from mechanic.progress import track
 from mechanic.steer.plan import Plan, PlanError, WeightEdit
 from mechanic.steer.stats import second_moments
 
@@ -142,7 +143,7 @@ def _optimise(model, fact: Fact, prefixes: list[str], site: str, scale_ref: floa
     opt = torch.optim.Adam([delta], lr=lr)
     losses = []
     limit = clamp * scale_ref
-    for _ in range(steps):
+    for _ in track(range(steps), f"optimising {fact.subject!r} -> {fact.target_new.strip()!r}", unit="step"):
         opt.zero_grad()
         parts = {}
 
@@ -200,7 +201,8 @@ def trace_layers(model, facts: list[Fact], samples: int = 5) -> tuple[int, torch
     layers once per model this way), and the mean effect per layer [n_layers]."""
     if not facts:
         raise PlanError("Averaged tracing needs at least one Fact (the train split of the facts to edit).")
-    mean = torch.stack([trace_layer(model, f, samples)[1].values[:, 0] for f in facts]).mean(0)
+    mean = torch.stack([trace_layer(model, f, samples)[1].values[:, 0]
+                        for f in track(facts, f"causal tracing of {len(facts)} facts", unit="fact")]).mean(0)
     dense = [L for L in range(model.dims.n_layers) if not model.is_moe(L)]
     return max(dense, key=lambda L: float(mean[L])), mean
 

@@ -17,6 +17,7 @@ import inspect
 import time
 from collections.abc import Callable
 
+from mechanic.progress import counter
 from mechanic.steer.alphaedit import NullSpaces, alphaedit
 from mechanic.steer.edit import Fact, _fact_dict, context_prefixes, layer_range, memit, rome, trace_layers
 from mechanic.steer.finetune import ft
@@ -81,13 +82,11 @@ def sequential(model, facts: list[Fact], method: str = "alphaedit", batch_size: 
     state = NullSpaces(options.get("threshold", 2e-2)) if method == "alphaedit" else None
     shared = {"prefixes": prefixes, "moments": moments, "seed": seed, **options}
     batches = [facts[i:i + batch_size] for i in range(0, len(facts), batch_size)]
-    bar = batches
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(batches, desc=f"{method} x{len(facts)}", unit="batch")
+    bar = counter(f"{method}: {len(facts)} facts in batches of {batch_size}", len(batches), show=progress,
+                  unit="batch")
     handles, touched, steps, curve = [], {}, [], []
     try:
-        for step, batch in enumerate(bar):
+        for step, batch in enumerate(batches):
             start = time.perf_counter()
             plans = []
             for part in ([[f] for f in batch] if method == "rome" else [batch]):  # ROME: one fact after the other
@@ -108,11 +107,11 @@ def sequential(model, facts: list[Fact], method: str = "alphaedit", batch_size: 
             if on_batch is not None:
                 scores = on_batch(model, step, done)
                 curve.append({"step": step, "edits": len(done), **(scores or {})})
-                if progress:
-                    bar.set_postfix(_numbers(scores))
+            bar.update(1, **_numbers(scores if on_batch is not None else {}))
         params = dict(model.hf.named_parameters())
         final = {name: params[name].data.detach().clone() for name in touched}
     finally:
+        bar.close()
         for h in reversed(handles):
             h.undo()
     edits = [WeightEdit(name, value, note=f"{method}: {len(facts)} facts in batches of {batch_size}")

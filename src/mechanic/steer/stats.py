@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mechanic.files import atomic_path
+from mechanic.progress import track
 
 
 def _key(model, tokens: torch.Tensor, layer: int) -> Path:
@@ -63,10 +64,7 @@ def second_moments(model, layers, texts=None, *, max_tokens: int = 32768, seq_le
     count = 0
     wins = windows(model, tokens, seq_len=seq_len)
     chunks = list(batches(wins, batch_size))
-    if progress:
-        from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc="second moments")
-    for ids in chunks:
+    for ids in track(chunks, f"second moments of {len(todo)} layers", show=progress, unit="batch"):
         run = model.run(ids, cache=[f"L{L}.neuron" for L in todo], stop_at="auto")
         for L in todo:
             k = run[f"L{L}.neuron"].reshape(-1, d).double()
