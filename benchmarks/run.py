@@ -567,6 +567,8 @@ def sae_throughput_lines(r: dict | None, meta: dict) -> list[str]:
     lines = ["", "## SAE training throughput against SAELens, and memory as tokens grow", ""]
     if r is None:
         return lines + not_yet_run("sae_throughput")
+    if "error" in r:
+        return lines + [provenance(meta, "sae_throughput"), "", f"Failed: {' '.join(r['error'])}"]
     s = r["settings"]
     sl = r["e2e"].get("sae_lens", {})
     lines += [provenance(meta, "sae_throughput"), "",
