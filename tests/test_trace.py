@@ -1,5 +1,6 @@
-"""Causal tracing (ROME): the batched trace against a naive one-forward-per-restoration loop with plain torch
-hooks, subject lookup through tokenizer offsets, clear errors, and the known pattern on SmolLM2."""
+"""Causal tracing (ROME): the reuse-based trace against a naive one-forward-per-restoration loop with plain torch
+hooks and against the former full-forward batched trace (every architecture), subject lookup through tokenizer
+offsets, clear errors, and the known pattern on SmolLM2."""
 
 import time
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 import mechanic
-from mechanic.locate.trace import TraceError, _window, causal_trace, embedding_std, subject_positions
-from mechanic.testing.tiny import tiny_model
+from mechanic.locate.trace import TraceError, _window, causal_trace, embedding_std, last_logits, subject_positions
+from mechanic.model.interventions import add, replace
+from mechanic.testing.tiny import CONFIGS, tiny_model
 
 IDS = torch.randint(3, 101, (5,), generator=torch.Generator().manual_seed(3))
 SUBJECT = [1, 2]
@@ -69,6 +71,56 @@ def naive_trace(model, ids, answer, subject, kind, samples, noise_std, seed, win
             layers = range(max(0, l - win // 2), min(L, l - (-win // 2)))
             values[l, t] = sum(prob(s, [(j, t) for j in layers]) for s in range(samples)) / samples - p_noised
     return values, torch.softmax(clean, -1)[answer].item(), p_noised
+
+
+def full_forward_trace(model, ids, answer, subj, kind, samples, std, seed, window, layers=None, positions=None,
+                       batch_size=128):
+    """The former trace, kept as a reference: every restoration a full forward of the whole prompt (batched rows,
+    boolean row x position masks); returns (values [layers, positions], p_noised)."""
+    L, T, part = model.dims.n_layers, ids.numel(), {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}[kind]
+    win = 1 if kind == "hidden" else window
+    layers = list(range(L)) if layers is None else layers
+    positions = list(range(T)) if positions is None else positions
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randn(samples, len(subj), model.dims.d_model, generator=g) * std
+    need = sorted({j for l in layers for j in _window(l, win, L)})
+    clean = model.run(ids[None], cache=[f"L{j}.{part}" for j in need])
+    units = [None] + [(l, t) for l in layers for t in positions if t >= min(subj)]
+    per, probs = max(1, batch_size // samples), {}
+    for chunk in [units[i:i + per] for i in range(0, len(units), per)]:
+        B = len(chunk) * samples
+        ivs, masks = [add("embed", draws.repeat(len(chunk), 1, 1), pos=subj)], {}
+        for u, unit in enumerate(chunk):
+            for j in (_window(unit[0], win, L) if unit is not None else ()):
+                m = masks.setdefault(j, torch.zeros(B, T, dtype=torch.bool))
+                m[u * samples:(u + 1) * samples, unit[1]] = True
+        for j, m in sorted(masks.items()):
+            ivs.append(replace(f"L{j}.{part}", clean[f"L{j}.{part}"][0, m.nonzero()[:, 1]], pos=m))
+        p = torch.softmax(last_logits(model, ids[None].expand(B, T), ivs).float(), -1)[:, answer]
+        probs.update(zip(chunk, p.view(len(chunk), samples).mean(1).tolist()))
+    values = torch.zeros(len(layers), len(positions))
+    for a, l in enumerate(layers):
+        for b, t in enumerate(positions):
+            if t >= min(subj):
+                values[a, b] = probs[(l, t)] - probs[None]
+    return values, probs[None]
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_trace_equals_full_forward_trace_every_arch(arch):
+    """Reusing the noised run's prefix and lower layers changes nothing: every kind, every architecture."""
+    m = load(arch)
+    answer = int(m.run(IDS[None]).logits[0, -1].argmax())
+    std = 3 * embedding_std(m)
+    worst, moved = 0.0, 0.0
+    for kind, subj in [("hidden", [1, 2]), ("mlp", [0, 3]), ("attn", [2])]:
+        s = causal_trace(m, IDS, answer, subj, kind, samples=3, window=2, seed=5, batch_size=7)
+        ref, p_noised = full_forward_trace(m, IDS, answer, subj, kind, 3, std, 5, 2)
+        worst = max(worst, (s.values - ref).abs().max().item(), abs(s.settings["p_noised"] - p_noised))
+        moved = max(moved, ref.abs().max().item())
+    assert worst <= 1e-5
+    assert moved > 1e-2  # the check is not vacuous
+    assert m.hook_count() == 0 and not any("forward" in layer.__dict__ for layer in m.layers)
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", "hidden"), ("llama", "mlp"), ("llama", "attn"),
@@ -241,3 +293,17 @@ def test_great_wall_last_subject_token_on_smollm2(smollm2):
     L = smollm2.dims.n_layers
     assert int(wall.argmax()) < 2 * L // 3 and wall.max() > 0.3 * gap
     assert wall[-3:].max() < 0.2 * wall.max() and last[-5:].min() > 0.5 * gap
+
+
+@pytest.mark.real
+def test_trace_equals_full_forward_trace_on_smollm2(smollm2):
+    """On the real model too: an MLP trace (window 10) at the subject's last token and the last token."""
+    prompt, subject = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+    ids = torch.tensor(smollm2.tokenizer(prompt)["input_ids"])
+    subj = subject_positions(smollm2, prompt, subject)
+    answer = smollm2.tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
+    s = causal_trace(smollm2, prompt, answer, subject, "mlp", samples=3, positions=[subj[-1], -1])
+    ref, p_noised = full_forward_trace(smollm2, ids, answer, subj, "mlp", 3, s.settings["noise_std"], 0, 10,
+                                       positions=[subj[-1], ids.numel() - 1])
+    assert (s.values - ref).abs().max().item() <= 1e-5 and abs(s.settings["p_noised"] - p_noised) <= 1e-5
+    assert ref.abs().max().item() > 0.1

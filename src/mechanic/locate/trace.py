@@ -12,10 +12,13 @@ set). Then one clean state is restored in every noised run:
   j in [l - window//2, l + window - window//2), clipped at both ends (ROME's window).
 
 P is the answer's softmax probability at the last position, averaged over the noise samples. The
-indirect effect of (l, i) is P_restored - P_noised. Restorations run in batches: one forward row per
-(restoration, noise sample), each row with its own restore (boolean row x position masks), and only
-the last position's logits are computed. Tokens before the first subject token see no noise, so
-restoring them changes nothing: their effect is 0 by construction and they are not run.
+indirect effect of (l, i) is P_restored - P_noised. Tokens before the first subject token see no noise,
+so restoring them changes nothing: their effect is 0 by construction and they are not run.
+
+Fast by construction (mechanic.model.reuse, as activation patching): the noised runs (one row per
+sample) are recorded once with their key/value cache; a restoration at token i from layer l on changes
+neither the columns before i nor the layers below l, so each restoration is one batch row that computes
+columns i.. from its lowest restored layer up, and only the last position's logits.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from mechanic.locate.scores import Scores
 from mechanic.model.interventions import add, replace
+from mechanic.model.reuse import prefix, suffix_logits
 
 KINDS = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 
@@ -145,6 +149,20 @@ def _window(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
+def _prob(logits: torch.Tensor, answer: int) -> torch.Tensor:
+    """The answer's softmax probability per row of last-position logits [B, vocab]."""
+    return torch.softmax(logits.float(), -1)[:, answer].cpu()
+
+
+def _plan(units: list, samples: int, batch_size: int, low) -> list:
+    """Forwards of at most batch_size rows ((layer, position), sample): one restored column each, by start layer."""
+    plan = []
+    for t in sorted({t for _, t in units}):
+        rows = sorted(((u, s) for u in units if u[1] == t for s in range(samples)), key=lambda r: low(r[0][0]))
+        plan += [(t, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    return plan
+
+
 def causal_trace(model, prompt, answer, subject, kind: str = "hidden", *, samples: int = 10,
                  noise: float = 3.0, noise_std: float | None = None, window: int = 10, seed: int = 0,
                  layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
@@ -197,40 +215,36 @@ def causal_trace(model, prompt, answer, subject, kind: str = "hidden", *, sample
     clean = model.run(ids, cache=[f"L{j}.{part}" for j in need])
     p_clean = float(torch.softmax(clean.logits[0, -1].float(), -1)[ans])
 
-    # one unit per (layer, position) worth running; the noised baseline is unit None
+    # noised runs, one row per sample: P_noised, and the prefix every restoration starts from
+    base = prefix(model, ids.expand(samples, T), interventions=[add("embed", draws, pos=subj)])
+    p_noised = float(_prob(base.logits, ans).mean())
+
+    # one row per (layer, position, sample) worth running, in forwards that share a start column
     first = min(subj)
     units = [(l, t) for l in layer_list for t in pos_list if t >= first]
-    work: list = [None] + units
-    per = max(1, batch_size // samples)
-    probs: dict = {}
-    chunks = [work[i:i + per] for i in range(0, len(work), per)]
+    chunks = _plan(units, samples, batch_size, lambda l: min(_window(l, win, n_layers)))
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc=f"causal trace ({kind})")
-    for chunk in chunks:
-        B = len(chunk) * samples
-        ivs = [add("embed", draws.repeat(len(chunk), 1, 1), pos=subj)]
-        masks: dict[int, torch.Tensor] = {}
-        for u, unit in enumerate(chunk):
-            if unit is None:
-                continue
-            l, t = unit
-            for j in _window(l, win, n_layers):
-                m = masks.setdefault(j, torch.zeros(B, T, dtype=torch.bool, device=model.device))
-                m[u * samples:(u + 1) * samples, t] = True
-        for j, m in sorted(masks.items()):
-            cols = m.nonzero()[:, 1]  # row-major order, as m selects
-            ivs.append(replace(f"L{j}.{part}", clean[f"L{j}.{part}"][0, cols], pos=m))
-        logits = last_logits(model, ids.expand(B, T), ivs)
-        p = torch.softmax(logits.float(), -1)[:, ans].view(len(chunk), samples).mean(1)
-        for unit, v in zip(chunk, p.tolist()):
-            probs[unit] = v
-    p_noised = probs[None]
+    probs = {u: torch.zeros(samples) for u in units}
+    for t, chunk in chunks:
+        rows = torch.tensor([s for _, s in chunk], device=model.device)
+        start = torch.tensor([min(_window(l, win, n_layers)) for (l, _), _ in chunk])
+        ivs = []
+        later = [k for k, q in enumerate(subj) if q >= t]  # subject tokens the suffix still holds: noised
+        if later:
+            ivs.append(add("embed", draws[rows][:, later], pos=[subj[k] - t for k in later]))
+        for j in sorted({j for (l, _), _ in chunk for j in _window(l, win, n_layers)}):
+            hit = [r for r, ((l, _), _) in enumerate(chunk) if j in _window(l, win, n_layers)]
+            ivs.append(replace(f"L{j}.{part}", clean[f"L{j}.{part}"][0, t], pos=0, rows=hit))
+        p = _prob(suffix_logits(model, base, rows, t, start, ivs), ans)
+        for (unit, s), v in zip(chunk, p):
+            probs[unit][s] = v
     values = torch.zeros(len(layer_list), len(pos_list))
     for a, l in enumerate(layer_list):
         for b, t in enumerate(pos_list):
             if t >= first:
-                values[a, b] = probs[(l, t)] - p_noised
+                values[a, b] = float(probs[(l, t)].mean()) - p_noised
 
     tokens = [_label(model, i) for i in ids[0].tolist()]
     settings = {

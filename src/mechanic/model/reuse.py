@@ -11,12 +11,16 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers import DynamicCache
 
 from mechanic.model.hooks import _Session
 from mechanic.model.interventions import Intervention
+
+
+_CACHE_ARGS = ("past_key_values", "layer_past", "past_key_value")  # a decoder layer's key/value cache argument
 
 
 @dataclass
@@ -31,11 +35,12 @@ class Prefix:
     cache: dict[str, torch.Tensor]  # any extra sites asked for
 
 
-def prefix(model, inputs, cache=()) -> Prefix:
-    """Run once with a key/value cache, every layer's output and the extra `cache` sites recorded."""
+def prefix(model, inputs, cache=(), interventions: Sequence[Intervention] = ()) -> Prefix:
+    """Run once with a key/value cache, every layer's output and the extra `cache` sites recorded; the
+    `interventions` (e.g. noise on the subject's embeddings) are part of this base run."""
     inputs = model.inputs(inputs)
     sites = [f"L{i}.resid_post" for i in range(model.dims.n_layers)]
-    session = _Session(model, sites + [s for s in cache if s not in sites], [])
+    session = _Session(model, sites + [s for s in cache if s not in sites], list(interventions))
     session.batch_size = inputs["input_ids"].shape[0]
     with session, torch.no_grad():
         out = model.hf(**inputs, use_cache=True)
@@ -82,16 +87,18 @@ def _replay(model, base: Prefix, rows: torch.Tensor, start: torch.Tensor, p: int
                 sig = inspect.signature(_orig)
                 bound = sig.bind(*args, **kwargs)
                 cache = None
+                # the layer's name for its cache argument (GPT-NeoX: layer_past)
+                name = next((n for n in _CACHE_ARGS if n in sig.parameters), "past_key_values")
                 if p > 0:  # this layer's earlier columns, for the active rows only
                     data = [(None, None)] * len(model.layers)
                     data[_i] = (base.keys[_i][rows[idx], :, :p], base.values[_i][rows[idx], :, :p])
                     cache = DynamicCache(ddp_cache_data=data)
-                    if "past_key_values" in sig.parameters:
-                        bound.arguments["past_key_values"] = cache
+                    if name in sig.parameters:
+                        bound.arguments[name] = cache
                 args = tuple(_sub(a, _a, R) if not isinstance(a, DynamicCache) else a for a in bound.args)
                 kwargs = {k: (v if isinstance(v, DynamicCache) else _sub(v, _a, R)) for k, v in bound.kwargs.items()}
-                if cache is not None and "past_key_values" not in sig.parameters:
-                    kwargs["past_key_values"] = cache
+                if cache is not None and name not in sig.parameters:
+                    kwargs[name] = cache
                 row_map = torch.full((R,), -1, dtype=torch.long)
                 row_map[idx] = torch.arange(len(idx))
                 session.row_map, session.batch_size = row_map, len(idx)
