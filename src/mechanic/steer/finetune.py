@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
+from mechanic.progress import track
 from mechanic.steer.edit import Fact, _fact_dict, _target_ids, trace_layers
 from mechanic.steer.plan import Plan, PlanError, WeightEdit
 
@@ -176,7 +177,7 @@ def ft(model, facts, layer: int | list[int] | None = None, *, eps: float = 5e-3,
         with torch.random.fork_rng(), trainable(model, [p for _, p in named]):
             torch.manual_seed(seed)
             opt = torch.optim.Adam([p for _, p in named], lr=lr)
-            for _ in range(steps):
+            for _ in track(range(steps), f"FT-L on {len(facts)} facts", unit="step"):
                 opt.zero_grad()
                 loss = target_nll(forward(model, inputs), reads, len(facts))
                 losses.append(float(loss.detach()))

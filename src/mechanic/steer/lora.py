@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from mechanic.progress import track
 from mechanic.steer.edit import _fact_dict
 from mechanic.steer.finetune import (STOP_LOSS, _positive, _steps, as_facts, down_param, edit_layers, forward,
                                      no_hooks, requests, target_nll, trainable)
@@ -58,7 +59,7 @@ def lora_factors(model, facts, layers: int | list[int] | None = None, *, rank: i
             for x in params:
                 x.requires_grad_(True)
             opt = torch.optim.Adam(params, lr=lr)
-            for _ in range(steps):
+            for _ in track(range(steps), f"LoRA on {len(facts)} facts", unit="step"):
                 opt.zero_grad()
                 loss = target_nll(forward(model, inputs), reads, len(facts))
                 losses.append(float(loss.detach()))
