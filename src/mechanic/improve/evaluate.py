@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mechanic import distributed as D
 from mechanic.improve import stats as S
 from mechanic.improve.measures import Measure
 
@@ -535,7 +536,39 @@ def _derived(m: Measure, metric: str, source: dict, b, a, how: str, seed, n_boot
 
 def collect_before(model, measures, seed: int = 0) -> dict:
     """Every measure's values with no plan: pass as evaluate(..., before=) to score many plans against one baseline."""
+    if D.active():
+        from mechanic.improve.parallel import spread_before
+
+        return spread_before(model, measures, seed, _collect)
     return {m.name: _collect(model, m, None, seed) for m in measures}
+
+
+def _collect_all(model, plan, measures, seed: int, given: dict | None):
+    """(before, after, seconds): every measure with the plan off (unless in `given`), then on."""
+    seconds: dict[str, dict[str, float]] = {m.name: {} for m in measures}
+    after: dict = {}
+    before: dict = {}
+    for m in measures:
+        if given is not None and m.name in given:
+            before[m.name] = given[m.name]
+            continue
+        t = time.perf_counter()
+        before[m.name] = _collect(model, m, None, seed)
+        seconds[m.name]["before"] = time.perf_counter() - t
+    if plan is None:
+        after = before
+    else:
+        prompted = isinstance(plan, Prompt)
+        with contextlib.nullcontext() if prompted else model.applied(plan):
+            for m in measures:
+                now = m.prefixed(plan.prefix) if prompted else m
+                if now is m and prompted:        # a prompt cannot reach raw prose: after is before, no second pass
+                    after[m.name] = before[m.name]
+                    continue
+                t = time.perf_counter()
+                after[m.name] = _collect(model, now, before[m.name], seed)
+                seconds[m.name]["after"] = time.perf_counter() - t
+    return before, after, seconds
 
 
 def evaluate(model, plan, measures, *, seed: int = 0, n_boot: int = 2000, level: float = 0.95,
@@ -558,29 +591,12 @@ def evaluate(model, plan, measures, *, seed: int = 0, n_boot: int = 2000, level:
         raise EvaluateError(f"Measure names must be unique (they prefix row ids); {dup} occur more than once. "
                             "Pass name= to tell them apart.")
     S._check_level(level, n_boot)
-    seconds: dict[str, dict[str, float]] = {m.name: {} for m in measures}
-    given, after = before, {}
-    before = {}
-    for m in measures:
-        if given is not None and m.name in given:
-            before[m.name] = given[m.name]
-            continue
-        t = time.perf_counter()
-        before[m.name] = _collect(model, m, None, seed)
-        seconds[m.name]["before"] = time.perf_counter() - t
-    if plan is None:
-        after = before
+    if D.active():      # torchrun: each measure collected by one rank, the values gathered (improve.parallel)
+        from mechanic.improve.parallel import spread
+
+        before, after, seconds = spread(model, plan, measures, seed, before, _collect_all)
     else:
-        prompted = isinstance(plan, Prompt)
-        with contextlib.nullcontext() if prompted else model.applied(plan):
-            for m in measures:
-                now = m.prefixed(plan.prefix) if prompted else m
-                if now is m and prompted:        # a prompt cannot reach raw prose: after is before, no second pass
-                    after[m.name] = before[m.name]
-                    continue
-                t = time.perf_counter()
-                after[m.name] = _collect(model, now, before[m.name], seed)
-                seconds[m.name]["after"] = time.perf_counter() - t
+        before, after, seconds = _collect_all(model, plan, measures, seed, before)
     rows, samples = [], []
     for m in measures:
         b, a = before[m.name], after[m.name]

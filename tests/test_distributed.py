@@ -1,0 +1,188 @@
+"""Data-parallel work over 2 gloo ranks on CPU equals the single-process run (max abs diff <= 1e-6).
+
+Two processes are spawned once per group of checks (torch.multiprocessing, a file store, 1 thread each);
+rank 0 saves what every entry point returned and the parent compares it with the same call in one process.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mechanic import distributed as D
+from mechanic.tasks import TaskBatch
+from mechanic.testing.tiny import left_padded, tiny_model
+
+TOL = 1e-6
+N = 5            # odd: the two shards have 3 and 2 examples
+
+
+def tiny_batch(model, n=N):
+    """n left-padded clean/corrupted prompts of different lengths with random answer and wrong tokens."""
+    lengths = [6, 5, 6, 4, 6, 5, 3][:n]
+    clean = model.inputs(left_padded(lengths, seed=1))
+    corr = model.inputs(left_padded(lengths, seed=2))
+    g = torch.Generator().manual_seed(3)
+    ans, wrong = torch.randint(3, 100, (n,), generator=g), torch.randint(3, 100, (n,), generator=g)
+    toks = [[f"t{i}" for i in range(6)]] * n
+    return TaskBatch(clean, corr, ans, wrong, toks)
+
+
+def locate_jobs():
+    """Every located Scores, by name, from the calls the test compares (run under 1 or 2 ranks)."""
+    import mechanic
+    from mechanic.locate.causal import patch
+    from mechanic.locate.gradient import atp, eap
+    from mechanic.locate.neurons import neuron_attribution
+    from mechanic.locate.parallel import parallel
+
+    m = mechanic.load(tiny_model("llama"))
+    b = tiny_batch(m)
+    out = {"patch_resid": parallel(patch, m, b, kind="resid_pre", positions="all", progress=False),
+           "patch_head_noise": parallel(patch, m, b, kind="head", positions=None, direction="noise", progress=False),
+           "patch_mean_ablation": parallel(patch, m, b, kind="mlp_out", positions=[-1], ablation="mean",
+                                           progress=False),
+           "eap": parallel(eap, m, b),
+           "eap_ig": parallel(eap, m, b, ig_steps=2)}
+    out.update({f"atp_{k}": v for k, v in parallel(atp, m, b, kind=["head", "resid_pre"], batch_size=2).items()})
+    out.update({f"neurons_{k}": v for k, v in parallel(neuron_attribution, m, b, kinds=["head", "neuron"]).items()})
+    out["shards"] = [D.bounds(b.n, r) for r in range(D.world())]
+    return out
+
+
+def evaluate_jobs():
+    """evaluate (plain, and with collect_before's values as the recipes call it) of an ablation on a worded tiny model."""
+    import mechanic
+    from conftest import build_word_tokenizer
+    from mechanic.improve.evaluate import (EditMeasure, FluencyMeasure, KLMeasure, PerplexityMeasure, TaskMeasure,
+                                           collect_before, evaluate)
+    from mechanic.steer.ablate import ablate
+    from mechanic.steer.edit import Fact
+    from mechanic.tasks.builtin import load_task
+
+    tok = build_word_tokenizer()
+    m = mechanic.load(tiny_model("qwen2", vocab_size=len(tok)), tokenizer=tok)
+    facts = [Fact("Paris is a city in the country of", "Paris", " Italy", " France",
+                  ("Paris is located in the country of",), ("Lyon is a city in the country of",)),
+             Fact("Toyota is a company from", "Toyota", " Germany", " Japan")]
+    measures = [TaskMeasure(load_task("facts", n=5)), EditMeasure(facts), PerplexityMeasure(max_tokens=192, seq_len=64),
+                KLMeasure(max_tokens=128, seq_len=64), FluencyMeasure(["The weather", "Once upon a time"],
+                                                                      max_new_tokens=6)]
+    plan = ablate(m, ["L1.mlp_out", "L2.head0"], "zero")
+    plain = evaluate(m, plan, measures, n_boot=200, n_perm=200).to_dict()
+    before = collect_before(m, measures)
+    staged = evaluate(m, plan, measures, n_boot=200, n_perm=200, before=before).to_dict()
+    return {"plain": plain, "staged": staged}
+
+
+def failing_job():
+    """Rank 1 raises; rank 0 would succeed."""
+    from mechanic import distributed as D
+
+    def work():
+        if D.rank() == 1:
+            raise ValueError("shard 1 has a broken example")
+        return 1
+    return D.run(work)
+
+
+JOBS = {"locate": locate_jobs, "evaluate": evaluate_jobs, "fail": failing_job}
+
+
+def _worker(rank, world, store, job, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result = JOBS[job]()
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(job, tmp_path, world=2):
+    """Run JOBS[job] on `world` gloo ranks; rank 0's result."""
+    store, out = tmp_path / f"store-{job}", tmp_path / f"{job}.pt"
+    mp.spawn(_worker, args=(world, str(store), job, str(out)), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def located(tmp_path_factory):
+    """(2 ranks, 1 process) results of locate_jobs."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    two = spawn("locate", tmp_path_factory.mktemp("dist"))
+    one = locate_jobs()
+    return two, one
+
+
+KEYS = ["patch_resid", "patch_head_noise", "patch_mean_ablation", "eap", "eap_ig", "atp_head", "atp_resid_pre",
+        "neurons_head", "neurons_neuron"]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_two_ranks_equal_one_process(located, key):
+    two, one = located
+    a, b = two[key], one[key]
+    assert a.sites == b.sites and a.positions == b.positions and a.method == b.method and a.task == b.task
+    assert a.values.shape == b.values.shape
+    assert (a.values - b.values).abs().max().item() <= TOL
+    assert b.values.abs().max().item() > 1e-3        # something was scored: zeros would match trivially
+    assert set(a.settings) == set(b.settings)
+    for k, v in b.settings.items():
+        if isinstance(v, float):
+            assert abs(a.settings[k] - v) <= TOL, k
+        else:
+            assert a.settings[k] == v, k
+
+
+def test_shards_are_uneven_contiguous_and_cover_every_example(located):
+    two, _ = located
+    assert two["shards"] == [(0, 3), (3, 5)]
+    assert [D.bounds(7, r, 3) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+    assert D.bounds(1, 1, 2) == (1, 1)       # more ranks than examples: an empty shard
+    assert D.shard(list(range(5)), 1, 2) == [3, 4]
+
+
+def same(a, b, where="") -> None:
+    """a equals b: floats within TOL, everything else exactly (timings aside)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            if k != "seconds":
+                same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert a == b or abs(a - b) <= TOL or (a != a and b != b), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_evaluate_on_two_ranks_equals_one_process(tmp_path):
+    two = spawn("evaluate", tmp_path)
+    one = evaluate_jobs()
+    for k in ("plain", "staged"):
+        same(two[k], one[k], k)
+        assert {r["measure"] for r in two[k]["rows"]} == {"facts", "edit", "perplexity", "kl", "fluency"}
+    assert one["plain"]["rows"][0]["delta"]["mean"] != 0      # the plan moves something
+    same(two["plain"]["rows"], two["staged"]["rows"])
+
+
+def test_a_rank_that_raises_is_named_in_the_parent(tmp_path):
+    with pytest.raises(Exception) as err:
+        spawn("fail", tmp_path)
+    text = str(err.value)
+    assert "rank 1 raised ValueError: shard 1 has a broken example" in text
+    assert "DistributedError" in text
+
+
+def test_single_process_calls_pass_through():
+    assert not D.is_distributed() and D.rank() == 0 and D.world() == 1 and D.is_main()
+    assert D.run(lambda: 7) == [7] and D.decide("x") == "x" and D.gather(3) == [3]
+    with pytest.raises(ValueError, match="plain"):
+        D.run(lambda: (_ for _ in ()).throw(ValueError("plain")))
