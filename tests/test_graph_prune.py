@@ -82,3 +82,15 @@ def test_tiny_model_graph_pruning():
     assert p.edge_mask[f].any(1).all() and p.edge_mask[:, f].any(0).all()     # kept features have edges both ways
     assert not p.edge_mask[~kept].any() and not p.edge_mask[:, ~kept].any()
     assert (p.edge_mask & (g.adjacency == 0)).sum() == 0
+
+
+def test_threshold_equals_sorting_every_score():
+    from mechanic.locate.graph.prune import threshold
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(500, generator=g) * (torch.rand(500, generator=g) < 0.3)
+    for fraction in (0.0, 0.3, 0.8, 0.98, 1.0):
+        s = scores.sort(descending=True).values                    # circuit-tracer's way: sort all, zeros too
+        cum = s.cumsum(0) / s.sum()
+        expected = s[min(int(torch.searchsorted(cum, torch.tensor(fraction))), len(s) - 1)]
+        assert threshold(scores, fraction) == expected

@@ -39,9 +39,9 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
     batch_size: target rows per backward pass (memory grows with it: the replacement runs on that many
     copies of the prompt).
     """
-    t0 = time.perf_counter()
+    clock = _Clock()
     rep = transcoders if isinstance(transcoders, Replacement) else Replacement(model, transcoders, prompt)
-    t_rep = time.perf_counter() - t0
+    clock.lap("replacement")
     m, L, P = model, model.dims.n_layers, rep.n_pos
     W_U = rep._unembed.weight.detach()
     logit_ids, probs = salient_logits(rep.hf_logits[-1], logit_mass, max_logits)
@@ -50,8 +50,8 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
 
     # nodes: features (layer, pos, feature), errors (layer, pos), tokens (pos), logits
     f_layer = torch.cat([torch.full((len(a.pos),), i, dtype=torch.long) for i, a in enumerate(rep.active)])
-    f_pos = torch.cat([a.pos for a in rep.active])
-    f_feat = torch.cat([a.feat for a in rep.active])
+    f_pos = torch.cat([a.pos.cpu() for a in rep.active])
+    f_feat = torch.cat([a.feat.cpu() for a in rep.active])
     F = len(f_layer)
     src = rep.sources
     N = F + L * P + P + K
@@ -61,7 +61,7 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
     feature = torch.cat([f_feat, torch.full((L * P,), -1), rep.ids.cpu(), logit_ids.cpu()])
     logit_value = rep.logits[-1, logit_ids] - rep.logits[-1].mean()
     value = torch.cat([*src.acts, torch.stack(src.errors).norm(dim=-1).flatten(), src.embed.norm(dim=-1),
-                       logit_value]).detach().float()
+                       logit_value]).detach().float().cpu()
 
     # targets: logits first (they read the last layer), then features from the top layer down
     order = [("logit", k) for k in range(K)] + [("feature", j) for j in torch.argsort(f_layer, descending=True,
@@ -77,9 +77,10 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
     leaves = src.leaves()
     values = Sources(leaves.embed.detach(), [a.detach() for a in leaves.acts], [e.detach() for e in leaves.errors])
     batched = leaves.expand(B)
-    t1 = time.perf_counter()
+    clock.lap("setup")
     with torch.enable_grad():
         trace = rep.run(batched)
+        clock.lap("forward")
         inputs = [batched.embed] + [a for a in batched.acts if a.shape[-1]] + batched.errors
         with_acts = [i for i, a in enumerate(batched.acts) if a.shape[-1]]
         for c in range(0, len(order), B):
@@ -113,7 +114,7 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
             if g_embed is not None:
                 row[:, F + L * P:F + L * P + P] = (g_embed[:n] * values.embed).sum(-1).float()
             adjacency[torch.tensor(rows)] = row
-    t_edges = time.perf_counter() - t1
+    clock.lap("backward")
 
     bias = torch.zeros(N)
     with torch.no_grad():
@@ -128,12 +129,30 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
     labels = _labels(m, kind, layer, pos, feature, probs)
     meta = {"model": m.name, "n_layers": L, "transcoders": [repr(d) if d is not None else None for d in rep.transcoders],
             "logit_mass": logit_mass, "max_logits": max_logits, "batch_size": B,
-            "seconds": {"replacement": round(t_rep, 3), "edges": round(t_edges, 3),
-                        "total": round(time.perf_counter() - t0, 3)}}
+            **clock.done()}
     tok = m.tokenizer
     prompt_text = prompt if isinstance(prompt, str) else (tok.decode(rep.ids.tolist()) if tok is not None else None)
     return Graph(kind, layer.int(), pos.int(), feature.long(), value, bias, adjacency, rep.ids.cpu(), logit_ids.cpu(),
                  probs.float().cpu(), labels, prompt_text, {}, meta)
+
+
+class _Clock:
+    """Wall and CPU seconds per phase (CPU time is the honest measure on a shared machine)."""
+
+    def __init__(self):
+        self.wall, self.cpu = {}, {}
+        self.t = self.t0 = (time.perf_counter(), time.process_time())
+
+    def lap(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.wall[name], self.cpu[name] = round(now[0] - self.t[0], 3), round(now[1] - self.t[1], 3)
+        self.t = now
+
+    def done(self) -> dict:
+        self.lap("bias")
+        now = (time.perf_counter(), time.process_time())
+        self.wall["total"], self.cpu["total"] = round(now[0] - self.t0[0], 3), round(now[1] - self.t0[1], 3)
+        return {"seconds": self.wall, "cpu_seconds": self.cpu}
 
 
 def _labels(model, kind, layer, pos, feature, probs) -> list[str]:

@@ -38,11 +38,20 @@ def influence(a_norm: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def threshold(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The smallest score among the largest scores that together hold `fraction` of the total."""
-    s = scores.sort(descending=True).values
+    """The smallest score among the largest scores that together hold `fraction` of the total.
+
+    Only the positive scores are sorted (after node pruning most edge scores are zero); a fraction the
+    positive scores do not reach (rounding at 1.0) gives 0, as sorting the zeros too would.
+    """
+    positive = scores[scores > 0]
+    if not len(positive):
+        return scores.new_zeros(())
+    s = positive.sort(descending=True).values
     cum = s.cumsum(0) / s.sum()
-    i = min(int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype))), len(s) - 1)
-    return s[i]
+    i = int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype)))
+    if i < len(s):
+        return s[i]
+    return scores.new_zeros(()) if len(positive) < scores.numel() else s[-1]
 
 
 @dataclass

@@ -230,11 +230,10 @@ class Replacement:
         d, act = self.transcoders[layer], self.active[layer]
         if d is None:
             return out.expand(x_in.shape[0], *out.shape[-2:]) if out.dim() == 2 else out
-        B, P = x_in.shape[0], x_in.shape[1]
-        U = act.rows.shape[0]
-        if U:
-            flat = x_in.new_zeros(B, P * U).index_copy(1, act.pos * U + act.inverse, acts)
-            out = out + flat.view(B, P, U) @ act.rows
+        if len(act.pos):   # each active feature adds a * its decoder row at its position (cheap in both directions)
+            rows = act.rows[act.inverse]
+            writes = x_in.new_zeros(x_in.shape[0], x_in.shape[1], rows.shape[-1])
+            out = out + writes.index_add(1, act.pos, acts[..., None] * rows)
         out = out + d.b_dec.detach().to(x_in.dtype)
         if d.W_skip is not None:
             out = out + x_in @ d.W_skip.detach().T.to(x_in.dtype)
@@ -266,8 +265,10 @@ class Replacement:
                     return y
                 hook(mod, norm, with_kwargs=True)
             for i in range(m.dims.n_layers):
-                def read(mod, args, kwargs, i=i):
-                    trace["mlp_in"][i] = _hidden(args, kwargs)
+                def read(mod, args, kwargs, i=i, skip=not m.is_moe(i)):
+                    x = trace["mlp_in"][i] = _hidden(args, kwargs)
+                    if skip:   # its output is replaced: run the real MLP on no positions (a dense MLP allows it)
+                        return _with_hidden(args, kwargs, x[:, :0])
                 def write(mod, args, out, i=i):
                     new = self.transcoder_write(i, trace["mlp_in"][i], sources.acts[i], sources.errors[i])
                     return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
