@@ -20,7 +20,8 @@ NODE = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_t
         "influence": (float, type(None)), "activation": (float, type(None))}
 LINK = {"source": str, "target": str, "weight": float}
 # Neuronpedia's graph-schema.json (apps/webapp/app/api/graph/graph-schema.json): what it requires
-NP_REQUIRED = {"root": ["metadata", "qParams", "nodes", "links"], "metadata": ["slug", "scan", "prompt_tokens", "prompt"],
+NP_REQUIRED = {"root": ["metadata", "qParams", "nodes", "links"],
+               "metadata": ["slug", "scan", "prompt_tokens", "prompt"],
                "node": ["node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp"],
                "link": ["source", "target", "weight"]}
 
@@ -126,6 +127,15 @@ def test_token_texts_from_tokenizer_or_labels(tiny, word_tokenizer):
     doc = graph_json.to_json(g, node_threshold=1.0, edge_threshold=1.0)
     assert doc["metadata"]["prompt_tokens"][0] == "a⏎b"
     assert doc["metadata"]["prompt_tokens"][1] == f"#{int(tiny.tokens[1])}"   # a label without text: the id
+
+
+def test_supernodes_saved_in_qparams(tiny):
+    doc = graph_json.to_json(tiny)
+    a, b = doc["nodes"][0]["node_id"], doc["nodes"][1]["node_id"]
+    doc = graph_json.to_json(tiny, supernodes=[["<b>group</b>", a, b]])
+    assert doc["qParams"]["supernodes"] == [["<b>group</b>", a, b]] and doc["qParams"]["pinnedIds"] == [a, b]
+    with pytest.raises(GraphError, match="not nodes of the exported graph"):
+        graph_json.to_json(tiny, supernodes=[["x", "99_99_99"]])
 
 
 def test_not_a_graph_is_one_clear_error():

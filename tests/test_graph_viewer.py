@@ -79,11 +79,12 @@ def pages_for(graph):
     for j, f in enumerate(feats):
         h = HOSTILE[j % len(HOSTILE)]
         out.append({"id": f, "contexts": [{"tokens": ["The", " cat", h, " sat"], "at": 2, "value": 1.5 + j}],
-                    "logits": {"promoted": [{"token": h, "logit": 0.7}], "suppressed": [{"token": " dog", "logit": -0.3}]}})
+                    "logits": {"promoted": [{"token": h, "logit": 0.7}],
+                               "suppressed": [{"token": " dog", "logit": -0.3}]}})
     return {0: {"features": out}}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def tiny(tmp_path_factory):
     _, _, g = graph_for("llama")
     g.scores = graph_scores(g)
@@ -98,106 +99,104 @@ def tiny(tmp_path_factory):
         yield {"page": page, "errors": errors, "graph": g, "data": graph_viewer.view_data(g, **kw), "path": path}
 
 
-def test_tiny_page_draws_every_node(tiny):
-    page, g = tiny["page"], tiny["graph"]
-    drawn = page.evaluate("() => window.__drawn")
-    assert tiny["errors"] == []
-    assert drawn["nodes"] == len(g) and drawn["frames"] >= 1
-    assert drawn["edges"] == expected(tiny["data"], 1.0, 0.98)[1] > 0
-    px = page.evaluate(PIXELS)
-    assert px["ok"] == len(g), px["bad"]
+class TestTinyGraph:
+    """A tiny model's graph with hostile labels, prompt and feature pages (one browser per class)."""
 
+    def test_tiny_page_draws_every_node(self, tiny):
+        page, g = tiny["page"], tiny["graph"]
+        drawn = page.evaluate("() => window.__drawn")
+        assert tiny["errors"] == []
+        assert drawn["nodes"] == len(g) and drawn["frames"] >= 1
+        assert drawn["edges"] == expected(tiny["data"], 1.0, 0.98)[1] > 0
+        px = page.evaluate(PIXELS)
+        assert px["ok"] == len(g), px["bad"]
 
-def test_hover_shows_that_nodes_details(tiny):
-    page, g, data = tiny["page"], tiny["graph"], tiny["data"]
-    for i in [0, 3, g.span("error").start + 2, g.span("token").start + 1, g.span("logit").start]:
-        page.mouse.move(*page.evaluate(f"() => window.__viewer.screenPos({i})"))
-        box = page.evaluate("() => ({node: document.getElementById('details').dataset.node,"
-                            " title: document.querySelector('#details h2').textContent,"
-                            " text: document.getElementById('details').innerText})")
-        assert box["node"] == str(i) and box["title"] == g.labels[i]
-        assert data["nodes"]["id"][i] in box["text"]
-    page.mouse.move(*page.evaluate("() => window.__viewer.screenPos(1)"))     # a feature with its page
-    text = page.evaluate("() => document.getElementById('details').innerText")
-    marked = page.evaluate("() => [...document.querySelectorAll('#details .ctx mark')].map(m => m.textContent)")
-    j = layer0_features(g).index(int(g.feature[1]))
-    assert marked == [HOSTILE[j % len(HOSTILE)]] and "promotes" in text.lower() and '" dog"' in text
+    def test_hover_shows_that_nodes_details(self, tiny):
+        page, g, data = tiny["page"], tiny["graph"], tiny["data"]
+        for i in [0, 3, g.span("error").start + 2, g.span("token").start + 1, g.span("logit").start]:
+            page.mouse.move(*page.evaluate(f"() => window.__viewer.screenPos({i})"))
+            box = page.evaluate("() => ({node: document.getElementById('details').dataset.node,"
+                                " title: document.querySelector('#details h2').textContent,"
+                                " text: document.getElementById('details').innerText})")
+            assert box["node"] == str(i) and box["title"] == g.labels[i]
+            assert data["nodes"]["id"][i] in box["text"]
+        page.mouse.move(*page.evaluate("() => window.__viewer.screenPos(1)"))     # a feature with its page
+        text = page.evaluate("() => document.getElementById('details').innerText")
+        marked = page.evaluate("() => [...document.querySelectorAll('#details .ctx mark')].map(m => m.textContent)")
+        j = layer0_features(g).index(int(g.feature[1]))
+        assert marked == [HOSTILE[j % len(HOSTILE)]] and "promotes" in text.lower() and '" dog"' in text
 
-
-def test_click_selects_and_highlights_its_edges(tiny):
-    page, data = tiny["page"], tiny["data"]
-    set_thresholds(page, 1.0, 0.98)
-    i = 2
-    page.mouse.click(*page.evaluate(f"() => window.__viewer.screenPos({i})"))
-    e = data["edges"]
-    want = sum((s == i or t == i) and c < 0.98 for s, t, c in zip(e["src"], e["dst"], e["c"]))
-    assert page.evaluate("() => window.__viewer.selected()") == [i]
-    assert page.evaluate("() => window.__drawn.highlighted") == want > 0
-    page.mouse.click(*empty_spot(page))               # empty canvas: clears the selection
-    assert page.evaluate("() => window.__viewer.selected()") == []
-    assert page.evaluate("() => window.__drawn.highlighted") == 0
-
-
-def test_sliders_prune_what_is_drawn(tiny):
-    page, data = tiny["page"], tiny["data"]
-    full = set_thresholds(page, 1.0, 0.98)
-    fewer_edges = set_thresholds(page, 1.0, 0.5)
-    assert fewer_edges["edges"] == expected(data, 1.0, 0.5)[1] < full["edges"]
-    fewer_nodes = set_thresholds(page, 0.5, 0.98)
-    assert (fewer_nodes["nodes"], fewer_nodes["edges"]) == expected(data, 0.5, 0.98)
-    assert fewer_nodes["nodes"] < full["nodes"]
-    stats = page.evaluate("() => document.getElementById('stats').textContent")
-    assert f"shown {fewer_nodes['nodes']} nodes, {fewer_nodes['edges']} edges" in stats
-    back = set_thresholds(page, 1.0, 0.98)
-    assert (back["nodes"], back["edges"]) == (full["nodes"], full["edges"])
-
-
-def test_supernodes_group_and_ungroup(tiny):
-    page, data = tiny["page"], tiny["data"]
-    before = set_thresholds(page, 1.0, 0.98)
-    members = [4, 5, 6]
-    page.mouse.click(*empty_spot(page))
-    page.keyboard.down("Shift")
-    for i in members:
+    def test_click_selects_and_highlights_its_edges(self, tiny):
+        page, data = tiny["page"], tiny["data"]
+        set_thresholds(page, 1.0, 0.98)
+        i = 2
         page.mouse.click(*page.evaluate(f"() => window.__viewer.screenPos({i})"))
-    page.keyboard.up("Shift")
-    assert sorted(page.evaluate("() => window.__viewer.selected()")) == members
-    page.fill("#supernode-name", HOSTILE[1])
-    page.click("#group-button")
-    drawn = page.evaluate("() => ({...window.__drawn})")
-    assert drawn["supernodes"] == 1 and drawn["nodes"] == before["nodes"] - len(members)
-    assert (drawn["nodes"], drawn["edges"]) == expected(data, 1.0, 0.98, [members])
-    assert page.evaluate("() => document.querySelector('#supernodes .name').textContent") == HOSTILE[1]
-    ids = [data["nodes"]["id"][i] for i in members]
-    assert json.loads(page.evaluate("() => document.getElementById('supernodes-json').textContent")) == [[HOSTILE[1], *ids]]
-    n = len(tiny["graph"])
-    page.mouse.move(*page.evaluate(f"() => window.__viewer.screenPos({n})"))
-    assert page.evaluate("() => document.querySelector('#details h2').textContent") == HOSTILE[1]
-    assert page.evaluate(f"() => window.__viewer.screenPos({members[0]})") is None
-    page.click("#supernodes button")
-    after = page.evaluate("() => ({...window.__drawn})")
-    assert after["supernodes"] == 0 and (after["nodes"], after["edges"]) == (before["nodes"], before["edges"])
+        e = data["edges"]
+        want = sum((s == i or t == i) and c < 0.98 for s, t, c in zip(e["src"], e["dst"], e["c"]))
+        assert page.evaluate("() => window.__viewer.selected()") == [i]
+        assert page.evaluate("() => window.__drawn.highlighted") == want > 0
+        page.mouse.click(*empty_spot(page))               # empty canvas: clears the selection
+        assert page.evaluate("() => window.__viewer.selected()") == []
+        assert page.evaluate("() => window.__drawn.highlighted") == 0
 
+    def test_sliders_prune_what_is_drawn(self, tiny):
+        page, data = tiny["page"], tiny["data"]
+        full = set_thresholds(page, 1.0, 0.98)
+        fewer_edges = set_thresholds(page, 1.0, 0.5)
+        assert fewer_edges["edges"] == expected(data, 1.0, 0.5)[1] < full["edges"]
+        fewer_nodes = set_thresholds(page, 0.5, 0.98)
+        assert (fewer_nodes["nodes"], fewer_nodes["edges"]) == expected(data, 0.5, 0.98)
+        assert fewer_nodes["nodes"] < full["nodes"]
+        stats = page.evaluate("() => document.getElementById('stats').textContent")
+        assert f"shown {fewer_nodes['nodes']} nodes, {fewer_nodes['edges']} edges" in stats
+        back = set_thresholds(page, 1.0, 0.98)
+        assert (back["nodes"], back["edges"]) == (full["nodes"], full["edges"])
 
-def test_hostile_text_is_text(tiny):
-    page = tiny["page"]
-    html = tiny["path"].read_text(encoding="utf-8")
-    assert "<script>window" not in html and "<img" not in html
-    out = page.evaluate("""() => ({pwned: window.__pwned === undefined ? null : window.__pwned,
-        imgs: document.querySelectorAll('img, svg').length, scripts: document.scripts.length,
-        handlers: document.querySelectorAll('[onerror], [onload], [onmouseover]').length,
-        title: document.getElementById('title').textContent, doc: document.title})""")
-    assert out == {"pwned": None, "imgs": 0, "scripts": 2, "handlers": 0, "title": tiny["graph"].prompt,
-                   "doc": "Attribution graph: " + tiny["graph"].prompt}
-    assert tiny["errors"] == []
+    def test_supernodes_group_and_ungroup(self, tiny):
+        page, data = tiny["page"], tiny["data"]
+        before = set_thresholds(page, 1.0, 0.98)
+        members = [4, 5, 6]
+        page.mouse.click(*empty_spot(page))
+        page.keyboard.down("Shift")
+        for i in members:
+            page.mouse.click(*page.evaluate(f"() => window.__viewer.screenPos({i})"))
+        page.keyboard.up("Shift")
+        assert sorted(page.evaluate("() => window.__viewer.selected()")) == members
+        page.fill("#supernode-name", HOSTILE[1])
+        page.click("#group-button")
+        drawn = page.evaluate("() => ({...window.__drawn})")
+        assert drawn["supernodes"] == 1 and drawn["nodes"] == before["nodes"] - len(members)
+        assert (drawn["nodes"], drawn["edges"]) == expected(data, 1.0, 0.98, [members])
+        assert page.evaluate("() => document.querySelector('#supernodes .name').textContent") == HOSTILE[1]
+        ids = [data["nodes"]["id"][i] for i in members]
+        shown = page.evaluate("() => document.getElementById('supernodes-json').textContent")
+        assert json.loads(shown) == [[HOSTILE[1], *ids]]
+        n = len(tiny["graph"])
+        page.mouse.move(*page.evaluate(f"() => window.__viewer.screenPos({n})"))
+        assert page.evaluate("() => document.querySelector('#details h2').textContent") == HOSTILE[1]
+        assert page.evaluate(f"() => window.__viewer.screenPos({members[0]})") is None
+        page.click("#supernodes button")
+        after = page.evaluate("() => ({...window.__drawn})")
+        assert after["supernodes"] == 0 and (after["nodes"], after["edges"]) == (before["nodes"], before["edges"])
 
+    def test_hostile_text_is_text(self, tiny):
+        page = tiny["page"]
+        html = tiny["path"].read_text(encoding="utf-8")
+        assert "<script>window" not in html and "<img" not in html
+        out = page.evaluate("""() => ({pwned: window.__pwned === undefined ? null : window.__pwned,
+            imgs: document.querySelectorAll('img, svg').length, scripts: document.scripts.length,
+            handlers: document.querySelectorAll('[onerror], [onload], [onmouseover]').length,
+            title: document.getElementById('title').textContent, doc: document.title})""")
+        assert out == {"pwned": None, "imgs": 0, "scripts": 2, "handlers": 0, "title": tiny["graph"].prompt,
+                       "doc": "Attribution graph: " + tiny["graph"].prompt}
+        assert tiny["errors"] == []
 
-def test_bad_input_is_one_clear_error(tiny, tmp_path):
-    with pytest.raises(GraphError, match="mechanic attribution Graph"):
-        graph_viewer.write({"nodes": []}, tmp_path / "x.html")
-    with pytest.raises(GraphError, match="between 0 and 1"):
-        graph_viewer.write(tiny["graph"], tmp_path / "x.html", edge_threshold=2)
-    assert not (tmp_path / "x.html").exists()
+    def test_bad_input_is_one_clear_error(self, tiny, tmp_path):
+        with pytest.raises(GraphError, match="mechanic attribution Graph"):
+            graph_viewer.write({"nodes": []}, tmp_path / "x.html")
+        with pytest.raises(GraphError, match="between 0 and 1"):
+            graph_viewer.write(tiny["graph"], tmp_path / "x.html", edge_threshold=2)
+        assert not (tmp_path / "x.html").exists()
 
 
 def synthetic(n=10_000, n_edges=50_000, layers=20, positions=20, logits=10, seed=0) -> Graph:
@@ -232,7 +231,7 @@ def synthetic(n=10_000, n_edges=50_000, layers=20, positions=20, logits=10, seed
     return graph
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def big(tmp_path_factory):
     g = synthetic()
     assert len(g) == 10_000 and int((g.adjacency != 0).sum()) == 50_000
@@ -243,32 +242,36 @@ def big(tmp_path_factory):
         yield {"page": page, "errors": errors, "data": data, "path": path, "labels": g.labels}
 
 
-def test_ten_thousand_nodes_all_drawn(big):
-    page = big["page"]
-    drawn = page.evaluate("() => ({...window.__drawn})")
-    size_mb = big["path"].stat().st_size / 1e6
-    print(f"\n10k-node graph: page {size_mb:.2f} MB, first draw {drawn['firstDrawMs']:.0f} ms after navigation "
-          f"start, one redraw {drawn['lastDrawMs']:.0f} ms, {drawn['edges']} edges drawn")
-    assert big["errors"] == []
-    assert drawn["nodes"] == 10_000 and drawn["edges"] == 50_000 == expected(big["data"], 1.0, 1.0)[1]
-    px = page.evaluate(PIXELS)
-    assert px["ok"] == 10_000, px["bad"]
+class TestTenThousandNodes:
+    """A synthetic graph of 10,000 nodes and 50,000 edges."""
+
+    def test_ten_thousand_nodes_all_drawn(self, big):
+        page = big["page"]
+        drawn = page.evaluate("() => ({...window.__drawn})")
+        size_mb = big["path"].stat().st_size / 1e6
+        print(f"\n10k-node graph: page {size_mb:.2f} MB, first draw {drawn['firstDrawMs']:.0f} ms after navigation "
+              f"start, one redraw {drawn['lastDrawMs']:.0f} ms, {drawn['edges']} edges drawn")
+        assert big["errors"] == []
+        assert drawn["nodes"] == 10_000 and drawn["edges"] == 50_000 == expected(big["data"], 1.0, 1.0)[1]
+        px = page.evaluate(PIXELS)
+        assert px["ok"] == 10_000, px["bad"]
+
+    def test_ten_thousand_nodes_interact(self, big):
+        page, data = big["page"], big["data"]
+        for i in [0, 5000, 9999]:
+            page.mouse.move(*page.evaluate(f"() => window.__viewer.screenPos({i})"))
+            assert page.evaluate("() => document.getElementById('details').dataset.node") == str(i)
+            assert page.evaluate("() => document.querySelector('#details h2').textContent") == big["labels"][i]
+        full = page.evaluate("() => ({...window.__drawn})")
+        pruned = set_thresholds(page, 0.8, 0.5)
+        assert (pruned["nodes"], pruned["edges"]) == expected(data, 0.8, 0.5)
+        assert pruned["edges"] < full["edges"] and pruned["nodes"] < full["nodes"]
+        e = data["edges"]
+        i = e["dst"][min(range(len(e["c"])), key=e["c"].__getitem__)]            # the target of the strongest edge
+        page.mouse.click(*page.evaluate(f"() => window.__viewer.screenPos({i})"))
+        vis = [k >= 2 or c < 0.8 for k, c in zip(data["nodes"]["kind"], data["nodes"]["c"])]
+        want = sum((s == i or t == i) and c < 0.5 and vis[s] and vis[t] for s, t, c in zip(e["src"], e["dst"], e["c"]))
+        assert page.evaluate("() => window.__drawn.highlighted") == want > 0
+        assert big["errors"] == []
 
 
-def test_ten_thousand_nodes_interact(big):
-    page, data = big["page"], big["data"]
-    for i in [0, 5000, 9999]:
-        page.mouse.move(*page.evaluate(f"() => window.__viewer.screenPos({i})"))
-        assert page.evaluate("() => document.getElementById('details').dataset.node") == str(i)
-        assert page.evaluate("() => document.querySelector('#details h2').textContent") == big["labels"][i]
-    full = page.evaluate("() => ({...window.__drawn})")
-    pruned = set_thresholds(page, 0.8, 0.5)
-    assert (pruned["nodes"], pruned["edges"]) == expected(data, 0.8, 0.5)
-    assert pruned["edges"] < full["edges"] and pruned["nodes"] < full["nodes"]
-    e = data["edges"]
-    i = e["dst"][min(range(len(e["c"])), key=e["c"].__getitem__)]            # the target of the strongest edge
-    page.mouse.click(*page.evaluate(f"() => window.__viewer.screenPos({i})"))
-    vis = [k >= 2 or c < 0.8 for k, c in zip(data["nodes"]["kind"], data["nodes"]["c"])]
-    want = sum((s == i or t == i) and c < 0.5 and vis[s] and vis[t] for s, t, c in zip(e["src"], e["dst"], e["c"]))
-    assert page.evaluate("() => window.__drawn.highlighted") == want > 0
-    assert big["errors"] == []

@@ -88,11 +88,13 @@ def token_texts(graph: Graph, tokenizer=None) -> tuple[list[str], list[str]]:
 
 
 def to_json(graph: Graph, slug: str = "graph", *, scan: str | None = None, node_threshold: float | None = 0.8,
-            edge_threshold: float | None = 0.98, tokenizer=None, clerps: dict | None = None) -> dict:
+            edge_threshold: float | None = 0.98, tokenizer=None, clerps: dict | None = None,
+            supernodes: list | None = None) -> dict:
     """The pruned graph as a circuit-tracer / Neuronpedia graph document (a dict ready for json.dump).
 
     scan: the model id Neuronpedia uses (default: the graph's model name); clerps: labels by node id or index.
     node_threshold=None and edge_threshold=None: no pruning (every node with an edge, every nonzero edge).
+    supernodes: [[name, node_id, ...], ...] (as mechanic's viewer shows them) saved in qParams, members pinned.
     """
     if not isinstance(graph, Graph):
         raise GraphError(f"to_json writes a mechanic attribution Graph (mechanic.locate.graph), got "
@@ -131,8 +133,14 @@ def to_json(graph: Graph, slug: str = "graph", *, scan: str | None = None, node_
              for s, t, w in zip(src.tolist(), dst.tolist(), weights) if s in nodes and t in nodes]
     touched = {x for link in links for x in (link["source"], link["target"])}
     used = [n for n in nodes.values() if n["node_id"] in touched or n["feature_type"] in ("embedding", "logit")]
+    groups = [[str(x) for x in g] for g in supernodes or []]
+    unknown = sorted({m for g in groups for m in g[1:]} - {n["node_id"] for n in used})
+    if unknown:
+        raise GraphError(f"Supernode members {unknown[:5]} are not nodes of the exported graph; a supernode is "
+                         "[name, node_id, ...] with ids of nodes the pruning kept (lower the thresholds to keep more).")
+    pinned = list(dict.fromkeys(m for g in groups for m in g[1:]))
     return {"metadata": metadata(graph, slug, scan, prompt_tokens, node_threshold, edge_threshold),
-            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+            "qParams": {"pinnedIds": pinned, "supernodes": groups, "linkType": "both", "clickedId": "", "sg_pos": ""},
             "nodes": used, "links": links}
 
 
@@ -151,7 +159,8 @@ def metadata(graph: Graph, slug: str, scan: str | None, prompt_tokens: list[str]
             "info": {"description": f"mechanic attribution graph ({scores or 'scores not computed'})",
                      "generator": {"name": "mechanic", "version": str(getattr(mechanic, "__version__", ""))},
                      "create_time_ms": int(time.time() * 1000)},
-            "generation_settings": {"max_n_logits": meta.get("max_logits"), "desired_logit_prob": meta.get("logit_mass"),
+            "generation_settings": {"max_n_logits": meta.get("max_logits"),
+                                    "desired_logit_prob": meta.get("logit_mass"),
                                     "batch_size": meta.get("batch_size")},
             "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold}}
 
