@@ -191,6 +191,25 @@ class TestTinyGraph:
                        "doc": "Attribution graph: " + tiny["graph"].prompt}
         assert tiny["errors"] == []
 
+    def test_page_keeps_the_strongest_nodes_and_edges(self, tiny):
+        g, full = tiny["graph"], tiny["data"]
+        capped = graph_viewer.view_data(g, max_nodes=50, max_edges=100)
+        fixed = g.count("token") + g.count("logit")
+        assert len(capped["nodes"]["id"]) == 50 + fixed and len(capped["edges"]["c"]) == 100
+        assert capped["meta"] == {**full["meta"], "kept_nodes": 50 + fixed, "kept_edges": 100}
+        kinds = [full["kinds"][k] for k in full["nodes"]["kind"]]
+        ids = full["nodes"]["id"]
+        strongest = sorted((c, i) for i, (c, k) in enumerate(zip(full["nodes"]["c"], kinds)) if k in ("feature", "error"))
+        kept = {ids[i] for _, i in strongest[:50]} | {i for i, k in zip(ids, kinds) if k in ("token", "logit")}
+        assert set(capped["nodes"]["id"]) == kept
+        name = lambda d, i: d["nodes"]["id"][i]   # noqa: E731
+        columns = lambda d: zip(*(d["edges"][k] for k in ("src", "dst", "c")))   # noqa: E731
+        edges = {(name(full, s), name(full, t)): c for s, t, c in columns(full)}
+        got = {(name(capped, s), name(capped, t)): c for s, t, c in columns(capped)}
+        assert all(edges[e] == c for e, c in got.items())            # the same share-above as the whole graph's
+        between = sorted(c for (s, t), c in edges.items() if s in kept and t in kept)
+        assert sorted(got.values()) == between[:100]
+
     def test_bad_input_is_one_clear_error(self, tiny, tmp_path):
         with pytest.raises(GraphError, match="mechanic attribution Graph"):
             graph_viewer.write({"nodes": []}, tmp_path / "x.html")

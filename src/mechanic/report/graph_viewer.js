@@ -269,7 +269,9 @@
   function updateStats() {
     const sc = Object.entries(D.scores).map(([k, v]) => `${k} ${fmt(v, 3)}`).join(" · ");
     let nodes = 0; for (let i = 0; i < N; i++) nodes += visible[i];
-    $("stats").textContent = `${D.meta.model} · ${N} nodes, ${E} edges${sc ? " · " + sc : ""} · shown ${nodes} nodes, ${nE} edges`;
+    const capped = N < D.meta.nodes || E < D.meta.edges ? ` (page keeps the strongest ${N} nodes, ${E} edges)` : "";
+    $("stats").textContent = `${D.meta.model} · ${D.meta.nodes} nodes, ${D.meta.edges} edges${capped}` +
+      `${sc ? " · " + sc : ""} · shown ${nodes} nodes, ${nE} edges`;
     $("node-threshold-value").textContent = S.nodeThr.toFixed(3);
     $("edge-threshold-value").textContent = S.edgeThr.toFixed(3);
   }

@@ -43,6 +43,43 @@ def _cumulative_start(scores: torch.Tensor) -> torch.Tensor:
     return before
 
 
+def _top_edges(A: torch.Tensor, factor: torch.Tensor, keep: torch.Tensor, max_edges: int, chunk: int = 1024):
+    """(dst, src, weight, c) of the `max_edges` best-scoring nonzero edges between kept nodes, where an edge's score
+    is |A[t, s]| / sum|A[t]| x factor[t] and c is the share of all nonzero edges' total score held by edges scoring
+    higher. Rows go in chunks, so no [N, N] temporary beyond the adjacency itself is made."""
+    N = A.shape[0]
+    row_sum = A.abs().sum(1).clamp(min=1e-10)
+
+    def chunks():
+        for r0 in range(0, N, chunk):
+            a = A[r0:r0 + chunk]
+            yield r0, a != 0, a.abs() / row_sum[r0:r0 + chunk, None] * factor[r0:r0 + chunk, None]
+
+    total, found_s, found_i = 0.0, [], []
+    for r0, nz, s in chunks():
+        total += float(s.double().sum())
+        flat = torch.where(nz & keep[r0:r0 + chunk, None] & keep[None, :], s, -1.0).flatten()
+        v, i = flat.topk(min(max_edges, flat.numel()))
+        found_s.append(v[v >= 0])
+        found_i.append(i[v >= 0] + r0 * N)
+    s, i = torch.cat(found_s), torch.cat(found_i)
+    if len(s) > max_edges:
+        s, j = s.topk(max_edges)
+        i = i[j]
+    i, j = i.sort()
+    s = s[j]
+    asc, order = s.sort()
+    bucket = torch.zeros(len(s) + 1, dtype=torch.float64)       # bucket[k]: score of edges above k candidates
+    for _, nz, sc in chunks():
+        v = sc[nz]
+        bucket.index_add_(0, torch.searchsorted(asc, v), v.double())
+    above = bucket.flip(0).cumsum(0).flip(0)[1:]                 # above[j]: total score above candidate j
+    c = torch.empty(len(s), dtype=torch.float64)
+    c[order] = above / max(total, 1e-30)
+    dst, src = i // N, i % N
+    return dst, src, A[dst, src], c
+
+
 def _pages(graph: Graph, pages: dict | None, contexts: int = 3, logits: int = 5) -> dict:
     """The shown part of each graph feature's page: {"layer_feature": {ctx, up, down}} from feature_pages data."""
     if not pages:
@@ -66,12 +103,15 @@ def _pages(graph: Graph, pages: dict | None, contexts: int = 3, logits: int = 5)
 
 
 def view_data(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98, tokenizer=None,
-              pages: dict | None = None, title: str | None = None) -> dict:
+              pages: dict | None = None, title: str | None = None, max_nodes: int = 20_000,
+              max_edges: int = 100_000) -> dict:
     """What the page draws: per-node and per-edge columns, each with its cumulative-influence rank for the sliders.
 
     A node is shown when the nodes ranked before it hold less than the node threshold of the total influence
     (tokens and logits always); an edge likewise by its score, |normalised weight| x (influence + logit weight)
     of its target, over all nonzero edges. pages: {layer: mechanic.locate.feature_pages data} to show on hover.
+    The page keeps at most `max_nodes` feature and error nodes (the most influential; tokens and logits always)
+    and `max_edges` edges (the best-scoring between kept nodes): a real graph's dense adjacency has millions.
     """
     if not isinstance(graph, Graph):
         raise GraphError(f"The graph viewer draws a mechanic attribution Graph (mechanic.locate.graph), got "
@@ -82,23 +122,30 @@ def view_data(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: floa
     A = graph.adjacency.float()
     w = graph.logit_weights.float()
     node_inf = influence(normalized(A), w)
-    dst, src = (A != 0).nonzero(as_tuple=True)
-    weight = A[dst, src]
-    row_sum = A.abs().sum(1)
-    edge_score = weight.abs() / row_sum[dst].clamp(min=1e-10) * (node_inf + w)[dst]
+    node_c = _cumulative_start(node_inf)
+    keep = (graph.kind == KINDS.index("token")) | (graph.kind == KINDS.index("logit"))
+    ranked = node_c.argsort(stable=True)
+    keep[ranked[~keep[ranked]][:max_nodes]] = True
+    idx = keep.nonzero().flatten()
+    new = torch.full((len(graph),), -1, dtype=torch.long)
+    new[idx] = torch.arange(len(idx))
+    dst, src, weight, edge_c = _top_edges(A, node_inf + w, keep, max_edges)
     prompt_tokens, _ = token_texts(graph, tokenizer)
+    pick = lambda t: t[idx].tolist()   # noqa: E731
+    ids = node_ids(graph)
     return {"title": title or graph.prompt or "".join(prompt_tokens), "prompt_tokens": prompt_tokens,
             "n_layers": int(graph.layer[graph.kind == KINDS.index("logit")].max()) if graph.count("logit")
             else int(graph.layer.max()) + 1,
             "scores": {k: v for k, v in graph.scores.items() if isinstance(v, (int, float))},
-            "meta": {"model": str(graph.meta.get("model", "")), "nodes": len(graph), "edges": len(weight)},
+            "meta": {"model": str(graph.meta.get("model", "")), "nodes": len(graph),
+                     "edges": int((A != 0).sum()), "kept_nodes": len(idx), "kept_edges": len(weight)},
             "node_threshold": node_threshold, "edge_threshold": edge_threshold, "kinds": list(KINDS),
-            "nodes": {"kind": graph.kind.tolist(), "layer": graph.layer.tolist(), "pos": graph.pos.tolist(),
-                      "feature": graph.feature.tolist(), "value": _round(graph.value.float(), 5),
-                      "c": _round(_cumulative_start(node_inf), 6), "influence": _round(node_inf, 4),
-                      "label": list(graph.labels), "id": node_ids(graph)},
-            "edges": {"src": src.tolist(), "dst": dst.tolist(), "w": _round(weight, 5),
-                      "c": _round(_cumulative_start(edge_score), 6)},
+            "nodes": {"kind": pick(graph.kind), "layer": pick(graph.layer), "pos": pick(graph.pos),
+                      "feature": pick(graph.feature), "value": _round(graph.value.float()[idx], 5),
+                      "c": _round(node_c[idx], 6), "influence": _round(node_inf[idx], 4),
+                      "label": [graph.labels[i] for i in idx.tolist()], "id": [ids[i] for i in idx.tolist()]},
+            "edges": {"src": new[src].tolist(), "dst": new[dst].tolist(), "w": _round(weight, 5),
+                      "c": _round(edge_c, 6)},
             "pages": _pages(graph, pages)}
 
 
