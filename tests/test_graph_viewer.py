@@ -191,6 +191,26 @@ class TestTinyGraph:
                        "doc": "Attribution graph: " + tiny["graph"].prompt}
         assert tiny["errors"] == []
 
+    def test_wheel_zooms_about_the_cursor_and_drag_pans(self, tiny):
+        page = tiny["page"]
+        at = lambda i: page.evaluate(f"() => window.__viewer.screenPos({i})")   # noqa: E731
+        a, b = at(0), at(40)
+        page.mouse.move(*a)
+        page.mouse.wheel(0, -400)                          # zoom in, about the cursor
+        page.wait_for_function("() => window.__drawn.frames > 0")
+        page.wait_for_timeout(100)
+        a2, b2 = at(0), at(40)
+        assert a2 == pytest.approx(a, abs=1.5)             # the node under the cursor stays (events: whole px)
+        assert abs(b2[0] - a2[0]) + abs(b2[1] - a2[1]) > 1.5 * (abs(b[0] - a[0]) + abs(b[1] - a[1]))
+        page.mouse.down()
+        page.mouse.move(a2[0] + 60, a2[1] + 30, steps=4)
+        page.mouse.up()
+        page.wait_for_timeout(100)
+        assert at(0) == pytest.approx([a2[0] + 60, a2[1] + 30], abs=1.5)
+        assert page.evaluate("() => window.__viewer.selected()") == []     # a drag is not a click
+        page.click("#fit")
+        assert at(0) == pytest.approx(a, abs=0.5)
+
     def test_page_keeps_the_strongest_nodes_and_edges(self, tiny):
         g, full = tiny["graph"], tiny["data"]
         capped = graph_viewer.view_data(g, max_nodes=50, max_edges=100)
@@ -199,7 +219,8 @@ class TestTinyGraph:
         assert capped["meta"] == {**full["meta"], "kept_nodes": 50 + fixed, "kept_edges": 100}
         kinds = [full["kinds"][k] for k in full["nodes"]["kind"]]
         ids = full["nodes"]["id"]
-        strongest = sorted((c, i) for i, (c, k) in enumerate(zip(full["nodes"]["c"], kinds)) if k in ("feature", "error"))
+        strongest = sorted((c, i) for i, (c, k) in enumerate(zip(full["nodes"]["c"], kinds))
+                           if k in ("feature", "error"))
         kept = {ids[i] for _, i in strongest[:50]} | {i for i, k in zip(ids, kinds) if k in ("token", "logit")}
         assert set(capped["nodes"]["id"]) == kept
         name = lambda d, i: d["nodes"]["id"][i]   # noqa: E731
