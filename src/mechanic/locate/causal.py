@@ -1,5 +1,5 @@
-"""Activation patching at every granularity (residual x position, attn/mlp outputs, heads, neurons, experts),
-denoising or noising, with mean- and resample-ablation variants.
+"""Activation patching at every granularity (residual x position, attn/mlp outputs, heads, neurons, experts,
+dictionary latents), denoising or noising, with mean- and resample-ablation variants.
 
 Fast by construction: many patched runs share one forward (one batch row each), and each forward
 computes only what its patches can change (see mechanic.model.reuse): positions from the patched
@@ -20,7 +20,7 @@ from mechanic.tasks import metrics as M
 from mechanic.tasks.task import Task, TaskBatch, TaskError
 
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-KINDS = RESID_KINDS + ("head", "neuron", "expert")
+KINDS = RESID_KINDS + ("head", "neuron", "expert", "sae")
 
 
 @dataclass(frozen=True)
@@ -33,46 +33,117 @@ class _Unit:
     pos: int | None
 
 
-def _units(model, kind: str, positions, seq: int) -> tuple[list[_Unit], list[str], list[int] | None]:
-    """Every (site, column) patch of one granularity, the Scores row names, and the columns (None = all at once)."""
+def _columns(positions, seq: int) -> list[int] | None:
+    """The patched columns: every one ("all"), all at once (None), or the given indices (negative from the end)."""
+    if positions == "all":
+        return list(range(seq))
+    if positions is None:
+        return None
+    return [p % seq for p in ([positions] if isinstance(positions, int) else positions)]
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[0][1:])
+
+
+def _units(names: list[str], cols: list[int] | None) -> list[_Unit]:
+    """Every (site, column) patch of the units `names`."""
+    return [_Unit(n, _layer(n), r, p) for r, n in enumerate(names) for p in (cols if cols is not None else [None])]
+
+
+def _names(model, kind: str) -> list[str]:
+    """The units of one granularity (for "sae": every latent, then the error node, of each attached dictionary)."""
     if kind not in KINDS:
         raise TaskError(f"Unknown patching granularity {kind!r}; choose one of {', '.join(KINDS)}.")
+    if kind == "sae":
+        if not model.dictionaries:
+            raise TaskError("Patching dictionary latents needs a dictionary attached to the model; attach one with "
+                            "mechanic.features.attach(model, dictionary) (one per site, any number of sites).")
+        return [n for base, c in model.dictionaries.items()
+                for n in [f"{base}.sae{f}" for f in range(c.width)] + [f"{base}.sae_error"]]
     names = [str(s) for s in model.sites(kind)]
     if not names:
         raise TaskError(f"This model has no {kind} sites (e.g. experts need a mixture-of-experts model).")
-    if positions == "all":
-        cols = list(range(seq))
-    elif positions is None:
-        cols = None
-    else:
-        cols = [p % seq for p in ([positions] if isinstance(positions, int) else positions)]
-    layer = lambda n: int(n.split(".")[0][1:])  # noqa: E731
-    units = []
-    for r, n in enumerate(names):
-        for p in (cols if cols is not None else [None]):
-            units.append(_Unit(n, layer(n), r, p))
-    return units, names, cols
+    return names
+
+
+def _holder(name: str, kind: str) -> tuple[str, int | None]:
+    """(the cached site that holds unit `name`, its index in the last dimension or None for the whole tensor)."""
+    if kind == "sae":
+        base, part = name.rsplit(".", 1)
+        return (name, None) if part == "sae_error" else (f"{base}.sae", int(part[3:]))
+    if kind in RESID_KINDS:       # resid-type units are whole layer tensors
+        return name, None
+    layer, unit = name.split(".")[:2]
+    return f"{layer}.{kind}", int(unit[len(kind):])     # head{h}, neuron{j}, expert{e} index their layer's tensor
 
 
 def _layer_sites(names: list[str], kind: str) -> list[str]:
-    """The layer-level sites (`L3.head`, `L3.resid_pre`, ...) that hold the units `names`."""
-    return sorted({n.split(".")[0] + "." + kind for n in names})
+    """The sites to cache (`L3.head`, `L3.resid_pre`, `L3.resid_post.sae`, ...) that hold the units `names`."""
+    return sorted({_holder(n, kind)[0] for n in names})
 
 
 def _unit_values(cache: dict[str, torch.Tensor], names: list[str], kind: str) -> dict[str, torch.Tensor]:
     """Each unit's value, [batch, pos, ...], sliced out of the layer-level caches."""
     out = {}
     for n in names:
-        full = cache[n.split(".")[0] + "." + kind]
-        # resid-type units are whole layer tensors; head{h}, neuron{j}, expert{e} index them
-        out[n] = full if kind in RESID_KINDS else full[:, :, int(n.split(".")[1][len(kind):])]
+        site, i = _holder(n, kind)
+        out[n] = cache[site] if i is None else cache[site][:, :, i]
     return out
+
+
+def _pick_latents(names: list[str], src: dict, tgt: dict, cols: list[int] | None, latents) -> list[str]:
+    """The dictionary units to patch: every latent (latents None), the N per dictionary whose patched value
+    differs most from the target run's (sum of |source - target| over examples and patched columns), or
+    the latents listed per base site ({"L6.resid_post": [3, 17]}, or a list when one dictionary is attached).
+    Error nodes are always kept."""
+    if latents is None:
+        return names
+    bases = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+    if isinstance(latents, dict):
+        unknown = set(latents) - set(bases)
+        if unknown:
+            raise TaskError(f"latents names {', '.join(sorted(unknown))}, where no dictionary is attached "
+                            f"(attached: {', '.join(bases)}).")
+        listed = {b: set(int(f) for f in latents.get(b, ())) for b in bases}
+    elif isinstance(latents, int) and not isinstance(latents, bool):
+        if latents < 0:
+            raise TaskError(f"latents must be a number of latents >= 0 per dictionary, got {latents}.")
+        listed = {}
+        for b in bases:
+            mine = [n for n in names if n.startswith(b + ".sae") and not n.endswith(".sae_error")]
+            cells = slice(None) if cols is None else cols
+            size = torch.stack([(src[n][:, cells] - tgt[n][:, cells]).abs().sum() for n in mine]) if mine \
+                else torch.zeros(0)
+            top = size.argsort(descending=True, stable=True)[:latents].tolist()
+            listed[b] = {int(mine[i].rsplit("sae", 1)[1]) for i in top}
+    else:
+        if len(bases) != 1:
+            raise TaskError("latents as a list names latents of one dictionary, but several are attached; give a "
+                            "dict base site -> latents, e.g. {'L6.resid_post': [3, 17]}.")
+        listed = {bases[0]: set(int(f) for f in latents)}
+    keep = []
+    for n in names:
+        b, part = n.rsplit(".", 1)
+        if part == "sae_error" or int(part[3:]) in listed[b]:
+            keep.append(n)
+    return keep
 
 
 def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all", direction: str = "denoise",
           metric: str | None = None, ablation: str | None = None, normalise: bool = True, batch_size: int = 64,
-          layer_span: int | None = None, seed: int = 0, skip_unchanged: bool = True, progress: bool = True) -> Scores:
+          layer_span: int | None = None, seed: int = 0, skip_unchanged: bool = True, progress: bool = True,
+          latents=None) -> Scores:
     """Patch every site of one granularity and score the metric at the last position.
+
+    kind: resid_pre, resid_mid, resid_post, attn_out, mlp_out, head, neuron, expert, or "sae": each latent
+    `<base>.sae<f>` and the error node `<base>.sae_error` of every attached dictionary (mechanic.features.attach),
+    one at a time; a patched latent reaches the model through the decoder (x + (a'_f - a_f) W_dec[f]).
+    latents (kind "sae" only): None patches every latent; an int N only the N per dictionary whose patched value
+    differs most from the value in the target run (sum of |source - target| over the examples and patched
+    columns; a latent equal in both runs patches to a no-op); or the latents to patch, {base site: [indices]}
+    (a plain list when one dictionary is attached). Error nodes are always patched. A 9,216-latent dictionary
+    at every column of a 20-token prompt is 184k patched runs per example, hence the option.
 
     direction: "denoise" patches clean values into the corrupted run (how much does this site restore?),
     "noise" patches corrupted values into the clean run (how much does it break?).
@@ -93,7 +164,9 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
         raise TaskError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
     if ablation not in (None, "mean", "resample"):
         raise TaskError(f"ablation must be None, 'mean' or 'resample', not {ablation!r}.")
-    units, names, cols = _units(model, kind, positions, batch.seq)
+    if latents is not None and kind != "sae":
+        raise TaskError(f"latents= chooses dictionary latents; it applies to kind='sae', not {kind!r}.")
+    names, cols = _names(model, kind), _columns(positions, batch.seq)
     # the source of the patched values is one of the two runs every patch needs anyway
     source_is_clean = ablation is not None or direction == "denoise"
     needed = _layer_sites(names, kind)
@@ -114,11 +187,16 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
         donor = torch.empty_like(order)                  # never its own
         donor[order] = order.roll(-1)
         src = {k: v[donor] for k, v in src.items()}
+    tgt = _unit_values(target.cache, names, kind)
+    if kind == "sae":
+        names = _pick_latents(names, src, tgt, cols, latents)
+        src, tgt = {n: src[n] for n in names}, {n: tgt[n] for n in names}
+    units = _units(names, cols)
     totals = torch.zeros(len(names), len(cols) if cols is not None else 1)
     pairs, same = [(u, e) for u in units for e in range(batch.n)], []
     if skip_unchanged:
         base_metric = fn(target.logits, batch)
-        pairs, same = _changed(pairs, src, _unit_values(target.cache, names, kind))
+        pairs, same = _changed(pairs, src, tgt)
         for u, e in same:
             totals[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(base_metric[e])
     # Chunks start at their lowest layer; at SmolLM2 size, fewer and larger forwards beat finer layer
@@ -153,7 +231,10 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
                   settings={"direction": direction, "ablation": ablation, "normalise": normalise,
                             "metric_clean": float(m_clean), "metric_corrupted": float(m_corr),
                             "examples": batch.n, "columns": cols, "seed": seed,
-                            "runs_computed": len(pairs), "runs_unchanged": len(same)})
+                            "runs_computed": len(pairs), "runs_unchanged": len(same),
+                            **({"latents": latents if not isinstance(latents, dict) else
+                                {k: sorted(int(f) for f in v) for k, v in latents.items()}}
+                               if kind == "sae" else {})})
 
 
 def _changed(pairs: list[tuple[_Unit, int]], src: dict, tgt: dict):

@@ -1,4 +1,6 @@
-"""Gradient attribution: AtP for heads, neurons, experts and residual states; EAP / EAP-IG for graph edges.
+"""Gradient attribution: AtP for heads, neurons, experts, residual states and dictionary latents; EAP / EAP-IG for
+the edges of the component graph, or of the feature graph in which attached dictionaries' latents and error nodes
+replace what they decompose (eap(features=True); see FeatureGraph).
 
 AtP (Nanda 2023; Kramar et al. 2024) estimates the effect of patching a site with its first-order
 Taylor term. Convention used here (the default, `gradient_at="corrupted"`):
@@ -23,6 +25,7 @@ import torch
 
 from mechanic.locate.scores import Scores
 from mechanic.model.hooks import frozen_parameters
+from mechanic.model.sites import Site
 from mechanic.tasks import metrics as _metrics
 from mechanic.tasks.task import Task, TaskBatch, TaskError
 
@@ -220,21 +223,55 @@ def _tile(obj, b: int, k: int):
     return obj
 
 
+# Where each node reads and writes the residual stream. Every layer has five steps: a dictionary on
+# resid_pre, the attention (its heads, or the latents of a dictionary on attn_out / head.z), a dictionary
+# on resid_mid, the MLP (or the latents of a dictionary on mlp_out / neuron, or of a transcoder), a
+# dictionary on resid_post. Step s reads at time 2s and writes at 2s + 1; a parallel-residual MLP reads
+# and writes with the attention. A dictionary on the residual stream is a cut: nodes written before it
+# reach nodes that read after it only through its latents and error node.
+_STEPS = {"resid_pre": 0, "attn_out": 1, "head.z": 1, "resid_mid": 2, "mlp_out": 3, "neuron": 3, "resid_post": 4}
+CUT_PARTS = ("resid_pre", "resid_mid", "resid_post")
+
+
 def _layer_of(name: str) -> int | None:
     """The layer of a node name (None for embed and logits)."""
     return None if name in ("embed", "logits") else int(name[1:name.index(".")])
 
 
+def _part_of(name: str) -> str:
+    """The component a node belongs to: head, mlp_out, or the base part of a dictionary node (resid_post, head.z...)."""
+    rest = name.split(".", 1)[1]
+    if rest == "mlp_out":
+        return "mlp_out"
+    if ".sae" in rest:
+        return rest.rsplit(".sae", 1)[0]
+    return "head"
+
+
+def _step(name: str, parallel: bool) -> float:
+    """The step at which a node reads the residual stream (it writes half a step later); embed -1, logits inf."""
+    if name == "embed":
+        return -1.0
+    if name == "logits":
+        return float("inf")
+    part = _part_of(name)
+    k = 1 if part == "head" else _STEPS[part]
+    if parallel and k == 3:
+        k = 1
+    return 5.0 * _layer_of(name) + k
+
+
 def upstream_mask(senders: list[str], receivers: list[str], parallel: bool = False) -> torch.Tensor:
-    """[senders, receivers] bool: True where the sender writes to the residual before the receiver reads it."""
-    out = torch.zeros(len(senders), len(receivers), dtype=torch.bool)
-    for j, v in enumerate(receivers):
-        lv = _layer_of(v)
-        for i, u in enumerate(senders):
-            lu = _layer_of(u)
-            out[i, j] = (v == "logits" or u == "embed" or lu < lv
-                         or (lu == lv and ".head" in u and v.endswith(".mlp_out") and not parallel))
-    return out
+    """[senders, receivers] bool: True where the sender writes to the residual before the receiver reads it, with no
+    dictionary on the residual stream (a cut, see eap(features=...)) in between."""
+    cuts = sorted({_step(n, parallel) for n in senders + receivers
+                   if n not in ("embed", "logits") and _part_of(n) in CUT_PARTS})
+    cut = torch.tensor(cuts, dtype=torch.float64)
+    w = torch.tensor([2 * _step(u, parallel) + 1 for u in senders], dtype=torch.float64)
+    r = torch.tensor([2 * _step(v, parallel) for v in receivers], dtype=torch.float64)
+    seg_w = (2 * cut[None] + 1 <= w[:, None]).sum(1)       # cuts written by the time the sender writes
+    seg_r = (2 * cut[None] + 1 < r[:, None]).sum(1)        # cuts written before the receiver reads
+    return (w[:, None] < r[None]) & (seg_w[:, None] == seg_r[None])
 
 
 class ComponentGraph:
@@ -283,8 +320,11 @@ class ComponentGraph:
         """Module paths of the decoder layers, for `run(capture_calls=...)`."""
         return [f"{self.model.arch.layers}.{L}" for L in range(self.n_layers)]
 
-    def _call(self, L: int, x: torch.Tensor, call, what: str) -> torch.Tensor:
-        """Call decoder layer L as the model did, on residual x; return its heads' z ("z") or its MLP output ("mlp")."""
+    def _call(self, L: int, x: torch.Tensor, call, what: str, grab: dict | None = None) -> torch.Tensor:
+        """Call decoder layer L as the model did, on residual x; return its heads' z ("z") or its MLP output ("mlp").
+
+        grab (with "mlp"): a dict that receives the MLP module's input ("mlp_in") and the FFN activations
+        ("neuron", the down_proj input) of this call."""
         m, a = self.model, self.model.arch
         args, kwargs = call
         if args:
@@ -312,6 +352,11 @@ class ComponentGraph:
             else:
                 handles.append(m.layer_module(L, a.attn_write).register_forward_hook(zero_attn))
                 handles.append(m.layer_module(L, a.mlp_write).register_forward_hook(grab_mlp))
+                for key, path in (("mlp_in", a.mlp), ("neuron", a.down_proj)):
+                    mod = m.layer_module(L, path) if grab is not None else None
+                    if mod is not None:
+                        handles.append(mod.register_forward_pre_hook(
+                            lambda mod, inputs, key=key: grab.__setitem__(key, inputs[0])))
             try:
                 m.layers[L](*args, **kwargs)
             except _Stop:
@@ -326,11 +371,12 @@ class ComponentGraph:
         return got["v"]
 
     def execute(self, x0: torch.Tensor, calls, keep: torch.Tensor | None = None, ref: torch.Tensor | None = None,
-                inputs: list | None = None):
+                inputs: list | None = None, record: dict | None = None):
         """Run the graph from the residual x0 [b, p, d]; returns (sender outputs [U, b, p, d], last-position logits).
 
         keep/ref: an edge (u, v) with keep[u, v] False carries ref[u] instead of u's output in this run.
         inputs: if a list, every receiver input tensor is appended to it (heads as [H, b, p, d]), for gradients.
+        record: if a dict, it receives the residual stream (detached) at ("resid_pre" | "resid_mid" | "resid_post", L).
         """
         m, a, H = self.model, self.model.arch, self.H
         b, p, d = x0.shape
@@ -351,6 +397,8 @@ class ComponentGraph:
         R = x0
         for L in range(self.n_layers):
             args, kwargs = calls[L]
+            if record is not None:
+                record[("resid_pre", L)] = R.detach()
             n_up = self.sender(L, 0)
             heads = slice(self.receiver(L, 0), self.receiver(L, 0) + H)
             delta = patched(heads, n_up)
@@ -369,6 +417,8 @@ class ComponentGraph:
             else:
                 parts += list(c)
             mid = R + attn
+            if record is not None and not self.parallel:
+                record[("resid_mid", L)] = mid.detach()
             n_up_mlp = self.sender(L, 0) if self.parallel else self.sender(L)
             delta = patched([self.receiver(L)], n_up_mlp)
             # "+ 0" makes the MLP's input its own tensor, so its gradient is the MLP's alone (not the skip path's)
@@ -381,6 +431,8 @@ class ComponentGraph:
             else:
                 parts.append(y)
             R = mid + y
+            if record is not None:
+                record[("resid_post", L)] = R.detach()
         delta = patched([len(self.receivers) - 1], U)
         Xf = R + (0 if delta is None else delta[0])
         if inputs is not None:
@@ -401,12 +453,13 @@ def prepare_graph_inputs(model, graph: ComponentGraph, batch: TaskBatch):
     return clean["L0.resid_pre"], corr["L0.resid_pre"], graph.calls(clean), clean.logits[:, -1], corr.logits[:, -1]
 
 
-def receiver_grads(graph: ComponentGraph, x0: torch.Tensor, calls, value_fn) -> tuple:
-    """(sender outputs [U, b, p, d], d value / d (each receiver's input) [V, b, p, d], value) for a run from x0."""
+def receiver_grads(graph: ComponentGraph, x0: torch.Tensor, calls, value_fn, record: dict | None = None) -> tuple:
+    """(sender outputs [U, b, p, d], d value / d (each receiver's input) [V, b, p, d], value) for a run from x0.
+    record: see ComponentGraph.execute."""
     with frozen_parameters(graph.model.hf), torch.enable_grad():
         x = x0.detach().requires_grad_()
         inputs: list[torch.Tensor] = []
-        senders, logits = graph.execute(x, calls, inputs=inputs)
+        senders, logits = graph.execute(x, calls, inputs=inputs, record=record)
         value = value_fn(logits)
         grads = torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True)
     G = torch.cat([g if g.dim() == 4 else g[None] for g in grads])
@@ -414,7 +467,7 @@ def receiver_grads(graph: ComponentGraph, x0: torch.Tensor, calls, value_fn) -> 
 
 
 def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: str | Metric | None = None,
-        batch_size: int | None = 8) -> Scores:
+        batch_size: int | None = 8, features=False, latents=None) -> Scores:
     """Edge attribution patching over the component graph (EAP; EAP-IG with ig_steps), to find circuits cheaply.
 
     score(u -> v) = (z_u,corrupted - z_u,clean) . d metric / d (input of v), summed over positions and
@@ -427,10 +480,25 @@ def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: s
     receivers (see ComponentGraph for the names); entries that are not edges are 0.
     Cost per chunk: 2 ordinary forwards, one graph run (about 1 + H/3 forwards: every layer is called
     again on H copies up to its o_proj) and one (EAP) or m (EAP-IG) graph forward + backward passes.
+
+    features: False (the component graph), True (every attached dictionary), or the base sites of the
+    dictionaries to use (e.g. ["L6.resid_post"]): their latents and error nodes become graph nodes in place
+    of what they decompose (FeatureGraph), so edges into or out of a dictionary's latents and error node add
+    up to the edges of the node(s) they replace.
+    latents (with features): None makes every latent a node; an int N keeps as nodes the N latents per
+    dictionary whose activation differs most between clean and corrupted prompts (sum of |a_clean -
+    a_corrupted| over the task, as patch(kind="sae", latents=N)) and gathers the others in one node
+    `<base>.sae`; or {base site: [latents]} (a list when one dictionary is used). The edge matrix is
+    senders x receivers, so a 9,216-latent dictionary with every latent a node is ~9.5k x 9.5k (360 MB).
     """
     if ig_steps is not None and (not isinstance(ig_steps, int) or ig_steps < 1):
         raise ValueError(f"ig_steps must be a positive number of points (5 to 30 is usual) or None for plain EAP, "
                          f"got {ig_steps!r}.")
+    if features is not False and features is not None:
+        return _feature_eap(model, task, features, latents, ig_steps, metric, batch_size)
+    if latents is not None:
+        raise ValueError("latents= chooses dictionary latents as graph nodes; it needs features=True (or the base "
+                         "sites of the dictionaries to use).")
     graph = ComponentGraph(model)
     batch, task_name, task_metric = task_batch(model, task)
     need_corrupted(batch, "Edge attribution patching")
@@ -462,4 +530,440 @@ def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: s
                 "n_edges": graph.n_edges, "metric_clean": m_clean / n, "metric_corrupted": m_corr / n,
                 "approximates": "m(clean, edge := corrupted) - m(clean)"}
     return Scores(values, graph.senders, "eap" if ig_steps is None else "eap-ig", positions=graph.receivers,
+                  task=task_name, metric=mname, model=model.name, fingerprint=model.fingerprint, settings=settings)
+
+
+# ---------------------------------------------------------------- feature graph (EAP over dictionary latents)
+# After Marks et al. 2024 ("Sparse Feature Circuits"), fitted to the component graph: a dictionary's latents
+# and its error node replace the node (or nodes) the dictionary decomposes, as senders and as receivers.
+#
+# - On a component's output (attn_out or head.z: all heads of the layer; mlp_out, neuron or a transcoder
+#   writing mlp_out: the MLP), latent f sends a~_f W[f] (W = W_dec, mapped through o_proj / down_proj for
+#   head.z / neuron) and reads the residual through the component and the encoder; the error node sends
+#   the rest of the component's output (the dictionary's error and its constant part: b_dec, and what
+#   moves between runs with it, a normalising SAE's denormalisation or a transcoder's skip term) and reads
+#   the residual as component(x) - sum_f a~_f(x) W[f].
+# - On the residual stream (resid_pre / resid_mid / resid_post) the dictionary is a cut: its latents and
+#   error read the residual at that point (the error as x - sum_f a~_f(x) W_dec[f]) and write it back, so
+#   every path from a node before the cut to a node after it goes through them.
+#
+# a~ = the latents as the decoder applies them (acts x scaling factor / decoder norm if rescaled x the
+# input's normalisation scale), so that reconstruction = a~ W_dec + constant part. The outputs of a
+# dictionary's nodes sum to the output of what they replace, and their input gradients sum to its input
+# gradient, so edges add up exactly: out of the latents and error = out of the replaced node(s), into
+# them = into the replaced node(s) (for a cut: the edges from a sender to every receiver after the cut).
+# The forward itself is not changed (reconstruction + error = the value), so the gradients of the
+# component graph's receivers stay as they are; each dictionary adds its nodes' input gradients: for a
+# per-token component (a cut, the MLP) from one backward per active-latent slot (k copies for a TopK
+# dictionary; only latents firing at a token have a nonzero gradient there), for the attention, which
+# mixes positions, from one backward per latent node that fires anywhere in the chunk.
+
+_ROLE = {"resid_pre": "cut", "resid_mid": "cut", "resid_post": "cut", "attn_out": "attn", "head.z": "attn",
+         "mlp_out": "mlp", "neuron": "mlp"}
+_BIG = 1 << 24   # elements per temporary block of the feature kernels
+
+
+class _Dict:
+    """One dictionary as graph nodes: where it sits, what it encodes, its write directions and node rows."""
+
+    def __init__(self, graph: ComponentGraph, base: str, codec, keep: list[int] | None):
+        model, a = graph.model, graph.model.arch
+        d = getattr(codec, "dictionary", None)
+        if d is None:
+            raise ValueError(f"EAP over features needs the dictionary at {base} attached with "
+                             "mechanic.features.attach (a mechanic Dictionary), not a bare codec.")
+        site = Site.parse(base)
+        self.base, self.layer, self.dictionary = base, site.layer, d
+        self.part = base.split(".", 1)[1]
+        if d.transcoder:
+            src = Site.parse(codec.source)
+            src_part = str(src).split(".", 1)[1]
+            feeds = ("mlp_in", "resid_pre" if graph.parallel else "resid_mid")
+            if self.part != "mlp_out" or src.layer != self.layer or src_part not in feeds:
+                raise ValueError(f"EAP over features takes transcoders that replace an MLP (read L.mlp_in or the "
+                                 f"residual the MLP reads, write L.mlp_out of the same layer); the one at {base} "
+                                 f"reads {codec.source}.")
+            self.enc = "mlp_in" if src_part == "mlp_in" else "x"
+        elif self.part == "mlp_in":
+            raise ValueError(f"The SAE at {base} reads the MLP's normalised input, inside the MLP node: EAP over "
+                             "features places dictionaries on the residual stream (resid_pre/mid/post) or on a "
+                             "component's output (attn_out, head.z, mlp_out, neuron), or transcoders.")
+        else:
+            self.enc = {"attn_out": "attn", "head.z": "z", "mlp_out": "y", "neuron": "neuron"}.get(self.part, "x")
+        self.role = _ROLE[self.part]
+        W = d.W_dec.detach()
+        if self.part == "head.z":
+            W = W @ a.o_weight(model.layer_module(self.layer, a.o_proj)).detach().T
+        elif self.part == "neuron":
+            W = W @ a.down_weight(model.layer_module(self.layer, a.down_proj)).detach().T
+        self.W = W
+        F = d.d_sae
+        if keep is None:
+            self.names = [f"{base}.sae{f}" for f in range(F)]
+            self.row = torch.arange(F)
+        else:
+            keep = sorted({int(f) for f in keep})
+            bad = [f for f in keep if not 0 <= f < F]
+            if bad:
+                raise ValueError(f"latents {bad} are out of range for the dictionary at {base} (0..{F - 1}).")
+            self.names = [f"{base}.sae{f}" for f in keep] + ([f"{base}.sae"] if len(keep) < F else [])
+            self.row = torch.full((F,), len(keep), dtype=torch.long)
+            self.row[torch.tensor(keep, dtype=torch.long)] = torch.arange(len(keep))
+        self.n_nodes = len(self.names)           # latent nodes (kept latents, then the others as one node)
+        self.names.append(f"{base}.sae_error")
+        self.s_idx: list[int] = []
+        self.r_idx: list[int] = []
+
+
+class FeatureGraph:
+    """The component graph with attached dictionaries' latents and error nodes in place of what they decompose.
+
+    Node names: embed, L<l>.head<h>, L<l>.mlp_out, logits as in ComponentGraph, and per dictionary
+    `<base>.sae<f>` (a latent), `<base>.sae` (the latents not kept as nodes, with latents=), `<base>.sae_error`.
+    A dictionary on attn_out / head.z replaces the heads of its layer, one on mlp_out / neuron (or a
+    transcoder) the MLP, one on the residual stream is a cut (see the comment above). Edges follow
+    upstream_mask. The graph runs through ComponentGraph.execute, whose forward it does not change.
+    """
+
+    def __init__(self, model, bases: list[str], keep: dict[str, list[int] | None]):
+        g = self.graph = ComponentGraph(model)
+        self.model, self.parallel = model, g.parallel
+        self.dicts: dict[tuple, _Dict] = {}
+        for base in bases:
+            D = _Dict(g, base, model.dictionary(base), keep.get(base))
+            slot = D.part if D.role == "cut" else D.role
+            other = self.dicts.get((D.layer, slot))
+            if other is not None:
+                raise ValueError(f"The dictionaries at {other.base} and {base} both decompose the "
+                                 f"{'attention' if slot == 'attn' else 'MLP'} of layer {D.layer}; EAP over features "
+                                 "takes one dictionary per component: pass features=[...] without one of them.")
+            self.dicts[(D.layer, slot)] = D
+        senders, receivers = ["embed"], []
+        self.s_plain, self.r_plain = [(0, 0)], []       # (feature-graph index, component-graph index)
+        for L in range(g.n_layers):
+            for slot in ("resid_pre", "attn", "resid_mid", "mlp", "resid_post"):
+                D = self.dicts.get((L, slot))
+                if D is not None:
+                    D.s_idx = list(range(len(senders), len(senders) + len(D.names)))
+                    D.r_idx = list(range(len(receivers), len(receivers) + len(D.names)))
+                    senders += D.names
+                    receivers += D.names
+                elif slot in ("attn", "mlp"):
+                    for h in (range(g.H) if slot == "attn" else [None]):
+                        self.s_plain.append((len(senders), g.sender(L, h)))
+                        self.r_plain.append((len(receivers), g.receiver(L, h)))
+                        name = f"L{L}.head{h}" if h is not None else f"L{L}.mlp_out"
+                        senders.append(name)
+                        receivers.append(name)
+        self.r_plain.append((len(receivers), len(g.receivers) - 1))
+        receivers.append("logits")
+        self.senders, self.receivers = senders, receivers
+        self.upstream = upstream_mask(senders, receivers, self.parallel)
+        # the component graph's receivers that read what each dictionary's nodes write
+        read_t = torch.tensor([2 * _step(v, self.parallel) for v in g.receivers])
+        for D in self.dicts.values():
+            D.after = read_t > 2 * _step(D.names[0], self.parallel) + 1
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.upstream.sum())
+
+    # -- the dictionary's view of a run
+    def _input(self, D: _Dict, record: dict) -> torch.Tensor:
+        """The residual the dictionary's component reads (for a cut: the residual at the cut)."""
+        if D.role == "cut":
+            return record[(D.part, D.layer)]
+        if D.role == "mlp" and not self.parallel:
+            return record[("resid_mid", D.layer)]
+        return record[("resid_pre", D.layer)]
+
+    def _component(self, D: _Dict, X: torch.Tensor, calls) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder input, component output in the residual) for C copies X [C, b, p, d] of the component's input."""
+        if D.role == "cut":
+            return X, X
+        m, a, g = self.model, self.model.arch, self.graph
+        C, b, p, d = X.shape
+        args, kwargs = calls[D.layer]
+        call = (_tile(args, b, C), _tile(kwargs, b, C))
+        flat = X.reshape(C * b, p, d)
+        if D.role == "attn":
+            z = g._call(D.layer, flat, call, "z").reshape(C, b, p, -1)
+            o = m.layer_module(D.layer, a.o_proj)
+            out = z @ a.o_weight(o).T
+            if D.enc == "z":
+                return z, out
+            bias = getattr(o, "bias", None)
+            return out + (bias if bias is not None else 0), out
+        grab: dict = {}
+        y = g._call(D.layer, flat, call, "mlp", grab).reshape(C, b, p, d)
+        if D.enc == "y":
+            return y, y
+        if D.enc == "x":
+            return X, y
+        return grab[D.enc].reshape(C, b, p, -1), y
+
+    def _acts(self, D: _Dict, enc: torch.Tensor) -> torch.Tensor:
+        """a~: the latents of `enc` as the decoder applies them (reconstruction = a~ W_dec + constant part)."""
+        return effective_latents(D.dictionary, enc).to(enc.dtype)
+
+    # -- one chunk
+    def sender_blocks(self, s_clean, s_corr, rec_clean: dict, rec_corr: dict, calls):
+        """The senders' output differences (corrupted - clean): dense [n, N, d] rows (component-graph senders and
+        error nodes) with their indices, and per dictionary the latent differences [N, F]."""
+        idx, dense, lat = [], [], []
+        for i, j in self.s_plain:
+            idx.append(i)
+            dense.append(s_corr[j] - s_clean[j])
+        g = self.graph
+        with torch.no_grad():
+            for D in self.dicts.values():
+                x_c, x_x = self._input(D, rec_clean), self._input(D, rec_corr)
+                a_c = self._acts(D, self._component(D, x_c[None], calls)[0])[0]
+                a_x = self._acts(D, self._component(D, x_x[None], calls)[0])[0]
+                da = a_x - a_c
+                if D.role == "cut":
+                    group = x_x - x_c
+                elif D.role == "attn":
+                    hs = [g.sender(D.layer, h) for h in range(g.H)]
+                    group = (s_corr[hs] - s_clean[hs]).sum(0)
+                else:
+                    group = s_corr[g.sender(D.layer)] - s_clean[g.sender(D.layer)]
+                idx.append(D.s_idx[-1])
+                dense.append(group - da @ D.W.to(da.dtype))
+                lat.append((D, da.reshape(-1, da.shape[-1])))
+        d = dense[0].shape[-1]
+        return (idx, torch.stack(dense).reshape(len(dense), -1, d)), lat
+
+    def receiver_blocks(self, G: torch.Tensor, record: dict, calls):
+        """The receivers' input gradients: dense [n, N, d] rows (component-graph receivers, attention-dictionary
+        latent nodes, error nodes) with their indices, and per per-token dictionary its active-latent slots
+        ([N, K, d] input gradients of w_f a~_f and the latent ids [N, K], -1 where a token has fewer)."""
+        g = self.graph
+        idx = [i for i, _ in self.r_plain]
+        dense = [G[j] for _, j in self.r_plain]
+        slots = []
+        for D in self.dicts.values():
+            x = self._input(D, record)
+            g_out = G[D.after.to(G.device)].sum(0)          # d metric / d (what the nodes write)
+            if D.role == "cut":
+                group = g_out
+            elif D.role == "attn":
+                group = G[[g.receiver(D.layer, h) for h in range(g.H)]].sum(0)
+            else:
+                group = G[g.receiver(D.layer)]
+            w = g_out @ D.W.to(g_out.dtype).T                # [b, p, F]: d metric / d a~
+            if D.role == "attn":
+                reps, rows_ = self._node_grads(D, x, w, calls)
+                idx += [D.r_idx[r] for r in rows_]
+                dense += list(reps)
+                err = group - reps.sum(0)
+            else:
+                R, lat = self._slot_grads(D, x, w, calls)
+                slots.append((D, R.reshape(-1, *R.shape[2:]), lat.reshape(-1, lat.shape[-1])))
+                err = group - R.sum(2)
+            idx.append(D.r_idx[-1])
+            dense.append(err)
+        d = G.shape[-1]
+        return (idx, torch.stack(dense).reshape(len(dense), -1, d)), slots
+
+    def _fires(self, D: _Dict, x: torch.Tensor, calls) -> torch.Tensor:
+        with torch.no_grad():
+            return self._acts(D, self._component(D, x[None], calls)[0])[0] != 0
+
+    def _slot_grads(self, D: _Dict, x: torch.Tensor, w: torch.Tensor, calls):
+        """For a per-token component: per token, the input gradient of w_f a~_f(x) of each latent f firing there."""
+        b, p, d = x.shape
+        F = w.shape[-1]
+        fires = self._fires(D, x, calls)
+        K = int(fires.sum(-1).max()) if fires.numel() else 0
+        on, order = fires.to(torch.float32).sort(dim=-1, descending=True, stable=True)
+        lat = torch.where(on[..., :K] > 0, order[..., :K], -1)
+        R = x.new_zeros(b, p, K, d)
+        step = max(1, _BIG // max(1, b * p * F))
+        for k0 in range(0, K, step):
+            c = min(K, k0 + step) - k0
+            sel = lat[..., k0:k0 + c].permute(2, 0, 1)            # [c, b, p]
+            safe = sel.clamp(min=0)[..., None]
+            with frozen_parameters(self.model.hf), frozen_parameters(D.dictionary), torch.enable_grad():
+                X = x.detach()[None].expand(c, b, p, d).clone().requires_grad_()
+                A = self._acts(D, self._component(D, X, calls)[0])
+                val = A.gather(-1, safe)[..., 0] * w[None].expand(c, b, p, F).gather(-1, safe)[..., 0] * (sel >= 0)
+                (gx,) = torch.autograd.grad(val.sum(), X, allow_unused=True, materialize_grads=True)
+            R[:, :, k0:k0 + c] = gx.permute(1, 2, 0, 3)
+        return R, lat
+
+    def _node_grads(self, D: _Dict, x: torch.Tensor, w: torch.Tensor, calls):
+        """For the attention (which mixes positions): each latent node's input gradient sum_f in node w_f a~_f(x),
+        for the nodes with a latent firing somewhere in the chunk (the others have none)."""
+        b, p, d = x.shape
+        F = w.shape[-1]
+        fires = self._fires(D, x, calls).reshape(-1, F).any(0).cpu()
+        rows_ = D.row[fires].unique()
+        reps = x.new_zeros(len(rows_), b, p, d)
+        step = max(1, _BIG // max(1, b * p * F))
+        for r0 in range(0, len(rows_), step):
+            rr = rows_[r0:r0 + step]
+            member = (D.row[None, :] == rr[:, None]).to(w.device, w.dtype)   # [c, F]
+            with frozen_parameters(self.model.hf), frozen_parameters(D.dictionary), torch.enable_grad():
+                X = x.detach()[None].expand(len(rr), b, p, d).clone().requires_grad_()
+                A = self._acts(D, self._component(D, X, calls)[0])
+                val = (A * w[None] * member[:, None, None, :]).sum()
+                (gx,) = torch.autograd.grad(val, X, allow_unused=True, materialize_grads=True)
+            reps[r0:r0 + len(rr)] = gx
+        return reps, rows_.tolist()
+
+    def accumulate(self, total: torch.Tensor, senders, receivers, weight: float = 1.0) -> None:
+        """total[sender, receiver] += weight * sum over tokens of (sender output change) . (receiver input gradient)."""
+        (s_idx, S), lat = senders
+        (r_idx, Gd), slots = receivers
+
+        def add(si, ri, m):
+            si, ri = torch.as_tensor(si, dtype=torch.long), torch.as_tensor(ri, dtype=torch.long)
+            total.index_put_((si[:, None], ri[None, :]), weight * m.double().cpu(), accumulate=True)
+
+        add(s_idx, r_idx, torch.einsum("und,vnd->uv", S, Gd))
+        dev = S.device
+        for D, da in lat:
+            A = (da != 0).any(0).nonzero()[:, 0]
+            if not len(A):
+                continue
+            Wa, daA, rows_ = D.W.to(dev, da.dtype)[A], da[:, A], D.row.to(dev)[A]
+            out = torch.zeros(D.n_nodes, len(r_idx), dtype=da.dtype, device=dev)
+            step = max(1, _BIG // max(1, da.shape[0] * len(A)))
+            for v0 in range(0, len(r_idx), step):
+                e = torch.einsum("vnf,nf->fv", Gd[v0:v0 + step] @ Wa.T, daA)
+                out[:, v0:v0 + step] = torch.zeros_like(out[:, v0:v0 + step]).index_add_(0, rows_, e)
+            add(D.s_idx[:D.n_nodes], r_idx, out)
+        for E, R, lat_ids in slots:
+            if not R.shape[1]:
+                continue
+            cols = torch.where(lat_ids >= 0, E.row.to(dev)[lat_ids.clamp(min=0)], E.n_nodes).reshape(-1)
+            P = torch.einsum("und,nkd->unk", S, R).reshape(S.shape[0], -1)
+            out = torch.zeros(S.shape[0], E.n_nodes + 1, dtype=P.dtype, device=dev).index_add_(1, cols, P)
+            add(s_idx, E.r_idx[:E.n_nodes], out[:, :-1])
+            for D, da in lat:
+                if not bool(self.upstream[D.s_idx[:D.n_nodes]][:, E.r_idx[:E.n_nodes]].any()):
+                    continue
+                A = (da != 0).any(0).nonzero()[:, 0]
+                if not len(A):
+                    continue
+                out = torch.zeros(D.n_nodes, E.n_nodes, dtype=P.dtype, device=dev)
+                step = max(1, _BIG // max(1, R.shape[0] * R.shape[1]))
+                for f0 in range(0, len(A), step):
+                    Af = A[f0:f0 + step]
+                    M = torch.einsum("nkd,fd->nkf", R, D.W.to(dev, R.dtype)[Af]) * da[:, None, Af]
+                    t = torch.zeros(E.n_nodes + 1, len(Af), dtype=M.dtype, device=dev)
+                    t.index_add_(0, cols, M.reshape(-1, len(Af)))
+                    out.index_add_(0, D.row.to(dev)[Af], t[:-1].T)
+                add(D.s_idx[:D.n_nodes], E.r_idx[:E.n_nodes], out)
+
+
+def effective_latents(dictionary, x: torch.Tensor) -> torch.Tensor:
+    """The latents of x as the decoder applies them: dictionary(x) = a~ W_dec + c(x), with c(x) = b_dec (denormalised:
+    b_dec / coeff, or b_dec * std + mean, for an SAE that normalises its input) plus a skip transcoder's skip term.
+    a~ = acts (x the old scaling factor, / the decoder norms if acts are rescaled by them) x the denormalisation scale.
+    Differentiable in x (the dictionary's own parameters are left as they are)."""
+    d = dictionary
+    acts = d.encode(x)
+    state, d._norm_state = d._norm_state, None
+    if d.scaling_factor is not None:
+        acts = acts * d.scaling_factor
+    if d.rescale_acts_by_decoder_norm:
+        acts = acts / d.W_dec.norm(dim=-1)
+    if d.normalize != "none" and not d.transcoder:
+        acts = acts / state[1] if state[0] == "scale" else acts * state[2]
+    return acts
+
+
+def _feature_bases(model, features) -> list[str]:
+    """The base sites of the dictionaries EAP uses (features=True: every attached one)."""
+    if not model.dictionaries:
+        raise ValueError("EAP over features needs a dictionary attached to the model; attach one with "
+                         "mechanic.features.attach(model, dictionary) (one per site, any number of sites).")
+    if features is True:
+        return list(model.dictionaries)
+    asked = [features] if isinstance(features, (str, Site)) else list(features)
+    out = []
+    for f in asked:
+        base = str(Site.parse(f))
+        if base not in model.dictionaries:
+            raise ValueError(f"features names {base}, where no dictionary is attached (attached: "
+                             f"{', '.join(model.dictionaries)}).")
+        out.append(base)
+    if not out:
+        raise ValueError("features is empty; pass True (every attached dictionary) or base sites.")
+    return list(dict.fromkeys(out))
+
+
+def _kept_latents(model, batch: TaskBatch, bases: list[str], latents, size: int) -> dict[str, list[int] | None]:
+    """Which latents are nodes, per dictionary (None = all); for an int N, the N whose activation differs most
+    between the clean and corrupted prompts (sum of |a_clean - a_corrupted| over examples and positions)."""
+    if latents is None:
+        return {b: None for b in bases}
+    if isinstance(latents, dict):
+        names = {str(Site.parse(k)): v for k, v in latents.items()}
+        unknown = set(names) - set(bases)
+        if unknown:
+            raise ValueError(f"latents names {', '.join(sorted(unknown))}, which is not among the dictionaries used "
+                             f"({', '.join(bases)}).")
+        return {b: [int(f) for f in names.get(b, [])] for b in bases}
+    if isinstance(latents, bool) or not isinstance(latents, int):
+        if len(bases) != 1:
+            raise ValueError("latents as a list names latents of one dictionary, but several are used; give a dict "
+                             "base site -> latents, e.g. {'L6.resid_post': [3, 17]}.")
+        return {bases[0]: [int(f) for f in latents]}
+    if latents < 0:
+        raise ValueError(f"latents must be a number of latents >= 0 per dictionary, got {latents}.")
+    sizes = {b: 0 for b in bases}
+    sites = [f"{b}.sae" for b in bases]
+    for start in range(0, batch.n, size):
+        sub = rows(batch, slice(start, start + size))
+        c, x = model.run(sub.clean, cache=sites), model.run(sub.corrupted, cache=sites)
+        for b, s in zip(bases, sites):
+            sizes[b] = sizes[b] + (c[s] - x[s]).abs().sum((0, 1)).float().cpu()
+    return {b: sorted(v.argsort(descending=True, stable=True)[:latents].tolist()) for b, v in sizes.items()}
+
+
+def _feature_eap(model, task, features, latents, ig_steps, metric, batch_size) -> Scores:
+    bases = _feature_bases(model, features)
+    batch, task_name, task_metric = task_batch(model, task)
+    need_corrupted(batch, "Edge attribution patching")
+    mname, mfn = metric_fn(metric, task_metric)
+    n, size = batch.n, batch_size or batch.n
+    keep = _kept_latents(model, batch, bases, latents, size)
+    fg = FeatureGraph(model, bases, keep)
+    graph = fg.graph
+    total = torch.zeros(len(fg.senders), len(fg.receivers), dtype=torch.float64)
+    m_clean = m_corr = 0.0
+    for start in range(0, n, size):
+        b = rows(batch, slice(start, start + size))
+        x0c, x0x, calls, lc, lx = prepare_graph_inputs(model, graph, b)
+        m_clean += float(mfn(lc, b).sum())
+        m_corr += float(mfn(lx, b).sum())
+        value_fn = lambda logits, b=b: mfn(logits, b).sum()  # noqa: E731
+        rec_x, rec_c = {}, {}
+        with torch.no_grad():
+            s_corr, _ = graph.execute(x0x, calls, record=rec_x)
+        if ig_steps is None:
+            s_clean, G, _ = receiver_grads(graph, x0c, calls, value_fn, record=rec_c)
+            points = [(G, rec_c)]
+        else:
+            with torch.no_grad():
+                s_clean, _ = graph.execute(x0c, calls, record=rec_c)
+            points = [x0x + (k / ig_steps) * (x0c - x0x) for k in range(ig_steps)]
+        senders = fg.sender_blocks(s_clean, s_corr, rec_c, rec_x, calls)
+        del s_clean, s_corr
+        for point in points:
+            if ig_steps is not None:
+                rec: dict = {}
+                G = receiver_grads(graph, point, calls, value_fn, record=rec)[1]
+                point = (G, rec)
+            fg.accumulate(total, senders, fg.receiver_blocks(*point, calls), 1.0 / len(points))
+            del point
+    values = (total / n).float() * fg.upstream
+    settings = {"axes": ["sender", "receiver"], "ig_steps": ig_steps, "parallel": fg.parallel, "n_examples": n,
+                "n_edges": fg.n_edges, "metric_clean": m_clean / n, "metric_corrupted": m_corr / n,
+                "approximates": "m(clean, edge := corrupted) - m(clean)", "features": bases,
+                "latents": keep if latents is not None else None}
+    return Scores(values, fg.senders, "eap" if ig_steps is None else "eap-ig", positions=fg.receivers,
                   task=task_name, metric=mname, model=model.name, fingerprint=model.fingerprint, settings=settings)
