@@ -4,7 +4,11 @@ Two processes are spawned once per group of checks (torch.multiprocessing, a fil
 rank 0 saves what every entry point returned and the parent compares it with the same call in one process.
 """
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +190,65 @@ def test_single_process_calls_pass_through():
     assert D.run(lambda: 7) == [7] and D.decide("x") == "x" and D.gather(3) == [3]
     with pytest.raises(ValueError, match="plain"):
         D.run(lambda: (_ for _ in ()).throw(ValueError("plain")))
+
+
+# ---------------------------------------------------------------- a recipe run under torchrun
+WORDS = [" man", " woman", " king", " father", " mother", " city", " house", " river", " water", " fire", " land",
+         " war", " peace", " law", " church", " people", " world", " day", " night"]   # one token each
+
+
+def recipe_files(tmp_path, tok) -> Path:
+    """A tiny worded model directory, a 24-row task file (train/validation/test rows) and a recipe using both."""
+    d = tmp_path / "tiny"
+    tiny_model("qwen2", vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    rows = []
+    for i in range(24):
+        a, b = WORDS[i % 19], WORDS[(i * 7 + 3) % 19]
+        ans, wrong = WORDS[(i * 5 + 1) % 19], WORDS[(i * 3 + 2) % 19]
+        rows.append({"prompt": f"In the morning the{a} went to the", "answer": ans,
+                     "wrong": wrong if wrong != ans else WORDS[(i * 3 + 3) % 19],
+                     "corrupted": f"In the morning the{b if b != a else WORDS[(i + 1) % 19]} went to the",
+                     "split": "train" if i < 12 else ("validation" if i < 16 else "test")})
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: tiny
+title: "Neurons, tiny"
+model: {d}
+task: {{file: {tmp_path / 'task.jsonl'}}}
+locate: {{method: neuron_attribution, top_k: 4, keep: 2}}
+steer: {{method: neuron_edit, factor: 0.0}}
+evaluate: {{target: [task], side_effects: [kl], n_boot: 200}}
+""")
+    return recipe
+
+
+def without_clocks(results: dict) -> dict:
+    """results.json without what differs between any two runs (timings, command line, finish time)."""
+    r = json.loads(json.dumps(results))
+    for k in ("timings", "command", "finished"):
+        r["manifest"].pop(k)
+    r["evaluation"].pop("seconds")
+    for s in r["stages"]:
+        s.pop("seconds")
+    return r
+
+
+def test_recipe_with_two_procs_writes_the_same_results_once(tmp_path, word_tokenizer):
+    from typer.testing import CliRunner
+
+    from mechanic.cli import app
+
+    recipe = recipe_files(tmp_path, word_tokenizer)
+    one = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "one"), "--json"])
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "mechanic", "run", str(recipe), "-o", str(tmp_path / "two"),
+                          "--procs", "2", "--json"], capture_output=True, text=True, env=env, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    same(without_clocks(b), without_clocks(a))
+    assert json.loads(two.stdout[two.stdout.index("{"):]) == b         # rank 0 alone printed
+    left = [p.name for p in (tmp_path / "two").rglob("*") if "rank" in p.name or p.name.startswith(".")]
+    assert sorted(p.name for p in (tmp_path / "two" / "stages").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one" / "stages").iterdir()) and not [x for x in left if "rank" in x]

@@ -130,6 +130,8 @@ def run(fn, *args, **kwargs) -> list:
     """
     try:
         mine = fn(*args, **kwargs)
+    except DistributedError:   # already gathered by a collective inside fn: every rank knows, gather no more
+        raise
     except Exception as e:   # noqa: BLE001 - forwarded to every rank below
         if not is_distributed():
             raise

@@ -16,12 +16,14 @@ def _run(recipe: str, out: Path, size: Optional[str], model: Optional[str], reus
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from mechanic import distributed as D
     from mechanic.progress import reporting
     from mechanic.recipes import recipe_path
     from mechanic.recipes.runner import run
     from mechanic.report import build_report
 
     path = recipe_path(recipe)
+    as_json = as_json or not D.is_main()      # torchrun: rank 0 alone shows progress
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console, disable=as_json, transient=False) as bar:
         job = bar.add_task(f"{path.stem}: loading", total=5)
@@ -83,8 +85,11 @@ def run_cmd(recipe: str = typer.Argument(None, help="A recipe .yaml file or a bu
             model: Optional[str] = typer.Option(None, help="Override the recipe's model."),
             reuse: bool = typer.Option(True, help="Reuse finished stages with the same inputs (resume)."),
             list_: bool = typer.Option(False, "--list", help="List the bundled recipes and exit."),
-            as_json: bool = typer.Option(False, "--json", help="Print results.json instead of tables.")):
+            as_json: bool = typer.Option(False, "--json", help="Print results.json instead of tables."),
+            procs: int = typer.Option(1, "--procs", help="Split the work over this many processes (launches "
+                                      "torchrun; see docs/SCALING.md). Results equal a 1-process run.")):
     """Run a recipe: locate -> steer -> evaluate, writing results.json, artifacts and report.html."""
+    from mechanic import distributed as D
     from mechanic.recipes import list_recipes, recipe_path
     from mechanic.recipes.schema import load_recipe
 
@@ -99,11 +104,37 @@ def run_cmd(recipe: str = typer.Argument(None, help="A recipe .yaml file or a bu
     if recipe is None:
         raise typer.BadParameter("give a recipe file or bundled name (mechanic run --list shows them)")
     out = out or Path("runs") / recipe_path(recipe).stem
+    if procs > 1 and not D.init():
+        return _launch(procs, ["run", recipe, "-o", str(out), *(["--size", size] if size else []),
+                               *(["--model", model] if model else []), *([] if reuse else ["--no-reuse"]),
+                               *(["--json"] if as_json else [])])
+    D.init()
     results = _run(recipe, out, size, model, reuse, as_json)
+    if not D.is_main():
+        return
     if as_json:
         emit_json(results)
     else:
         _print_results(results, out)
+
+
+def _launch(procs: int, argv: list[str]) -> None:
+    """`mechanic ARGV` in `procs` processes on this machine with torchrun; a failure names the rank that failed."""
+    import os
+    import subprocess
+    import sys
+
+    from mechanic.cli.common import fail
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))   # no oversubscription
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+           "-m", "mechanic", *argv]
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        fail(f"The {procs}-process run failed (exit code {rc}). The error above names the rank that failed (a rank "
+             "that raised: 'rank N raised ...'; a rank that died: torchrun's 'Root Cause' section gives its rank "
+             "and exit code). Run the same command again to resume: finished stages are reused.")
 
 
 @app.command("eval")

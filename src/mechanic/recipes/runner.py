@@ -11,17 +11,20 @@ first unfinished one without reading anything half written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from mechanic import distributed as D
 from mechanic.files import locks_run_dir, partial_name, write_text
 from mechanic.recipes.measures import recipe_measures
 from mechanic.recipes.methods import StageOut, run_method
@@ -106,29 +109,36 @@ class Runner:
         """Run `fn(tmp_dir)` unless stages/<name>-<key> is finished; return its output and final directory."""
         final = self.out / "stages" / f"{name}-{key}"
         done = final / "done.json"
-        if self.reuse and done.is_file():
+        if self.reuse and D.decide(done.is_file()):    # rank 0's view: every rank reuses, or none
             d = json.loads(done.read_text())
             out = StageOut(d["text"], d["figures"], d["data"], d["artifacts"])
             self.log(f"[{name}] reused {final.relative_to(self.out)} (finished earlier, same inputs)")
             if (final / "reads.json").is_file():   # a resumed run records the same reads as an uninterrupted one
                 self.reads.extend(r for r in json.loads((final / "reads.json").read_text()) if r not in self.reads)
             return self._record(name, title, key, out, final, d["seconds"], reused=True)
-        tmp = final.with_name(f"{partial_name(final)}{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if D.is_main():
+            tmp = final.with_name(f"{partial_name(final)}{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        else:                    # torchrun: the other ranks compute the same stage into scratch; rank 0 writes
+            tmp = Path(tempfile.mkdtemp(prefix=f"mechanic-{name}-rank{D.rank()}-"))
         self.log(f"[{name}] {title} ...")
         t0 = time.perf_counter()
         n_reads = len(self.reads)
         try:
-            out = fn(tmp)
+            out = D.run(fn, tmp)[D.rank()]     # a failed rank is named on every rank
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)   # an interrupted stage leaves nothing behind; a re-run redoes it
             raise
         seconds = time.perf_counter() - t0
-        write_text(tmp / "reads.json", json.dumps(self.reads[n_reads:], indent=1))
-        write_text(tmp / "done.json", json.dumps({**out.to_dict(), "seconds": seconds, "key": key}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if D.is_main():
+            write_text(tmp / "reads.json", json.dumps(self.reads[n_reads:], indent=1))
+            write_text(tmp / "done.json", json.dumps({**out.to_dict(), "seconds": seconds, "key": key}, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        D.barrier()                           # later stages read rank 0's finished directory
         self.log(f"[{name}] done in {seconds:.1f} s")
         return self._record(name, title, key, out, final, seconds, reused=False)
 
@@ -140,7 +150,17 @@ class Runner:
         return out, final
 
 
-@locks_run_dir   # one writer per run directory; a killed run's half-written files are removed first
+def _one_writer(fn):
+    """locks_run_dir on rank 0 only: under torchrun the other ranks never write into the run directory."""
+    locked = locks_run_dir(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return locked(*args, **kwargs) if D.is_main() else fn(*args, **kwargs)
+    return wrapper
+
+
+@_one_writer   # one writer per run directory; a killed run's half-written files are removed first
 def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: str | None = None,
         reuse: bool = True, log: Callable[[str], None] = print,
         report: Callable[[dict, Path], object] | None = None) -> dict:
@@ -164,8 +184,9 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     if model:
         recipe = recipe.model_copy(update={"model": model})
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "recipe.yaml", Path(recipe_path).read_text())
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "recipe.yaml", Path(recipe_path).read_text())
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
     m = mechanic.load(recipe.model)
@@ -258,6 +279,8 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
             results[k] = data[k]
     if pages is not None:
         results["feature_pages"] = pages
+    if not D.is_main():                   # torchrun: rank 0 writes results, manifest and report
+        return results
     # results.json first: it holds the manifest too, so a failed write (a full disk) leaves the previous pair
     write_text(out / "results.json", json.dumps(results, indent=1))
     write_text(out / "manifest.json", json.dumps(results["manifest"], indent=1))
