@@ -82,13 +82,13 @@ def _groups(drop: torch.Tensor, v0: int, H: int, n_up: int, j: int) -> tuple[lis
     return reps, group
 
 
-def _rows(graph: ComponentGraph, st: _Chunk, drop: torch.Tensor, j: int, fixed: torch.Tensor, v0: int,
+def _rows(graph: ComponentGraph, st: _Chunk, drop: torch.Tensor, j: int, fixed: torch.Tensor, index: dict,
           extra: torch.Tensor, corrupted: bool, stats: dict) -> torch.Tensor:
     """Last-position logits [K * b, vocab] of K circuits that equal the current one (edges `drop` carry their
     reference) except that receiver j's input gets extra[k] [K, b, p, d] in row block k.
 
-    fixed [V - v0, b, p, d]: the input change of receivers v0.. from dropped senders before j's layer, the
-    same in every row; the senders from j's layer on are computed here per row (K row blocks of b examples).
+    fixed [n, b, p, d]: the input change of the receivers run (receiver v in row index[v]) from dropped
+    senders before j's layer, the same in every row; the senders from j's layer on are computed here per row (K row blocks of b examples).
     corrupted (the reference is the corrupted run): a receiver with every incoming edge dropped reads the
     corrupted run's residual, so its output is its corrupted output, the reference: it is not run.
     stats counts the receiver copies run and those taken from the reference."""
@@ -98,12 +98,15 @@ def _rows(graph: ComponentGraph, st: _Chunk, drop: torch.Tensor, j: int, fixed: 
     B = K * b
     L0, stage, n0 = _start(graph, j)
     new = torch.empty(len(graph.senders) - n0, K, b, p, d, dtype=extra.dtype, device=extra.device)
+    ran: list[int] = []  # senders (offset by n0) run here; the others carry their reference (difference 0)
 
     def delta(cols: list[int], n_up: int) -> torch.Tensor:
         """Input change [len(cols), K, b, p, d] of receivers cols from dropped senders before n_up."""
-        out = fixed[[c - v0 for c in cols]].unsqueeze(1).expand(-1, K, -1, -1, -1)
-        if n_up > n0 and bool(drop[n0:n_up, cols].any()):
-            out = out + torch.einsum("uv,ukbpd->vkbpd", drop[n0:n_up, cols], new[:n_up - n0])
+        out = fixed[[index[c] for c in cols]].unsqueeze(1).expand(-1, K, -1, -1, -1)
+        sel = [u for u in ran if u < n_up - n0]
+        w = drop[[n0 + u for u in sel]][:, cols]
+        if sel and bool(w.any()):
+            out = out + torch.einsum("uv,ukbpd->vkbpd", w, new[sel])
         if j in cols:
             out = out.clone()
             out[cols.index(j)] += extra
@@ -136,7 +139,10 @@ def _rows(graph: ComponentGraph, st: _Chunk, drop: torch.Tensor, j: int, fixed: 
                 c[hs] = torch.einsum("hbpk,dhk->hbpd", z, a.o_weight(o).view(d, H, -1)[:, hs])
             bias = getattr(o, "bias", None)
             mid = R + (c.sum(0) + (bias if bias is not None else 0))
-            new[s0 - n0:s0 - n0 + H] = _ref(st.ref, slice(s0, s0 + H)).unsqueeze(1) - c.reshape(H, K, b, p, d)
+            if hs:
+                new[[s0 - n0 + h for h in hs]] = _ref(st.ref, slice(s0, s0 + H)).unsqueeze(1).expand(
+                    H, 1, -1, -1, -1)[hs] - c[hs].reshape(len(hs), K, b, p, d)
+                ran += [s0 - n0 + h for h in hs]
         else:
             mid = rep(st.mid[L])
         n_up = s0 if graph.parallel else graph.sender(L)
@@ -145,7 +151,8 @@ def _rows(graph: ComponentGraph, st: _Chunk, drop: torch.Tensor, j: int, fixed: 
         else:
             Xm = (R if graph.parallel else mid).view(K, b, p, d) + delta([graph.receiver(L)], n_up)[0]
             y = graph._call(L, Xm.reshape(B, p, d), (_tile(args, b, K), _tile(kwargs, b, K)), "mlp")
-        new[graph.sender(L) - n0] = _ref(st.ref, graph.sender(L)) - y.view(K, b, p, d)
+            new[graph.sender(L) - n0] = _ref(st.ref, graph.sender(L)) - y.view(K, b, p, d)
+            ran.append(graph.sender(L) - n0)
         R = mid + y
     Xf = R.view(K, b, p, d) + delta([len(graph.receivers) - 1], len(graph.senders))[0]
     return m.module(a.unembed)(m.module(a.final_norm)(Xf.reshape(B, p, d)[:, -1:]))[:, 0]
@@ -162,11 +169,15 @@ class _Tester:
 
     def receiver(self, j: int, drop: torch.Tensor) -> None:
         """Prepare the tests of edges into receiver j: every receiver's input change from the fixed senders."""
-        g = self.graph
+        g, V = self.graph, len(self.graph.receivers)
         L, _, self.n0 = _start(g, j)
-        self.j, self.v0, n0 = j, min(g.receiver(L, 0), j), self.n0   # receivers before v0 are not run
+        self.j, n0 = j, self.n0
+        # receivers from j's layer on that may run: with corrupted patching, one whose every edge is dropped does not
+        full = (drop == g.upstream).all(0) if self.runner.patch == "corrupted" else torch.zeros(V, dtype=torch.bool)
+        cols = [v for v in range(min(g.receiver(L, 0), j), V) if v in (j, V - 1) or not bool(full[v])]
+        self.index = {v: k for k, v in enumerate(cols)}
         self.D = [(_ref(st.ref, slice(0, n0)) - st.outs[:n0]) for st in self.chunks]
-        self.fixed = [torch.einsum("uv,ubpd->vbpd", drop[:n0, self.v0:].to(D.dtype), D) for D in self.D]
+        self.fixed = [torch.einsum("uv,ubpd->vbpd", drop[:n0, cols].to(D.dtype), D) for D in self.D]
 
     def metrics(self, drop: torch.Tensor, sets: list[list[int]]) -> list[float]:
         """The metric (mean over examples) of the current circuit with, in row k, the edges (i, j) for i in
@@ -176,9 +187,9 @@ class _Tester:
             for st, D, fixed in zip(self.chunks, self.D, self.fixed):
                 dropf = drop.to(D.device, D.dtype)
                 # j's own column changes as its edges go
-                fixed[j - self.v0] = torch.einsum("u,ubpd->bpd", dropf[:self.n0, j], D)
+                fixed[self.index[j]] = torch.einsum("u,ubpd->bpd", dropf[:self.n0, j], D)
                 extra = torch.stack([D[s].sum(0) if s else torch.zeros_like(D[0]) for s in sets])
-                logits = _rows(self.graph, st, dropf, j, fixed, self.v0, extra, self.runner.patch == "corrupted",
+                logits = _rows(self.graph, st, dropf, j, fixed, self.index, extra, self.runner.patch == "corrupted",
                                self.stats)
                 b = st.batch
                 vals = self.runner.fn(logits, b.select(torch.arange(b.n).repeat(K)))
@@ -187,7 +198,7 @@ class _Tester:
 
 
 def acdc(model, task: Task | TaskBatch, start: Circuit, threshold: float = 0.01, *, patch: str = "corrupted",
-         metric: str | Metric | None = None, batch_size: int | None = 8, candidates: int = 4,
+         metric: str | Metric | None = None, batch_size: int | None = 8, candidates: int = 2,
          progress: bool = True) -> tuple[Circuit, dict]:
     """Prune `start` greedily; returns the pruned circuit and a log (edges tried, removed, metric after each step).
 
