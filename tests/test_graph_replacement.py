@@ -71,6 +71,13 @@ def test_bad_transcoders_say_what_is_wrong():
         Replacement(model, {0: sae}, prompt())
     with pytest.raises(GraphError, match="one prompt"):
         Replacement(model, tcs, torch.randint(3, 100, (2, 5)))
+    padded = {"input_ids": torch.tensor([[0, 5, 6]]), "attention_mask": torch.tensor([[0, 1, 1]])}
+    with pytest.raises(GraphError, match="padding"):
+        Replacement(model, tcs, padded)
+    model.steering.append(object())
+    with pytest.raises(GraphError, match="applied plan"):
+        Replacement(model, tcs, prompt())
+    model.steering.clear()
     narrow = Dictionary(32, 8, "relu", d_out=64, site="L0.mlp_in", out_site="L0.mlp_out")
     with pytest.raises(GraphError, match="residual width is 64"):
         Replacement(model, {0: narrow}, prompt())

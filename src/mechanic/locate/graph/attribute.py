@@ -42,98 +42,113 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
     clock = _Clock()
     rep = transcoders if isinstance(transcoders, Replacement) else Replacement(model, transcoders, prompt)
     clock.lap("replacement")
-    m, L, P = model, model.dims.n_layers, rep.n_pos
-    W_U = rep._unembed.weight.detach()
     logit_ids, probs = salient_logits(rep.hf_logits[-1], logit_mass, max_logits)
-    logit_vecs = W_U[logit_ids] - W_U.mean(0)
-    K = len(logit_ids)
+    nodes = _Nodes(rep, logit_ids)
+    adjacency = _edges(rep, nodes, batch_size, clock)
+    bias = _biases(rep, nodes)
+    m = model
+    meta = {"model": m.name, "n_layers": nodes.L, "transcoders": [repr(d) if d is not None else None
+                                                                for d in rep.transcoders],
+            "logit_mass": logit_mass, "max_logits": max_logits, "batch_size": batch_size, **clock.done()}
+    tok = m.tokenizer
+    text = prompt if isinstance(prompt, str) else (tok.decode(rep.ids.tolist()) if tok is not None else None)
+    return Graph(nodes.kind, nodes.layer.int(), nodes.pos.int(), nodes.feature.long(), nodes.value, bias, adjacency,
+                 rep.ids.cpu(), logit_ids.cpu(), probs.float().cpu(),
+                 _labels(m, nodes.kind, nodes.layer, nodes.pos, nodes.feature, probs), text, {}, meta)
 
-    # nodes: features (layer, pos, feature), errors (layer, pos), tokens (pos), logits
-    f_layer = torch.cat([torch.full((len(a.pos),), i, dtype=torch.long) for i, a in enumerate(rep.active)])
-    f_pos = torch.cat([a.pos.cpu() for a in rep.active])
-    f_feat = torch.cat([a.feat.cpu() for a in rep.active])
-    F = len(f_layer)
+
+class _Nodes:
+    """The node table in graph order: features (layer, pos, feature), errors (layer, pos), tokens (pos), logits."""
+
+    def __init__(self, rep: Replacement, logit_ids: torch.Tensor):
+        L, P, K = len(rep.transcoders), rep.n_pos, len(logit_ids)
+        src = rep.sources
+        self.L, self.P, self.K = L, P, K
+        self.f_layer = torch.cat([torch.full((len(a.pos),), i, dtype=torch.long) for i, a in enumerate(rep.active)])
+        self.f_pos = torch.cat([a.pos.cpu() for a in rep.active])
+        F = self.F = len(self.f_layer)
+        self.starts = torch.tensor([0] + [len(a.pos) for a in rep.active]).cumsum(0)   # layer l: starts[l]..starts[l+1]
+        self.error_start, self.token_start, self.logit_start = F, F + L * P, F + L * P + P
+        self.N = F + L * P + P + K
+        self.kind = torch.tensor([0] * F + [1] * (L * P) + [2] * P + [3] * K, dtype=torch.int8)
+        self.layer = torch.cat([self.f_layer, torch.arange(L).repeat_interleave(P), torch.full((P,), -1),
+                                torch.full((K,), L)])
+        self.pos = torch.cat([self.f_pos, torch.arange(P).repeat(L), torch.arange(P), torch.full((K,), P - 1)])
+        self.feature = torch.cat([torch.cat([a.feat.cpu() for a in rep.active]), torch.full((L * P,), -1),
+                                  rep.ids.cpu(), logit_ids.cpu()])
+        z = rep.logits[-1]
+        self.value = torch.cat([*src.acts, torch.stack(src.errors).norm(dim=-1).flatten(), src.embed.norm(dim=-1),
+                                z[logit_ids] - z.mean()]).detach().float().cpu()
+        W_U = rep._unembed.weight.detach()
+        self.logit_ids = logit_ids
+        self.logit_vecs = W_U[logit_ids] - W_U.mean(0)        # what a demeaned logit reads from the final norm output
+
+
+def _edges(rep: Replacement, nodes: _Nodes, batch_size: int, clock) -> torch.Tensor:
+    """adjacency [N, N]: one backward row per feature and logit target, `batch_size` rows per backward pass."""
+    L, P, F, N = nodes.L, nodes.P, nodes.F, nodes.N
     src = rep.sources
-    N = F + L * P + P + K
-    kind = torch.tensor([0] * F + [1] * (L * P) + [2] * P + [3] * K, dtype=torch.int8)
-    layer = torch.cat([f_layer, torch.arange(L).repeat_interleave(P), torch.full((P,), -1), torch.full((K,), L)])
-    pos = torch.cat([f_pos, torch.arange(P).repeat(L), torch.arange(P), torch.full((K,), P - 1)])
-    feature = torch.cat([f_feat, torch.full((L * P,), -1), rep.ids.cpu(), logit_ids.cpu()])
-    logit_value = rep.logits[-1, logit_ids] - rep.logits[-1].mean()
-    value = torch.cat([*src.acts, torch.stack(src.errors).norm(dim=-1).flatten(), src.embed.norm(dim=-1),
-                       logit_value]).detach().float().cpu()
-
     # targets: logits first (they read the last layer), then features from the top layer down
-    order = [("logit", k) for k in range(K)] + [("feature", j) for j in torch.argsort(f_layer, descending=True,
-                                                                                         stable=True).tolist()]
-    enc = {}
-    for i, d in enumerate(rep.transcoders):
-        if d is not None and len(rep.active[i].feat):
-            enc[i] = encoder_rows(d, rep.active[i].feat).to(src.embed.dtype)
-    starts = torch.tensor([0] + [len(a.pos) for a in rep.active]).cumsum(0)
-
+    order = [("logit", k) for k in range(nodes.K)] + [
+        ("feature", j) for j in torch.argsort(nodes.f_layer, descending=True, stable=True).tolist()]
+    enc = {i: encoder_rows(d, rep.active[i].feat).to(src.embed.dtype) for i, d in enumerate(rep.transcoders)
+           if d is not None and len(rep.active[i].feat)}
+    starts = nodes.starts
     adjacency = torch.zeros(N, N)
     B = max(1, min(batch_size, len(order)))
-    leaves = src.leaves()
+    leaves = rep.sources.leaves()
     values = Sources(leaves.embed.detach(), [a.detach() for a in leaves.acts], [e.detach() for e in leaves.errors])
     batched = leaves.expand(B)
     clock.lap("setup")
     with torch.enable_grad():
         trace = rep.run(batched)
         clock.lap("forward")
-        inputs = [batched.embed] + [a for a in batched.acts if a.shape[-1]] + batched.errors
         with_acts = [i for i, a in enumerate(batched.acts) if a.shape[-1]]
+        inputs = [batched.embed] + [batched.acts[i] for i in with_acts] + batched.errors
         for c in range(0, len(order), B):
             chunk = order[c:c + B]
-            grads_out: dict[int, torch.Tensor] = {}       # layer -> [B, P, d] injected at that MLP input; L: final
+            inject: dict[int, torch.Tensor] = {}       # layer -> [B, P, d] injected at its MLP input; L: final norm
             rows = []
             for r, (what, j) in enumerate(chunk):
                 if what == "logit":
-                    g = grads_out.setdefault(L, torch.zeros_like(trace.final))
-                    g[r, -1] = logit_vecs[j]
-                    rows.append(F + L * P + P + j)
+                    inject.setdefault(L, torch.zeros_like(trace.final))[r, -1] = nodes.logit_vecs[j]
+                    rows.append(nodes.logit_start + j)
                 else:
-                    li = int(f_layer[j])
-                    g = grads_out.setdefault(li, torch.zeros_like(trace.mlp_in[li]))
-                    g[r, int(f_pos[j])] = enc[li][j - int(starts[li])]
+                    li = int(nodes.f_layer[j])
+                    g = inject.setdefault(li, torch.zeros_like(trace.mlp_in[li]))
+                    g[r, int(nodes.f_pos[j])] = enc[li][j - int(starts[li])]
                     rows.append(j)
-            outs = [trace.final if li == L else trace.mlp_in[li] for li in grads_out]
-            last = c + B >= len(order)
-            grads = torch.autograd.grad(outs, inputs, list(grads_out.values()), retain_graph=not last,
+            outs = [trace.final if li == L else trace.mlp_in[li] for li in inject]
+            grads = torch.autograd.grad(outs, inputs, list(inject.values()), retain_graph=c + B < len(order),
                                         allow_unused=True)
-            grads = [None if g is None else g.detach() for g in grads]
             g_embed, g_acts, g_err = grads[0], grads[1:1 + len(with_acts)], grads[1 + len(with_acts):]
             n = len(chunk)
             row = torch.zeros(n, N)
             for i, g in zip(with_acts, g_acts):
                 if g is not None:
-                    row[:, int(starts[i]):int(starts[i + 1])] = (g[:n] * values.acts[i]).float()
+                    row[:, int(starts[i]):int(starts[i + 1])] = (g[:n] * values.acts[i]).detach().float()
             for i, g in enumerate(g_err):
                 if g is not None:
-                    row[:, F + i * P:F + (i + 1) * P] = (g[:n] * values.errors[i]).sum(-1).float()
+                    row[:, F + i * P:F + (i + 1) * P] = (g[:n] * values.errors[i]).sum(-1).detach().float()
             if g_embed is not None:
-                row[:, F + L * P:F + L * P + P] = (g_embed[:n] * values.embed).sum(-1).float()
+                row[:, nodes.token_start:nodes.logit_start] = (g_embed[:n] * values.embed).sum(-1).detach().float()
             adjacency[torch.tensor(rows)] = row
     clock.lap("backward")
+    return adjacency
 
-    bias = torch.zeros(N)
+
+def _biases(rep: Replacement, nodes: _Nodes) -> torch.Tensor:
+    """Each target's value when every source is zero (the frozen model's constant part); 0 for sources."""
+    bias = torch.zeros(nodes.N)
     with torch.no_grad():
-        zero = rep.run(src.zeros().expand(1))
+        zero = rep.run(rep.sources.zeros().expand(1))
         for i, d in enumerate(rep.transcoders):
             a = rep.active[i]
             if d is not None and len(a.pos):
-                bias[int(starts[i]):int(starts[i + 1])] = d.pre(zero.mlp_in[i][0])[a.pos, a.feat].float()
+                bias[int(nodes.starts[i]):int(nodes.starts[i + 1])] = d.pre(zero.mlp_in[i][0])[a.pos, a.feat].float()
         z = zero.logits[0]
-        bias[F + L * P + P:] = (z[logit_ids] - z.mean()).float()
-
-    labels = _labels(m, kind, layer, pos, feature, probs)
-    meta = {"model": m.name, "n_layers": L, "transcoders": [repr(d) if d is not None else None for d in rep.transcoders],
-            "logit_mass": logit_mass, "max_logits": max_logits, "batch_size": B,
-            **clock.done()}
-    tok = m.tokenizer
-    prompt_text = prompt if isinstance(prompt, str) else (tok.decode(rep.ids.tolist()) if tok is not None else None)
-    return Graph(kind, layer.int(), pos.int(), feature.long(), value, bias, adjacency, rep.ids.cpu(), logit_ids.cpu(),
-                 probs.float().cpu(), labels, prompt_text, {}, meta)
+        bias[nodes.logit_start:] = (z[nodes.logit_ids] - z.mean()).float()
+    return bias
 
 
 class _Clock:

@@ -69,7 +69,9 @@ class Active:
     feat: torch.Tensor
     unique: torch.Tensor = field(default=None)
     inverse: torch.Tensor = field(default=None)
-    rows: torch.Tensor = field(default=None)
+    rows: torch.Tensor = field(default=None)       # decoder rows of `unique`
+    counts: list[int] = field(default=None)        # active features per position (they are sorted by position)
+    pos_rows: list[torch.Tensor] = field(default=None)   # per position: the decoder rows of its active features
 
 
 def as_layers(model, transcoders) -> list[Dictionary | None]:
@@ -132,6 +134,10 @@ class Replacement:
                              "Build one graph per prompt.")
         if not bool(batch["attention_mask"].all()):
             raise GraphError("The prompt has padding; pass one unpadded prompt (a string or a [1, pos] id tensor).")
+        if model.steering:
+            raise GraphError(f"{len(model.steering)} hook interventions of an applied plan are active on this model; "
+                             "the replacement reads the model's own forward and would not see them. Undo the plan "
+                             "(or bake it into the weights) before building a graph.")
         self.batch = batch
         self.ids = batch["input_ids"][0]
         a = model.arch
@@ -214,7 +220,9 @@ class Replacement:
                 a = d.encode(x).to(x.dtype)
                 pos, feat = a.nonzero(as_tuple=True)        # row-major: sorted by position, then feature
                 unique, inverse = feat.unique(return_inverse=True)
-                self.active.append(Active(pos, feat, unique, inverse, decoder_rows(d, unique).to(x.dtype)))
+                rows = decoder_rows(d, unique).to(x.dtype)
+                counts = torch.bincount(pos, minlength=x.shape[0]).tolist()
+                self.active.append(Active(pos, feat, unique, inverse, rows, counts, list(rows[inverse].split(counts))))
                 acts.append(a[pos, feat])
                 errors.append(y - d(x).to(y.dtype))
         self.sources = Sources(seen["embed"][0], acts, errors)
@@ -230,10 +238,11 @@ class Replacement:
         d, act = self.transcoders[layer], self.active[layer]
         if d is None:
             return out.expand(x_in.shape[0], *out.shape[-2:]) if out.dim() == 2 else out
-        if len(act.pos):   # each active feature adds a * its decoder row at its position (cheap in both directions)
-            rows = act.rows[act.inverse]
-            writes = x_in.new_zeros(x_in.shape[0], x_in.shape[1], rows.shape[-1])
-            out = out + writes.index_add(1, act.pos, acts[..., None] * rows)
+        if len(act.pos):   # position p gets acts at p @ their decoder rows: small matmuls, no [B, n, d] temporaries
+            B, d_out = x_in.shape[0], act.rows.shape[-1]
+            cols = [a @ r if a.shape[1] else x_in.new_zeros(B, d_out)
+                    for a, r in zip(acts.split(act.counts, 1), act.pos_rows)]
+            out = out + torch.stack(cols, 1)
         out = out + d.b_dec.detach().to(x_in.dtype)
         if d.W_skip is not None:
             out = out + x_in @ d.W_skip.detach().T.to(x_in.dtype)
