@@ -140,9 +140,10 @@ def test_layers_without_transcoders_are_all_error():
 def test_batch_size_does_not_change_edges():
     model, rep, g = graph_for("llama")
     one = attribute(model, rep, None, batch_size=1)
-    big = attribute(model, rep, None, batch_size=1000)
-    assert (one.adjacency - g.adjacency).abs().max() <= 1e-6
-    assert (big.adjacency - g.adjacency).abs().max() <= 1e-6
+    big = attribute(model, rep, None, batch_size=1000, prefixes=1)
+    each = attribute(model, rep, None, batch_size=5, prefixes=rep.n_pos)
+    for h in (one, big, each):
+        assert (h.adjacency - g.adjacency).abs().max() <= 1e-6
 
 
 def test_salient_logits_cover_the_mass():

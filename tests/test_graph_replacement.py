@@ -89,3 +89,15 @@ def test_a_norm_mechanic_cannot_freeze_is_refused():
     frozen_norm(norm, x, norm(x), "ok")                            # a real LayerNorm passes its own check
     with pytest.raises(GraphError, match="does not compute what mechanic expects"):
         frozen_norm(norm, x, norm(x) * 1.5, "model.norm")
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gpt2"])
+def test_a_prefix_run_equals_the_full_run_on_its_positions(name):
+    model = mechanic.load(tiny_model(name))
+    rep = Replacement(model, random_transcoders(model, layers={0, 2}), prompt(7))
+    with torch.no_grad():
+        full = rep.run(rep.sources.expand(2))
+        part = rep.run(rep.prefix(rep.sources.expand(2), 4))
+    for a, b in zip(part.mlp_in, full.mlp_in):
+        assert a.shape[1] == 4 and (a - b[:, :4]).abs().max() <= 1e-5
+    assert (part.final - full.final[:, :4]).abs().max() <= 1e-5

@@ -30,7 +30,7 @@ def salient_logits(logits: torch.Tensor, mass: float = 0.95, max_logits: int = 1
 
 
 def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logits: int = 10,
-              batch_size: int = 64) -> Graph:
+              batch_size: int = 64, prefixes: int = 4) -> Graph:
     """The full (unpruned) attribution graph of `prompt` (see mechanic.locate.graph.prune to prune and score it).
 
     transcoders: one mechanic transcoder per layer (a list with None for layers without one, or a dict
@@ -38,18 +38,21 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
     logit_mass / max_logits: which next tokens become logit nodes (see salient_logits).
     batch_size: target rows per backward pass (memory grows with it: the replacement runs on that many
     copies of the prompt).
+    prefixes: how many prompt prefixes the targets are grouped into by position (1: one forward of the
+    whole prompt; more: shorter backward passes for early targets, one forward per prefix).
     """
     clock = _Clock()
     rep = transcoders if isinstance(transcoders, Replacement) else Replacement(model, transcoders, prompt)
     clock.lap("replacement")
     logit_ids, probs = salient_logits(rep.hf_logits[-1], logit_mass, max_logits)
     nodes = _Nodes(rep, logit_ids)
-    adjacency = _edges(rep, nodes, batch_size, clock)
+    adjacency = _edges(rep, nodes, batch_size, clock, prefixes)
     bias = _biases(rep, nodes)
     m = model
     meta = {"model": m.name, "n_layers": nodes.L, "transcoders": [repr(d) if d is not None else None
                                                                 for d in rep.transcoders],
-            "logit_mass": logit_mass, "max_logits": max_logits, "batch_size": batch_size, **clock.done()}
+            "logit_mass": logit_mass, "max_logits": max_logits, "batch_size": batch_size, "prefixes": prefixes,
+            **clock.done()}
     tok = m.tokenizer
     text = prompt if isinstance(prompt, str) else (tok.decode(rep.ids.tolist()) if tok is not None else None)
     return Graph(nodes.kind, nodes.layer.int(), nodes.pos.int(), nodes.feature.long(), nodes.value, bias, adjacency,
@@ -84,57 +87,74 @@ class _Nodes:
         self.logit_vecs = W_U[logit_ids] - W_U.mean(0)        # what a demeaned logit reads from the final norm output
 
 
-def _edges(rep: Replacement, nodes: _Nodes, batch_size: int, clock) -> torch.Tensor:
-    """adjacency [N, N]: one backward row per feature and logit target, `batch_size` rows per backward pass."""
+def _edges(rep: Replacement, nodes: _Nodes, batch_size: int, clock, buckets: int = 4) -> torch.Tensor:
+    """adjacency [N, N]: one backward row per feature and logit target, `batch_size` rows per backward pass.
+
+    A target at position p depends on positions <= p only, so targets are grouped by position into
+    `buckets` prompt prefixes, each run once (the replacement of a prefix is exact for its positions).
+    """
     L, P, F, N = nodes.L, nodes.P, nodes.F, nodes.N
     src = rep.sources
-    # targets: logits first (they read the last layer), then features from the top layer down
-    order = [("logit", k) for k in range(nodes.K)] + [
-        ("feature", j) for j in torch.argsort(nodes.f_layer, descending=True, stable=True).tolist()]
     enc = {i: encoder_rows(d, rep.active[i].feat).to(src.embed.dtype) for i, d in enumerate(rep.transcoders)
            if d is not None and len(rep.active[i].feat)}
-    starts = nodes.starts
+    need = torch.cat([nodes.f_pos + 1, torch.full((nodes.K,), P)])        # prefix length each target needs
+    ends = sorted({-(-P * (b + 1) // buckets) for b in range(buckets)})
+    # within a prefix: logits first (they read the last layer), then features from the top layer down
+    layer_of = torch.cat([nodes.f_layer, torch.full((nodes.K,), L)])
     adjacency = torch.zeros(N, N)
-    B = max(1, min(batch_size, len(order)))
     leaves = rep.sources.leaves()
     values = Sources(leaves.embed.detach(), [a.detach() for a in leaves.acts], [e.detach() for e in leaves.errors])
-    batched = leaves.expand(B)
     clock.lap("setup")
-    with torch.enable_grad():
-        trace = rep.run(batched)
-        clock.lap("forward")
-        with_acts = [i for i, a in enumerate(batched.acts) if a.shape[-1]]
-        inputs = [batched.embed] + [batched.acts[i] for i in with_acts] + batched.errors
-        for c in range(0, len(order), B):
-            chunk = order[c:c + B]
-            inject: dict[int, torch.Tensor] = {}       # layer -> [B, P, d] injected at its MLP input; L: final norm
-            rows = []
-            for r, (what, j) in enumerate(chunk):
-                if what == "logit":
-                    inject.setdefault(L, torch.zeros_like(trace.final))[r, -1] = nodes.logit_vecs[j]
-                    rows.append(nodes.logit_start + j)
-                else:
-                    li = int(nodes.f_layer[j])
-                    g = inject.setdefault(li, torch.zeros_like(trace.mlp_in[li]))
-                    g[r, int(nodes.f_pos[j])] = enc[li][j - int(starts[li])]
-                    rows.append(j)
-            outs = [trace.final if li == L else trace.mlp_in[li] for li in inject]
-            grads = torch.autograd.grad(outs, inputs, list(inject.values()), retain_graph=c + B < len(order),
-                                        allow_unused=True)
-            g_embed, g_acts, g_err = grads[0], grads[1:1 + len(with_acts)], grads[1 + len(with_acts):]
-            n = len(chunk)
-            row = torch.zeros(n, N)
-            for i, g in zip(with_acts, g_acts):
-                if g is not None:
-                    row[:, int(starts[i]):int(starts[i + 1])] = (g[:n] * values.acts[i]).detach().float()
-            for i, g in enumerate(g_err):
-                if g is not None:
-                    row[:, F + i * P:F + (i + 1) * P] = (g[:n] * values.errors[i]).sum(-1).detach().float()
-            if g_embed is not None:
-                row[:, nodes.token_start:nodes.logit_start] = (g_embed[:n] * values.embed).sum(-1).detach().float()
-            adjacency[torch.tensor(rows)] = row
-    clock.lap("backward")
+    start = 0
+    for n in ends:
+        mine = ((need > start) & (need <= n)).nonzero().flatten()
+        start = n
+        if not len(mine):
+            continue
+        order = mine[torch.argsort(layer_of[mine], descending=True, stable=True)].tolist()
+        B = max(1, min(batch_size, len(order)))
+        with torch.enable_grad():
+            batched = rep.prefix(leaves.expand(B), n)
+            trace = rep.run(batched)
+            clock.lap("forward")
+            with_acts = [i for i, a in enumerate(batched.acts) if a.shape[-1]]
+            inputs = [batched.embed] + [batched.acts[i] for i in with_acts] + batched.errors
+            for c in range(0, len(order), B):
+                chunk = order[c:c + B]
+                inject: dict[int, torch.Tensor] = {}    # layer -> [B, n, d] injected at its MLP input; L: final norm
+                rows = []
+                for r, t in enumerate(chunk):
+                    if t >= F:
+                        inject.setdefault(L, torch.zeros_like(trace.final))[r, -1] = nodes.logit_vecs[t - F]
+                        rows.append(nodes.logit_start + t - F)
+                    else:
+                        li = int(nodes.f_layer[t])
+                        g = inject.setdefault(li, torch.zeros_like(trace.mlp_in[li]))
+                        g[r, int(nodes.f_pos[t])] = enc[li][t - int(nodes.starts[li])]
+                        rows.append(t)
+                outs = [trace.final if li == L else trace.mlp_in[li] for li in inject]
+                grads = torch.autograd.grad(outs, inputs, list(inject.values()), retain_graph=c + B < len(order),
+                                            allow_unused=True)
+                adjacency[torch.tensor(rows)] = _rows(grads, with_acts, values, nodes, len(chunk), n)
+            clock.lap("backward")
     return adjacency
+
+
+def _rows(grads, with_acts, values: Sources, nodes: _Nodes, rows: int, n: int) -> torch.Tensor:
+    """Edge rows [rows, N] from the gradients at the sources of an n-position prefix: value x gradient."""
+    F, P = nodes.F, nodes.P
+    g_embed, g_acts, g_err = grads[0], grads[1:1 + len(with_acts)], grads[1 + len(with_acts):]
+    row = torch.zeros(rows, nodes.N)
+    for i, g in zip(with_acts, g_acts):
+        if g is not None:
+            s = int(nodes.starts[i])
+            row[:, s:s + g.shape[1]] = (g[:rows] * values.acts[i][:g.shape[1]]).detach().float()
+    for i, g in enumerate(g_err):
+        if g is not None:
+            row[:, F + i * P:F + i * P + n] = (g[:rows] * values.errors[i][:n]).sum(-1).detach().float()
+    if g_embed is not None:
+        row[:, nodes.token_start:nodes.token_start + n] = (g_embed[:rows] * values.embed[:n]).sum(-1).detach().float()
+    return row
 
 
 def _biases(rep: Replacement, nodes: _Nodes) -> torch.Tensor:
@@ -160,7 +180,8 @@ class _Clock:
 
     def lap(self, name: str) -> None:
         now = (time.perf_counter(), time.process_time())
-        self.wall[name], self.cpu[name] = round(now[0] - self.t[0], 3), round(now[1] - self.t[1], 3)
+        self.wall[name] = round(self.wall.get(name, 0.0) + now[0] - self.t[0], 3)
+        self.cpu[name] = round(self.cpu.get(name, 0.0) + now[1] - self.t[1], 3)
         self.t = now
 
     def done(self) -> dict:

@@ -24,6 +24,12 @@ class FrozenNorm:
     bias: torch.Tensor | None
     centre: bool
 
+    def prefix(self, n: int, n_pos: int) -> "FrozenNorm":
+        """The same norm for the first n positions of the prompt (position is dim 1 of every norm's input)."""
+        if n == n_pos or self.scale.dim() < 2 or self.scale.shape[1] != n_pos:
+            return self
+        return FrozenNorm(self.scale[:, :n], self.weight, self.bias, self.centre)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.centre:
             x = x - x.mean(-1, keepdim=True)

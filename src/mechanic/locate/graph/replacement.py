@@ -240,25 +240,35 @@ class Replacement:
             return out.expand(x_in.shape[0], *out.shape[-2:]) if out.dim() == 2 else out
         if len(act.pos):   # position p gets acts at p @ their decoder rows: small matmuls, no [B, n, d] temporaries
             B, d_out = x_in.shape[0], act.rows.shape[-1]
+            n = x_in.shape[1]       # a prefix run has the features of the first n positions only
             cols = [a @ r if a.shape[1] else x_in.new_zeros(B, d_out)
-                    for a, r in zip(acts.split(act.counts, 1), act.pos_rows)]
+                    for a, r in zip(acts.split(act.counts[:n], 1), act.pos_rows[:n])]
             out = out + torch.stack(cols, 1)
         out = out + d.b_dec.detach().to(x_in.dtype)
         if d.W_skip is not None:
             out = out + x_in @ d.W_skip.detach().T.to(x_in.dtype)
         return out
 
+    def prefix(self, sources: Sources, n: int) -> Sources:
+        """The sources of the first n positions (views): the replacement of a prompt prefix, exact for them."""
+        keep = [sum(a.counts[:n]) if a.counts is not None else 0 for a in self.active]
+        return Sources(sources.embed[:, :n], [a[:, :k] for a, k in zip(sources.acts, keep)],
+                       [e[:, :n] for e in sources.errors])
+
     @contextmanager
     def _frozen(self, sources: Sources, trace: dict):
         """Hooks that turn the model's forward into the replacement, reading `sources`, filling `trace`."""
         m = self.model
         impl = m.hf.config._attn_implementation
+        n, P = sources.embed.shape[1], self.n_pos
+        patterns = [p[:, :, :n, :n] for p in self.patterns]
+        norms = {k: f.prefix(n, P) for k, f in self.norms.items()}
 
         def attention(module, query, key, value, attention_mask, **kwargs):
             layer = self._attn.get(id(module))
             if layer is None:
                 raise GraphError("An attention module outside the decoder layers ran during the replacement forward.")
-            return _apply_pattern(self.patterns[layer], value), self.patterns[layer]
+            return _apply_pattern(patterns[layer], value), patterns[layer]
 
         with ExitStack() as stack:
             stack.callback(override(ALL_ATTENTION_FUNCTIONS, impl, attention))
@@ -266,7 +276,7 @@ class Replacement:
             hook = lambda mod, fn, **kw: stack.callback(mod.register_forward_hook(fn, **kw).remove)  # noqa: E731
             pre = lambda mod, fn: stack.callback(mod.register_forward_pre_hook(fn, with_kwargs=True).remove)  # noqa: E731
             for name, mod in self._norms:
-                def norm(mod, args, kwargs, out, f=self.norms[name], final=mod is self._final):
+                def norm(mod, args, kwargs, out, f=norms[name], final=mod is self._final):
                     x = _hidden(args, kwargs)
                     y = f(x).to(x.dtype)
                     if final:
@@ -287,10 +297,11 @@ class Replacement:
             yield
 
     def run(self, sources: Sources) -> Trace:
-        """Evaluate the replacement at `sources` (batched [B, ...]); differentiable in the sources."""
-        B = sources.embed.shape[0]
+        """Evaluate the replacement at `sources` (batched [B, ...]; a prefix of the prompt when they are
+        `prefix(sources, n)`); differentiable in the sources."""
+        B, n = sources.embed.shape[:2]
         trace: dict = {"mlp_in": {}}
-        batch = {k: v.expand(B, -1) for k, v in self.batch.items()}
+        batch = {k: v[:, :n].expand(B, -1) for k, v in self.batch.items()}
         with self._frozen(sources, trace):
             self.model.hf(**batch, use_cache=False, logits_to_keep=1)
             if "final" not in trace:
