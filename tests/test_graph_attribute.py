@@ -158,7 +158,7 @@ def test_salient_logits_cover_the_mass():
 
 def test_save_load_round_trip(tmp_path):
     model, rep, g = graph_for("gpt2")
-    g.scores = {"replacement": 0.5}
+    assert set(g.scores) == {"replacement", "completeness"}
     g.save(tmp_path / "g")
     h = Graph.load(tmp_path / "g")
     assert torch.equal(h.adjacency, g.adjacency) and h.labels == g.labels and h.scores == g.scores

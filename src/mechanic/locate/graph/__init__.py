@@ -2,7 +2,7 @@
 
     from mechanic.locate.graph import attribute, prune, graph_scores
     g = attribute(model, transcoders, "The capital of France is")   # one transcoder per layer (or None)
-    g.scores = graph_scores(g)                                       # replacement, completeness
+    g.scores                                                         # replacement, completeness (graph_scores)
     kept = prune(g, node_threshold=0.8, edge_threshold=0.98)
     g.save("runs/graph")
 

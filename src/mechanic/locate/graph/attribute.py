@@ -16,6 +16,7 @@ import torch
 from mechanic.locate.graph.codes import encoder_rows
 from mechanic.locate.graph.errors import GraphError
 from mechanic.locate.graph.graph import KINDS, Graph
+from mechanic.locate.graph.prune import graph_scores
 from mechanic.locate.graph.replacement import Replacement, Sources
 
 
@@ -55,9 +56,11 @@ def attribute(model, transcoders, prompt, *, logit_mass: float = 0.95, max_logit
             **clock.done()}
     tok = m.tokenizer
     text = prompt if isinstance(prompt, str) else (tok.decode(rep.ids.tolist()) if tok is not None else None)
-    return Graph(nodes.kind, nodes.layer.int(), nodes.pos.int(), nodes.feature.long(), nodes.value, bias, adjacency,
-                 rep.ids.cpu(), logit_ids.cpu(), probs.float().cpu(),
-                 _labels(m, nodes.kind, nodes.layer, nodes.pos, nodes.feature, probs), text, {}, meta)
+    graph = Graph(nodes.kind, nodes.layer.int(), nodes.pos.int(), nodes.feature.long(), nodes.value, bias, adjacency,
+                  rep.ids.cpu(), logit_ids.cpu(), probs.float().cpu(),
+                  _labels(m, nodes.kind, nodes.layer, nodes.pos, nodes.feature, probs), text, {}, meta)
+    graph.scores = graph_scores(graph)       # replacement and completeness, reported with every graph
+    return graph
 
 
 class _Nodes:
