@@ -117,12 +117,13 @@ def test_acdc_threshold_extremes_and_errors():
 
 @pytest.mark.real
 def test_batched_acdc_equals_one_run_per_edge_on_smollm2(smollm2):
-    """On the real model: a top-40 EAP circuit of 4 IOI examples, pruned at 1% of the gap, same decisions."""
+    """On the real model: the top-150 EAP circuit of 4 IOI examples, pruned at 1% of the gap, same decisions."""
     from mechanic.tasks.builtin import load_task
 
     suite = load_task("ioi")
     b = mechanic.tasks.Task("ioi", suite.examples[::max(1, len(suite) // 4)][:4], suite.metric).tokenize(smollm2)
-    start = top_edges(eap(smollm2, b), 40)
+    start = top_edges(eap(smollm2, b), 150)
+    assert len(start) >= 10  # edges on paths from embed to logits
     circuit, log = acdc(smollm2, b, start, threshold=0.01, candidates=3, progress=False)
     ref_keep, ref_steps = loop_acdc(smollm2, b, start, 0.01)
     assert torch.equal(circuit.keep, ref_keep)

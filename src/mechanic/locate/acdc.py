@@ -9,6 +9,9 @@ Fast by construction (the decisions and their order are those of one run per edg
 - removing an edge into receiver v changes v's input only, and every edge removed so far goes into a
   receiver visited earlier (a later one), so everything before v's layer is the start circuit's run:
   it is recorded once, and each test runs from v's layer on (an edge into the logits: one unembedding);
+- with corrupted patching, a receiver none of whose edges is in the circuit reads the corrupted run's
+  residual, so its output is its corrupted output (its reference): it is not run (equal up to float
+  rounding; most receivers of a sparse circuit are such);
 - the candidates of one receiver run as batch rows, `candidates` per forward; row r assumes the
   decisions of the rows before it (predicted from the decisions so far), so a forward settles every edge
   up to and including the first mispredicted one, and the next forward starts after it.
