@@ -129,6 +129,26 @@ def trainable(model, params: list[torch.nn.Parameter]):
             p.grad = None
 
 
+def fit(model, params: list[torch.nn.Parameter], inputs, reads, n_facts: int, *, lr: float, steps: int, desc: str,
+        after_step=None) -> list[float]:
+    """Adam on the requests' target NLL until it is below STOP_LOSS or `steps` ran; after_step() (no grad) after
+    each step (FT-L's clamp). Returns the loss of every step run."""
+    opt = torch.optim.Adam(params, lr=lr)
+    losses: list[float] = []
+    for _ in track(range(steps), desc, unit="step"):
+        opt.zero_grad()
+        loss = target_nll(forward(model, inputs), reads, n_facts)
+        losses.append(float(loss.detach()))
+        if losses[-1] < STOP_LOSS:
+            break
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            with torch.no_grad():
+                after_step()
+    return losses
+
+
 def clamp_linf(W: torch.Tensor, W0: torch.Tensor, eps: float) -> torch.Tensor:
     """W clamped to |W - W0| <= eps elementwise, exactly (checked in float64): the clamp is computed in float64
     and a value that rounding to W's dtype put past the bound is moved an ulp at a time back towards W0."""
@@ -172,22 +192,14 @@ def ft(model, facts, layer: int | list[int] | None = None, *, eps: float = 5e-3,
     inputs, reads = requests(model, facts)
     named = [down_param(model, L) for L in layers]
     starts = [p.detach().clone() for _, p in named]
-    losses: list[float] = []
+    def clamp():
+        for (_, p), W0 in zip(named, starts):
+            p.copy_(clamp_linf(p, W0, eps))
     try:
         with torch.random.fork_rng(), trainable(model, [p for _, p in named]):
             torch.manual_seed(seed)
-            opt = torch.optim.Adam([p for _, p in named], lr=lr)
-            for _ in track(range(steps), f"FT-L on {len(facts)} facts", unit="step"):
-                opt.zero_grad()
-                loss = target_nll(forward(model, inputs), reads, len(facts))
-                losses.append(float(loss.detach()))
-                if losses[-1] < STOP_LOSS:
-                    break
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    for (_, p), W0 in zip(named, starts):
-                        p.copy_(clamp_linf(p, W0, eps))
+            losses = fit(model, [p for _, p in named], inputs, reads, len(facts), lr=lr, steps=steps,
+                         desc=f"FT-L on {len(facts)} facts", after_step=clamp)
         finals = [p.detach().clone() for _, p in named]
     finally:
         with torch.no_grad():

@@ -14,10 +14,9 @@ import warnings
 
 import torch
 
-from mechanic.progress import track
 from mechanic.steer.edit import _fact_dict
-from mechanic.steer.finetune import (STOP_LOSS, _positive, _steps, as_facts, down_param, edit_layers, forward,
-                                     no_hooks, requests, target_nll, trainable)
+from mechanic.steer.finetune import (_positive, _steps, as_facts, down_param, edit_layers, fit, no_hooks, requests,
+                                     trainable)
 from mechanic.steer.plan import Plan, PlanError, WeightEdit
 
 
@@ -47,7 +46,6 @@ def lora_factors(model, facts, layers: int | list[int] | None = None, *, rank: i
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, lora_dropout=0.0, bias="none",
                         fan_in_fan_out=model.arch.conv1d, init_lora_weights=True)
     inputs, reads = requests(model, facts)
-    losses: list[float] = []
     with torch.random.fork_rng(), trainable(model, []):
         torch.manual_seed(seed)   # A's random initialisation
         with warnings.catch_warnings():   # peft 0.21 calls a transformers method deprecated in v5
@@ -58,15 +56,8 @@ def lora_factors(model, facts, layers: int | list[int] | None = None, *, rank: i
             params = [x for m in layer_mods for x in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
             for x in params:
                 x.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=lr)
-            for _ in track(range(steps), f"LoRA on {len(facts)} facts", unit="step"):
-                opt.zero_grad()
-                loss = target_nll(forward(model, inputs), reads, len(facts))
-                losses.append(float(loss.detach()))
-                if losses[-1] < STOP_LOSS:
-                    break
-                loss.backward()
-                opt.step()
+            losses = fit(model, params, inputs, reads, len(facts), lr=lr, steps=steps,
+                         desc=f"LoRA on {len(facts)} facts")
             factors = {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone(),
                            float(m.scaling["default"])) for n, m in zip(names, layer_mods)}
         finally:
