@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from mechanic.report.html import page, write
-from mechanic.report.sections import esc, figure, fmt, num
+from mechanic.report.sections import esc, figure, fmt, num, stage_meta
 
 VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
 HIGHLIGHT = "234,88,12"          # orange, alpha = activation / the feature's largest activation
@@ -138,12 +138,7 @@ def run_section(results: dict, plots: list) -> str:
     body = "".join(f'<div class="line"><span class="what">{esc(w)}</span><span>{esc(v)}</span></div>' for w, v in lines)
     meta = [f'{num(f"{key}.tokens", data["tokens"])} tokens in {num(f"{key}.windows", data["windows"])} windows of '
             f'{num(f"{key}.seq_len", data["seq_len"])}']
-    if st.get("seconds") is not None:
-        meta.append(f'{num(f"{key}.stage.seconds", st["seconds"], fmt(st["seconds"], ".1f"))} s')
-    if st.get("reused"):
-        meta.append('<span class="badge muted">reused</span>')
-    if st.get("key"):
-        meta.append(f'key <code title="{esc(st["key"])}">{esc(str(st["key"])[:10])}</code>')
+    meta += stage_meta(st, f"{key}.stage")
     links = " ".join(f'<a href="#feature-{esc(f["id"])}">{esc(f["id"])}</a>' for f in data["features"])
     head = (f'<section class="card stage features" id="features"><h2>Features</h2><div class="meta">'
             f'{" · ".join(meta)}</div>{body}<nav class="feature-links">{links}</nav>'

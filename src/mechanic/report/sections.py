@@ -173,15 +173,21 @@ def figure(f: dict, path: str, plots: list) -> str:
             f"</figcaption>{inner}{cap}</figure>")
 
 
-def stage(st: dict, i: int, plots: list) -> str:
-    """One stage: title, timing, cache key, text, its figures and the artifacts it wrote."""
+def stage_meta(st: dict, key: str) -> list[str]:
+    """A stage's seconds (data key `<key>.seconds`), a reused badge and its cache key, as meta-line pieces."""
     meta = []
     if st.get("seconds") is not None:
-        meta.append(f'{num(f"stages.{i}.seconds", st["seconds"], fmt(st["seconds"], ".1f"))} s')
+        meta.append(f'{num(f"{key}.seconds", st["seconds"], fmt(st["seconds"], ".1f"))} s')
     if st.get("reused"):
         meta.append('<span class="badge muted">reused</span>')
     if st.get("key"):
         meta.append(f'key <code title="{esc(st["key"])}">{esc(str(st["key"])[:10])}</code>')
+    return meta
+
+
+def stage(st: dict, i: int, plots: list) -> str:
+    """One stage: title, timing, cache key, text, its figures and the artifacts it wrote."""
+    meta = stage_meta(st, f"stages.{i}")
     text = "".join(f"<p>{esc(p)}</p>" for p in str(st.get("text", "")).split("\n\n") if p.strip())
     figs = "".join(figure(f, f"stages.{i}.figures.{j}", plots) for j, f in enumerate(st.get("figures", [])))
     arts = "".join(f"<li><span>{esc(k)}</span> <code>{esc(v)}</code></li>" for k, v in (st.get("artifacts") or {}).items())
