@@ -11,7 +11,8 @@ squared error summed over the vector and averaged over tokens):
                                                             bandwidth 0.05 on unit-scale inputs, since the
                                                             paper's 0.001 leaves thresholds frozen for
                                                             billions of tokens, SAELens issue 494)
-AuxK: latents that have not fired for `dead_after` tokens reconstruct the residual with their top k_aux.
+Dead latents (not fired for `dead_after` tokens): topk/batchtopk reconstruct the residual with their top
+k_aux (AuxK); relu/jumprelu ones are resampled at the worst-reconstructed tokens of the batch (`_resample`).
 """
 
 from __future__ import annotations
@@ -263,12 +264,45 @@ class Trainer:
                 d.threshold.fill_(self.batch_threshold)
             if arch == "jumprelu":
                 d.threshold.copy_(self.log_threshold.exp())
+        if arch in ("relu", "jumprelu") and dead.any():
+            self._resample(dead, x, err.detach())
         self.step_no += 1
         with torch.no_grad():
             var = (y - y.mean(0)).pow(2).sum(-1).mean()
             self.stats = {"fvu": float(err.pow(2).sum(-1).mean() / var.clamp_min(1e-12)), "l0": float(l0),
                           "dead": float(dead.float().mean()), "loss": float(loss)}
         return self.stats
+
+    @torch.no_grad()
+    def _resample(self, dead: torch.Tensor, x: torch.Tensor, err: torch.Tensor) -> None:
+        """Dead relu/jumprelu latents start again at the batch's worst-reconstructed tokens (Anthropic, 2023): each
+        takes a token drawn with probability proportional to its squared error (a generator seeded by seed and
+        step, so a resumed run draws the same); encoder column along the token's input at 0.2x the mean live
+        column norm, decoder row along its error at the mean live row norm, bias (and threshold) and their Adam
+        moments reset."""
+        d, idx = self.dict, dead.nonzero().squeeze(1)
+        weight = err.pow(2).sum(-1)
+        if not float(weight.sum()) > 0:
+            return
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step_no)
+        rows = torch.multinomial(weight, len(idx), replacement=True, generator=g)
+        live = ~dead
+        unit = lambda v: v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+        enc_norm = float(d.W_enc[:, live].norm(dim=0).mean()) if live.any() else 1.0
+        dec_norm = float(d.W_dec[live].norm(dim=-1).mean()) if live.any() else 1.0
+        d.W_enc[:, idx] = (unit(d.sae_in(x[rows])) * 0.2 * enc_norm).T
+        d.W_dec[idx] = unit(err[rows]) * dec_norm
+        d.b_enc[idx] = 0.0
+        touched = [(d.W_enc, (slice(None), idx)), (d.W_dec, (idx,)), (d.b_enc, (idx,))]
+        if hasattr(self, "log_threshold"):
+            self.log_threshold[idx] = math.log(self.cfg.init_threshold)
+            d.threshold.copy_(self.log_threshold.exp())
+            touched.append((self.log_threshold, (idx,)))
+        for p, where in touched:
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in self.opt.state.get(p, {}):
+                    self.opt.state[p][name][where] = 0.0
+        self.since_fired[idx] = 0
 
     # ---- finishing -------------------------------------------------------
     def finished(self) -> Dictionary:
