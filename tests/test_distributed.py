@@ -40,7 +40,7 @@ def locate_jobs():
     from mechanic.locate.causal import patch
     from mechanic.locate.gradient import atp, eap
     from mechanic.locate.neurons import neuron_attribution
-    from mechanic.locate.parallel import parallel
+    from mechanic.locate.parallel import data_parallel, parallel
 
     m = mechanic.load(tiny_model("llama"))
     b = tiny_batch(m)
@@ -48,6 +48,7 @@ def locate_jobs():
            "patch_head_noise": parallel(patch, m, b, kind="head", positions=None, direction="noise", progress=False),
            "patch_mean_ablation": parallel(patch, m, b, kind="mlp_out", positions=[-1], ablation="mean",
                                            progress=False),
+           "patch_decorated": data_parallel(patch)(m, b, "attn_out", [-1, 2], progress=False),   # positional
            "eap": parallel(eap, m, b),
            "eap_ig": parallel(eap, m, b, ig_steps=2)}
     out.update({f"atp_{k}": v for k, v in parallel(atp, m, b, kind=["head", "resid_pre"], batch_size=2).items()})
@@ -57,7 +58,7 @@ def locate_jobs():
 
 
 def evaluate_jobs():
-    """evaluate (plain, and with collect_before's values as the recipes call it) of an ablation on a worded tiny model."""
+    """evaluate, plain and with collect_before's values (as recipes call it), of an ablation on a worded tiny model."""
     import mechanic
     from conftest import build_word_tokenizer
     from mechanic.improve.evaluate import (EditMeasure, FluencyMeasure, KLMeasure, PerplexityMeasure, TaskMeasure,
@@ -78,7 +79,22 @@ def evaluate_jobs():
     plain = evaluate(m, plan, measures, n_boot=200, n_perm=200).to_dict()
     before = collect_before(m, measures)
     staged = evaluate(m, plan, measures, n_boot=200, n_perm=200, before=before).to_dict()
-    return {"plain": plain, "staged": staged}
+    return {"plain": plain, "staged": staged, **sweep_jobs(m)}
+
+
+def sweep_jobs(m):
+    """Steering sweeps split by layer (3 layers: shards of 2 and 1) and by coefficient."""
+    from mechanic.steer.parallel import parallel_sweep
+    from mechanic.steer.vectors import caa, pairs_from_task
+    from mechanic.tasks import Example, Task
+
+    task = Task("t", [Example("I loved this film, it was", " great", " awful", "I hated this film, it was"),
+                      Example("What a good day, so", " happy", " sad", "What a bad day, so")])
+    v = caa(m, pairs_from_task(task), layers=[0, 1, 2])
+    kw = dict(neutral=["It was the best of times, it was the worst of times, it was the age of wisdom."] * 4,
+              neutral_tokens=48, seq_len=16)
+    return {"sweep_layers": parallel_sweep(m, v, task, [0, 1, 2], [0.0, 3.0], **kw),
+            "sweep_coefficients": parallel_sweep(m, v, task, [1], [-2.0, 0.0, 3.0], **kw)}
 
 
 def failing_job():
@@ -122,8 +138,8 @@ def located(tmp_path_factory):
     return two, one
 
 
-KEYS = ["patch_resid", "patch_head_noise", "patch_mean_ablation", "eap", "eap_ig", "atp_head", "atp_resid_pre",
-        "neurons_head", "neurons_neuron"]
+KEYS = ["patch_resid", "patch_decorated", "patch_head_noise", "patch_mean_ablation", "eap", "eap_ig", "atp_head",
+        "atp_resid_pre", "neurons_head", "neurons_neuron"]
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -167,7 +183,7 @@ def same(a, b, where="") -> None:
         assert a == b, (where, a, b)
 
 
-def test_evaluate_on_two_ranks_equals_one_process(tmp_path):
+def test_evaluate_and_sweeps_on_two_ranks_equal_one_process(tmp_path):
     two = spawn("evaluate", tmp_path)
     one = evaluate_jobs()
     for k in ("plain", "staged"):
@@ -175,6 +191,13 @@ def test_evaluate_on_two_ranks_equals_one_process(tmp_path):
         assert {r["measure"] for r in two[k]["rows"]} == {"facts", "edit", "perplexity", "kl", "fluency"}
     assert one["plain"]["rows"][0]["delta"]["mean"] != 0      # the plan moves something
     same(two["plain"]["rows"], two["staged"]["rows"])
+    for k in ("sweep_layers", "sweep_coefficients"):
+        for part in ("target", "kl", "ppl"):
+            a, b = getattr(two[k], part), getattr(one[k], part)
+            assert a.sites == b.sites and a.positions == b.positions and a.settings == b.settings, (k, part)
+            assert (a.values - b.values).abs().max().item() <= TOL, (k, part)
+        assert two[k].baseline == one[k].baseline
+    assert one["sweep_layers"].target.values.shape == (3, 2) and one["sweep_layers"].kl.values.max() > 1e-4
 
 
 def test_a_rank_that_raises_is_named_in_the_parent(tmp_path):

@@ -13,6 +13,7 @@ chosen over the whole task) run the whole task on every rank: the same result, n
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -138,4 +139,14 @@ def parallel(method, model, task: Task | TaskBatch, *args, **kwargs):
     return out
 
 
-__all__ = ["SPLITS", "Split", "combine", "parallel"]
+def data_parallel(method):
+    """Decorate a locate entry point so that under torchrun it splits its examples by itself (see `parallel`)."""
+    @functools.wraps(method)
+    def wrapper(model, task, *args, **kwargs):
+        if D.active():
+            return parallel(wrapper, model, task, *args, **kwargs)
+        return method(model, task, *args, **kwargs)
+    return wrapper
+
+
+__all__ = ["SPLITS", "Split", "combine", "data_parallel", "parallel"]
