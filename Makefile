@@ -34,7 +34,7 @@ test: setup chromium
 test-fast: setup chromium
 	$(BIN)/python -m pytest -q -m "not real"
 
-RECIPES := efficiency fact-editing gender-bias gender-bias-features icl-heads ioi-circuit safety-refusal sentiment-steering
+RECIPES := efficiency fact-editing fact-editing-at-scale gender-bias gender-bias-features icl-heads ioi-circuit safety-refusal sentiment-steering
 results: setup   # each recipe at full size into runs/full/, its results.json + manifest.json into results/, then docs/RESULTS.md
 	for r in $(RECIPES); do $(BIN)/mechanic run $$r -o runs/full/$$r || exit 1; \
 	  mkdir -p results/$$r && cp runs/full/$$r/results.json runs/full/$$r/manifest.json results/$$r/; done

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from mechanic.cli import app
 from mechanic.recipes import recipe_path
 from mechanic.recipes.runner import run
+from mechanic.steer.plan import Plan
 
 pytestmark = pytest.mark.real
 
@@ -121,3 +122,23 @@ def test_gender_bias_features_lower_held_out_bias_more_than_random_latents(tmp_p
     # the full-size result in results/gender-bias-features, whose settings were fixed before its test split.
     assert r["before"]["mean"] > 0 and r["delta"]["mean"] < 0        # the located latents carry some bias ...
     assert r["delta"]["mean"] < min(rnd["draws"])                     # ... which as many random latents do not
+
+
+def test_fact_editing_at_scale_alphaedit_in_batches_beside_four_editing_baselines(tmp_path):
+    res = ci_run("fact-editing-at-scale", tmp_path)
+    stages = {s["name"]: s for s in res["stages"]}
+    layer = stages["locate"]["data"]["layer"]
+    assert stages["locate"]["data"]["facts"] == 2                         # the trace averaged over train facts
+    assert stages["steer"]["data"]["layers"] == [x for x in range(layer - 2, layer + 3) if 0 <= x < 30]
+    eff = row(res["evaluation"], "edit.efficacy")
+    assert eff["n"] == 3 and eff["after"]["mean"] > eff["before"]["mean"]  # 3 test facts ...
+    plan = Plan.load(next((tmp_path / "fact-editing-at-scale" / "stages").glob("steer-*")) / "plan.safetensors")
+    assert [b["facts"] for b in plan.settings["batches"]] == [2, 1]          # ... in 2 sequential batches
+    methods = res["baselines"]["methods"]
+    assert [x["method"] for x in methods] == ["memit", "rome", "ft", "lora"]
+    for x in methods:                      # each baseline evaluated on the same rows, with its own verdict
+        assert {r["id"] for r in x["evaluation"]["rows"]} == {r["id"] for r in res["evaluation"]["rows"]}
+        assert x["verdict"]["label"] and "edit.efficacy" in {r["id"] for r in x["evaluation"]["rows"]}
+    for name in ("memit", "rome"):         # the closed-form editors rewrite held-out facts too
+        r = row(next(x for x in methods if x["method"] == name)["evaluation"], "edit.efficacy")
+        assert r["after"]["mean"] > r["before"]["mean"], name

@@ -10,8 +10,8 @@ from mechanic.cli import app
 from mechanic.recipes import list_recipes, recipe_path
 from mechanic.recipes.schema import RecipeError, load_recipe
 
-BUNDLED = ["efficiency", "fact-editing", "gender-bias", "gender-bias-features", "icl-heads", "ioi-circuit",
-           "safety-refusal", "sentiment-steering"]
+BUNDLED = ["efficiency", "fact-editing", "fact-editing-at-scale", "gender-bias", "gender-bias-features", "icl-heads",
+           "ioi-circuit", "safety-refusal", "sentiment-steering"]
 CHEAP = """\
 name: cheap
 title: "Gender neurons, tiny"
