@@ -409,3 +409,69 @@ def feature_attribution(ctx) -> StageOut:
     figs = [table("latents", f"Top latents by attribution ({s.by})", ["latent", "attribution"], rows)]
     return StageOut(text, figs, {"latents": latents, "dictionary": str(s.dictionary), "site": site,
                                  "error": error, "latents_total": total}, {"latents": "latents.json"})
+
+
+class GraphFeatures(Strict):
+    """Transcoder features ranked by an attribution graph of one prompt (mechanic.locate.graph); top_k kept."""
+
+    transcoders: str                 # a directory of per-layer transcoders (one SAELens subdirectory per layer)
+    prompt: str | None = None        # default: the task's first train prompt
+    target: str = Field("logits", pattern="^(logits|answer)$")   # probability-weighted top logits, or the answer's
+    top_k: int = Field(10, ge=1)
+    by: str = Field("max", pattern="^(max|min|abs)$")
+    layer: int | None = Field(None, ge=0)   # the layer whose features are kept (default: the top feature's)
+    logit_mass: float = Field(0.95, gt=0, le=1)
+    max_logits: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+@method(LOCATE, "graph_features", GraphFeatures)
+def graph_features(ctx) -> StageOut:
+    """Build the prompt's attribution graph and hand the top features of one layer (its transcoder the
+    dictionary) to the steer stage: feature plans act through one attached dictionary."""
+    from mechanic.locate.graph import attribute, load_transcoders, scores
+    from mechanic.recipes.schema import RecipeError
+
+    s, model = ctx.settings, ctx.model
+    if s.prompt is None and (ctx.task is None or not len(ctx.task)):
+        raise RecipeError("graph_features needs a prompt: set locate.prompt, or give the recipe a task (its first "
+                          "train prompt is used).")
+    prompt = s.prompt if s.prompt is not None else ctx.task.examples[0].prompt
+    tcs, where = load_transcoders(model, s.transcoders)
+    token = None
+    if s.target == "answer":
+        if ctx.task is None:
+            raise RecipeError("graph_features target: answer needs a task (the answer of its first train prompt).")
+        token = int(ctx.task.subset(1).tokenize(model).answer[0])
+    g = attribute(model, tcs, prompt, logit_mass=s.logit_mass, max_logits=s.max_logits, batch_size=s.batch_size)
+    g.save(ctx.dir / "graph")
+    sc = scores(g, token=token)
+    sc.save(ctx.dir / "features.json")
+    key = {"abs": sc.values.abs(), "max": sc.values, "min": -sc.values}[s.by]
+    layer_of = [int(x.split(".")[0][1:]) for x in sc.sites]
+    layer = s.layer if s.layer is not None else layer_of[int(key.argmax())]
+    if layer not in where:
+        raise RecipeError(f"graph_features layer {layer}: {s.transcoders} has no transcoder for it (it has layers "
+                          f"{sorted(where)}).")
+    mine = [i for i, L in enumerate(layer_of) if L == layer]
+    if not mine:
+        raise RecipeError(f"No feature of layer {layer} is active on the prompt; pick another layer (or none).")
+    order = sorted(mine, key=lambda i: -float(key[i]))[: s.top_k]
+    latents = [sc.sites[i] for i in order]
+    rows = [[sc.sites[i], float(sc.values[i])] for i in order]
+    every = [[sc.sites[i], float(sc.values[i])] for i in key.argsort(descending=True)[: 2 * s.top_k].tolist()]
+    what = "the probability-weighted top logits" if token is None else f"the answer's logit (token {token})"
+    tops = ", ".join(f"{model.tokenizer.decode([t])!r} p={p:.3f}" if model.tokenizer is not None else f"#{t}"
+                     for t, p in zip(g.logit_tokens.tolist(), g.logit_probs.tolist()))
+    text = (f"The attribution graph of {prompt!r} ({g.count('feature')} active features of "
+            f"{len(where)} transcoders; top logits {tops}; replacement score {g.scores['replacement']:.3f}, "
+            f"completeness {g.scores['completeness']:.3f}) scores each feature by its total effect on {what} "
+            f"through the graph (direct + indirect, summed over positions). The top {len(latents)} by {s.by} of "
+            f"layer {layer} ({latents[0]} at {rows[0][1]:+.4f}) go to the steer stage, through layer {layer}'s "
+            "transcoder attached at its MLP output (error kept).")
+    figs = [table("latents", f"Top features of layer {layer} by graph effect ({s.by})", ["latent", "effect"], rows),
+            table("graph_features", "Top features of every layer by graph effect", ["latent", "effect"], every)]
+    return StageOut(text, figs, {"latents": latents, "dictionary": str(where[layer]), "site": f"L{layer}.mlp_out",
+                                 "layer": layer, "prompt": prompt, "token": token, "graph_scores": dict(g.scores),
+                                 "logit_tokens": g.logit_tokens.tolist()},
+                    {"graph": "graph/graph.json", "features": "features.json"})

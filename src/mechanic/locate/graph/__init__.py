@@ -5,6 +5,8 @@
     g.scores                                                         # replacement, completeness (graph_scores)
     kept = prune(g, node_threshold=0.8, edge_threshold=0.98)
     g.save("runs/graph")
+    validate(model, transcoders, g, top=10)                          # predicted vs measured logit changes
+    scores(g).top(10)                                                # features as Scores over L{l}.mlp_out.sae{f}
 
 See docs/GRAPHS.md.
 """
@@ -14,6 +16,9 @@ from mechanic.locate.graph.errors import GraphError
 from mechanic.locate.graph.graph import Graph
 from mechanic.locate.graph.prune import Pruned, graph_scores, influence, prune
 from mechanic.locate.graph.replacement import Replacement
+from mechanic.locate.graph.scores import scores
+from mechanic.locate.graph.transcoders import load_transcoders
+from mechanic.locate.graph.validate import Validation, validate
 
-__all__ = ["Graph", "GraphError", "Pruned", "Replacement", "attribute", "graph_scores", "influence", "prune",
-           "salient_logits"]
+__all__ = ["Graph", "GraphError", "Pruned", "Replacement", "Validation", "attribute", "graph_scores", "influence",
+           "load_transcoders", "prune", "salient_logits", "scores", "validate"]
