@@ -7,9 +7,9 @@ feature s's activation), changing feature s's activation by delta changes every 
 assumed to move its activation as much as its pre-activation (an active feature stays active, an inactive
 one inactive) and with attention patterns, norm scales and error nodes frozen at the prompt's values.
 Measurement. The feature's transcoder is attached to the real model as a dictionary at `L{l}.mlp_out`
-(mechanic.features.attach; with no intervention the spliced model equals the original bit for bit) and a
-feature_scale plan multiplies the latent by `factor` at its position, the transcoder's error term kept; the
-rest of the model (other MLPs, attention, norms) runs for real. Both sides are changes of the demeaned
+(mechanic.features.attach; with no intervention the spliced model equals the original bit for bit) and the
+intervention mechanic.steer.feature_plans.feature_scale makes (`scale` on the latent site; locate may not import
+steer) multiplies the latent by `factor` at its position, the transcoder's error term kept; the rest of the model (other MLPs, attention, norms) runs for real. Both sides are changes of the demeaned
 logits (logit - mean logit) the graph has nodes for.
 They agree exactly only where nothing the graph freezes lies downstream of the change (a feature of the last
 layer at the last position, with a final norm whose scale does not depend on its input); elsewhere the
@@ -74,7 +74,7 @@ def measure(model, transcoders, graph: Graph, nodes: list[int], factor: float = 
     position (its transcoder attached at L{l}.mlp_out with the error kept; attached only for the measurement)."""
     from mechanic.features import attach, detach
     from mechanic.locate.graph.replacement import as_layers
-    from mechanic.steer.feature_plans import feature_scale
+    from mechanic.model.interventions import scale
 
     layers = as_layers(model, transcoders)
     ids = graph.tokens[None]
@@ -97,9 +97,8 @@ def measure(model, transcoders, graph: Graph, nodes: list[int], factor: float = 
             try:
                 for r in rows:
                     i = nodes[r]
-                    plan = feature_scale(model, f"{site}.sae{int(graph.feature[i])}", factor, pos=int(graph.pos[i]))
-                    with model.applied(plan):
-                        z = model.run(ids, last_only=True).logits[0, -1]
+                    iv = scale(f"{site}.sae{int(graph.feature[i])}", float(factor), pos=int(graph.pos[i]))
+                    z = model.run(ids, interventions=[iv], last_only=True).logits[0, -1]
                     out[r] = _demeaned(z, graph.logit_tokens) - base
             finally:
                 detach(model, site)
