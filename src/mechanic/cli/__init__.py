@@ -11,6 +11,7 @@ from mechanic.cli import run as _run  # noqa: F401  (registers run, eval, report
 from mechanic.cli import sae as _sae  # noqa: F401  (registers the `sae` group)
 from mechanic.cli import features as _features  # noqa: F401  (registers `features`)
 from mechanic.cli import steer as _steer  # noqa: F401  (registers the `steer` group)
+from mechanic.cli import graph as _graph  # noqa: F401  (registers `graph`)
 
 __all__ = ["app", "main"]
 
