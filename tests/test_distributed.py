@@ -54,7 +54,20 @@ def locate_jobs():
     out.update({f"atp_{k}": v for k, v in parallel(atp, m, b, kind=["head", "resid_pre"], batch_size=2).items()})
     out.update({f"neurons_{k}": v for k, v in parallel(neuron_attribution, m, b, kinds=["head", "neuron"]).items()})
     out["shards"] = [D.bounds(b.n, r) for r in range(D.world())]
+    out.update(collect_jobs(m, b))
     return out
+
+
+def collect_jobs(m, b):
+    """Cached activations of 5 left-padded rows (shards 3 + 2) at several sites, and of 1 row (one empty shard)."""
+    from mechanic.model.parallel import collect
+
+    sites = ["L1.resid_post", "L0.head", "L1.neuron"]
+    many = collect(m, b.clean, sites, batch_size=2)
+    one = collect(m, {k: v[:1] for k, v in b.clean.items()}, "L0.attn_out")
+    plain = m.run(b.clean, cache=sites)       # one forward of every row, no batching: the reference
+    return {"collect": many, "collect_ref": {s: plain[s] for s in sites}, "collect_one": one, "bools": D.gather_rows(torch.tensor([True, False]) if D.is_main()
+                                                                      else None)}
 
 
 def evaluate_jobs():
@@ -156,6 +169,19 @@ def test_two_ranks_equal_one_process(located, key):
             assert abs(a.settings[k] - v) <= TOL, k
         else:
             assert a.settings[k] == v, k
+
+
+def test_collected_activations_equal_one_process(located):
+    two, one = located
+    for key in ("collect", "collect_one"):
+        assert set(two[key]) == set(one[key])
+        for site, v in one[key].items():
+            assert two[key][site].shape == v.shape and v.abs().max().item() > 0, site
+            assert (two[key][site] - v).abs().max().item() <= TOL, site
+    for site, v in one["collect_ref"].items():
+        assert (two["collect"][site] - v).abs().max().item() <= TOL, site
+    assert one["collect"]["L1.resid_post"].shape[0] == N
+    assert two["bools"].tolist() == [True, False]
 
 
 def test_shards_are_uneven_contiguous_and_cover_every_example(located):

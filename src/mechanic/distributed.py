@@ -146,6 +146,33 @@ def run(fn, *args, **kwargs) -> list:
     return parts
 
 
+def gather_rows(t: torch.Tensor | None) -> torch.Tensor:
+    """Every rank's rows (dim 0) joined in rank order, on every rank: shards of per-example tensors -> the whole.
+
+    Tensors go through all_gather (padded to the largest shard), not pickling; None is a shard of no rows.
+    """
+    if not is_distributed():
+        return t
+    meta = gather(None if t is None else (t.shape[0], tuple(t.shape[1:]), t.dtype))
+    have = [x for x in meta if x is not None]
+    if not have:
+        raise DistributedError("gather_rows: no rank has any rows.")
+    _, tail, dtype = have[0]
+    sizes = [0 if x is None else x[0] for x in meta]
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    wire = torch.uint8 if dtype == torch.bool else dtype
+    pad = torch.zeros((max(sizes), *tail), dtype=wire, device=dev)
+    if t is not None and t.shape[0]:
+        pad[: t.shape[0]] = t.to(dev, wire)
+    out = [torch.empty_like(pad) for _ in sizes]
+    try:
+        dist.all_gather(out, pad)
+    except RuntimeError as e:
+        raise DistributedError(f"Rank {rank()} lost contact with another rank while gathering rows ({e}).") from e
+    whole = torch.cat([o[:n] for o, n in zip(out, sizes)]).to(dtype)
+    return whole.to(t.device) if t is not None else whole
+
+
 def decide(value):
     """Rank 0's `value` on every rank (so all ranks take the same branch, e.g. reuse a finished stage or not)."""
     if not is_distributed():
@@ -172,5 +199,5 @@ def weighted_mean(values: list[torch.Tensor], weights: list[int]) -> torch.Tenso
     return acc / total
 
 
-__all__ = ["DistributedError", "active", "barrier", "bounds", "decide", "gather", "init", "is_distributed",
+__all__ = ["DistributedError", "active", "barrier", "bounds", "decide", "gather", "gather_rows", "init", "is_distributed",
            "is_main", "local", "rank", "run", "shard", "weighted_mean", "world"]
