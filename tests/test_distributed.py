@@ -66,8 +66,8 @@ def collect_jobs(m, b):
     many = collect(m, b.clean, sites, batch_size=2)
     one = collect(m, {k: v[:1] for k, v in b.clean.items()}, "L0.attn_out")
     plain = m.run(b.clean, cache=sites)       # one forward of every row, no batching: the reference
-    return {"collect": many, "collect_ref": {s: plain[s] for s in sites}, "collect_one": one, "bools": D.gather_rows(torch.tensor([True, False]) if D.is_main()
-                                                                      else None)}
+    flags = D.gather_rows(torch.tensor([True, False]) if D.is_main() else None)   # bool; rank 1 sends no rows
+    return {"collect": many, "collect_ref": {s: plain[s] for s in sites}, "collect_one": one, "bools": flags}
 
 
 def evaluate_jobs():

@@ -199,5 +199,5 @@ def weighted_mean(values: list[torch.Tensor], weights: list[int]) -> torch.Tenso
     return acc / total
 
 
-__all__ = ["DistributedError", "active", "barrier", "bounds", "decide", "gather", "gather_rows", "init", "is_distributed",
-           "is_main", "local", "rank", "run", "shard", "weighted_mean", "world"]
+__all__ = ["DistributedError", "active", "barrier", "bounds", "decide", "gather", "gather_rows", "init",
+           "is_distributed", "is_main", "local", "rank", "run", "shard", "weighted_mean", "world"]

@@ -17,7 +17,7 @@ from mechanic.steer.sweep import Sweep, sweep
 
 
 def parallel_sweep(model, vector, task, layers, coefficients, **kwargs) -> Sweep:
-    """sweep(model, vector, task, layers, coefficients, ...) with its cells split over the ranks; one process: the call."""
+    """sweep(...) with its cells split over the ranks; outside a process group, just the call."""
     if not D.active():
         return sweep(model, vector, task, layers, coefficients, **kwargs)
     layers, coefficients = [int(x) for x in layers], [float(c) for c in coefficients]
