@@ -36,6 +36,17 @@ SAELENS_PY = HERE / ".venv-saelens" / "bin" / "python"
 SETTINGS = ("layer", "d_sae", "k", "batch_size", "lr", "seq_len", "buffer_tokens", "forward_batch", "seed", "threads")
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM of its address space (ru_maxrss would also count the parent's RSS
+    at fork, which Linux carries across exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 def args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: mechanic's converted smollm2 cache)")
@@ -109,7 +120,7 @@ def mechanic_side(a) -> dict:
             "threads": torch.get_num_threads(), "mode": a.mode, "tokens": seen, "batch_size": a.batch_size,
             "step_ends": [x - t_fit for x in ends], "setup_s": t_fit - t_setup, "fit_s": t_end - t_fit,
             "fit_cpu_s": c_end - c_fit, "process_s": t_end - T0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "dictionary_dir": str(d_dir)}
+            "peak_rss_mb": peak_rss_mb(), "dictionary_dir": str(d_dir)}
 
 
 # ------------------------------------------------------------------------------------------ orchestration

@@ -23,6 +23,17 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM of its address space (ru_maxrss would also count the parent's RSS
+    at fork, which Linux carries across exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 def hooked_transformer_status(model_dir: str) -> str:
     """Why TransformerLens's HookedTransformer cannot load this model (or 'loads')."""
     from transformers import AutoModelForCausalLM
@@ -132,7 +143,7 @@ def main() -> None:
     t_end, c_end = time.perf_counter(), time.process_time()
     out_dir = work / f"saelens_{a.mode}"
     trained.save_inference_model(str(out_dir))
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # before the checks below
+    rss_mb = peak_rss_mb()   # before the checks below
     result = {"peer": "sae_lens", "version": md.version("sae-lens"), "transformer_lens": md.version("transformer-lens"),
               "transformers": md.version("transformers"), "torch": torch.__version__,
               "threads": torch.get_num_threads(),
