@@ -149,3 +149,35 @@ def test_locate_then_steer_general(word_tokenizer, tmp_path):
     assert found.data["latents"][0].startswith(found.data["site"] + ".sae")
     with pytest.raises(RecipeError, match="no transcoder for it"):
         locate_then_steer(m, tmp_path / "x", path, layer=7)
+
+
+def test_recipe_runs_graph_features_to_an_evaluated_plan(word_tokenizer, tmp_path, monkeypatch):
+    """The runner attaches the located layer's transcoder (found.data["dictionary"]) for steer and evaluation."""
+    import json
+    from dataclasses import asdict
+
+    from mechanic.recipes.runner import run
+    from mechanic.tasks.builtin import load_task
+
+    m = worded_model(word_tokenizer)
+    monkeypatch.setattr(mechanic, "load", lambda name, **kw: m)
+    path, _ = saved(m, tmp_path)
+    n = lambda t: len(word_tokenizer(t)["input_ids"])  # noqa: E731
+    rows = [asdict(e) for e in load_task("gender").split(["train", "validation", "test"]).examples
+            if n(e.prompt) == n(e.corrupted)]
+    task = tmp_path / "gender.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""\
+name: tiny-graph
+title: "Graph features, tiny"
+task: {{file: {task}, label: gender}}
+locate: {{method: graph_features, transcoders: {path}, top_k: 3, max_logits: 3}}
+steer: {{method: feature_steer, how: scale, factor: 0.0}}
+evaluate: {{target: [task], better: lower, task: {{file: {task}, label: gender}}, side_effects: [kl], n_boot: 100}}
+""")
+    res = run(recipe, tmp_path / "run", log=lambda s: None)
+    found = res["stages"][0]["data"]
+    assert res["stages"][0]["name"] == "locate" and found["prompt"] == next(r["prompt"] for r in rows if r["split"] == "train")
+    assert res["stages"][1]["data"]["latents"] == found["latents"] and len(found["latents"]) == 3
+    assert found["site"] in m.dictionaries and any(r["id"] == "gender.logit_diff" for r in res["evaluation"]["rows"])
