@@ -40,3 +40,36 @@ def test_user_task_file_and_errors(tmp_path, smollm2):
     bad.write_text('{"prompt": "x"}\n')
     res = runner.invoke(app, ["locate", "patch", "--task", str(bad), "-o", str(tmp_path / "y")])
     assert res.exit_code == 2 and "bad.jsonl" in res.output
+
+
+def test_dictionary_latents_are_sites_for_patch_atp_and_eap(tmp_path, smollm2):
+    """--dictionary attaches a trained SAE: patch and atp score its latents (kind sae), eap makes them graph nodes;
+    the CLI's numbers equal the library called on the same dictionary."""
+    import torch
+
+    import mechanic
+    from mechanic.features import attach, load
+    from mechanic.features.train import DictConfig, train
+    from mechanic.locate.causal import patch
+    from mechanic.tasks import load_task
+
+    train(smollm2, DictConfig("L3.resid_post", "topk", expansion=1, k=8), tmp_path / "sae", tokens=2048,
+          batch_size=256, buffer_tokens=1024, seq_len=32, progress=False)
+    d = tmp_path / "sae" / "L3.resid_post.topk"
+    res = runner.invoke(app, ["locate", "patch", "--task", "ioi", "--n", "2", "--positions", "-1", "--kind", "sae",
+                              "--dictionary", str(d), "--latents", "4", "-o", str(tmp_path / "p"), "--json"])
+    assert res.exit_code == 0, res.output
+    got = Scores.load(tmp_path / "p" / "scores.safetensors")
+    m = mechanic.load("smollm2")
+    attach(m, load(d))
+    ref = patch(m, load_task("ioi", n=2), "sae", positions=[-1], latents=4, progress=False)
+    assert got.sites == ref.sites and torch.allclose(got.values, ref.values, atol=1e-6)
+    assert any(s.endswith(".sae_error") for s in got.sites)
+    res = runner.invoke(app, ["locate", "atp", "--task", "ioi", "--n", "2", "--kind", "sae", "--dictionary", str(d),
+                              "-o", str(tmp_path / "a"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(Scores.load(tmp_path / "a" / "scores.json").sites) == 576 + 1      # every latent + the error node
+    res = runner.invoke(app, ["locate", "eap", "--task", "ioi", "--n", "2", "--ig-steps", "0", "--dictionary", str(d),
+                              "--latents", "8", "-o", str(tmp_path / "e"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert any(".sae" in s for s in Scores.load(tmp_path / "e" / "scores.json").sites)

@@ -15,6 +15,19 @@ MODEL = typer.Option("smollm2", help="smollm2, a model directory, a .gguf file o
 FIRST_N = typer.Option(None, help="Use only the first n examples.")
 METRIC = typer.Option(None, help="logit_diff, prob, logprob, accuracy (default: the task's).")
 JSON = typer.Option(False, "--json", help="Machine-readable output.")
+DICTIONARY = typer.Option(None, "--dictionary", help="A SAELens-format dictionary directory (`mechanic sae train` "
+                          "writes them) to attach; repeat for several. Its latents and error node become sites of "
+                          "kind sae (patch/atp --kind sae) and graph nodes (eap).")
+LATENTS = typer.Option(None, help="With --dictionary: patch/EAP only the N latents per dictionary that change most "
+                                  "(the rest stay one node), instead of every latent.")
+
+
+def attach_dictionaries(model, dirs) -> None:
+    """Attach each dictionary directory to the model (mechanic.features.attach), so its latents are sites."""
+    from mechanic.features import attach, load
+
+    for d in dirs or []:
+        attach(model, load(d))
 
 locate_app = typer.Typer(help="Find the components behind a behaviour; every method writes Scores.",
                          no_args_is_help=True)
@@ -78,7 +91,8 @@ def write_outputs(scores, out: Path, k: int, as_json: bool) -> None:
 @user_errors
 def patch(task: str = TASK,
           model: str = MODEL,
-          kind: str = typer.Option("resid_pre", help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|head|neuron|expert"),
+          kind: str = typer.Option("resid_pre", help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|head|neuron|"
+                                                     "expert|sae (with --dictionary)"),
           positions: str = typer.Option("all", help="'all' (grid), 'none' (all at once) or columns like '-1,5'."),
           direction: str = typer.Option("denoise", help="denoise (clean into corrupted) or noise."),
           ablation: str = typer.Option(None, help="mean or resample (instead of a corrupted run)."),
@@ -86,15 +100,19 @@ def patch(task: str = TASK,
           n: int = FIRST_N,
           out: Path = typer.Option(Path("out/patch"), "-o", "--out", help="Output directory."),
           top: int = typer.Option(10, help="How many top sites to print."),
+          dictionary: list[Path] = DICTIONARY,
+          latents: int = LATENTS,
           as_json: bool = JSON):
     """Activation patching: how much each site restores (denoise) or breaks (noise) the behaviour."""
     import mechanic
     from mechanic.locate.causal import patch as run_patch
 
     m = mechanic.load(model)
+    attach_dictionaries(m, dictionary)
     t = load_task_spec(task, n)
+    extra = {"latents": latents} if kind == "sae" and latents is not None else {}
     scores = run_patch(m, t, kind, positions=positions_option(positions), direction=direction, metric=metric,
-                       ablation=ablation, progress=not as_json)
+                       ablation=ablation, progress=not as_json, **extra)
     write_outputs(scores, out, top, as_json)
 
 
@@ -126,17 +144,20 @@ def trace(prompt: str = typer.Option(..., help="The prompt, e.g. 'The Eiffel Tow
 @user_errors
 def atp(task: str = TASK,
         model: str = MODEL,
-        kind: str = typer.Option("head", help="head|neuron|expert|embed|resid_pre|resid_post|attn_out|mlp_out"),
+        kind: str = typer.Option("head", help="head|neuron|expert|embed|resid_pre|resid_post|attn_out|mlp_out|sae "
+                                                "(with --dictionary)"),
         metric: str = METRIC,
         n: int = FIRST_N,
         out: Path = typer.Option(Path("out/atp"), "-o", "--out", help="Output directory."),
         top: int = typer.Option(10, help="How many top sites to print."),
+        dictionary: list[Path] = DICTIONARY,
         as_json: bool = JSON):
     """Attribution patching: a first-order estimate of every site's patching effect from 2 forwards + 1 backward."""
     import mechanic
     from mechanic.locate.gradient import atp as run_atp
 
     m = mechanic.load(model)
+    attach_dictionaries(m, dictionary)
     write_outputs(run_atp(m, load_task_spec(task, n), kind, metric=metric), out, top, as_json)
 
 
@@ -150,19 +171,25 @@ def eap(task: str = TASK,
         n: int = FIRST_N,
         out: Path = typer.Option(Path("out/eap"), "-o", "--out", help="Output directory."),
         top: int = typer.Option(10, help="How many top edges to print."),
+        dictionary: list[Path] = DICTIONARY,
+        latents: int = LATENTS,
         as_json: bool = JSON):
-    """EAP / EAP-IG edge scores, top-n circuits and their faithfulness (fraction of the metric they keep)."""
+    """EAP / EAP-IG edge scores, top-n circuits and their faithfulness (fraction of the metric they keep).
+
+    With --dictionary the attached dictionaries' latents and error nodes are graph nodes (a feature circuit);
+    faithfulness is then not measured (patching a feature circuit is not built yet)."""
     import mechanic
     from mechanic.locate.circuit import faithfulness_curve
     from mechanic.locate.gradient import eap as run_eap
 
     m = mechanic.load(model)
+    attach_dictionaries(m, dictionary)
     t = load_task_spec(task, n)
-    scores = run_eap(m, t, ig_steps=ig_steps or None, metric=metric)
-    curve = faithfulness_curve(m, t, scores, [int(x) for x in edges.split(",")], metric=metric)
+    scores = run_eap(m, t, ig_steps=ig_steps or None, metric=metric, features=bool(dictionary), latents=latents)
+    curve = [] if dictionary else faithfulness_curve(m, t, scores, [int(x) for x in edges.split(",")], metric=metric)
     scores.settings["faithfulness"] = curve
     write_outputs(scores, out, top, as_json)
-    if not as_json:
+    if curve and not as_json:
         table = Table(title="faithfulness of the top-n circuits")
         for col in curve[0]:
             table.add_column(str(col))
