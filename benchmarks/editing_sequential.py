@@ -1,7 +1,9 @@
-"""Sequential editing on SmolLM2: ROME, MEMIT and AlphaEdit, and the fine-tuning baselines FT-L and LoRA, on the same
-test facts in batches, CounterFact ES / PS / NS after every batch, layers from causal tracing averaged over train
-facts (FT-L and LoRA train ROME's layer), AlphaEdit's threshold and alpha chosen on validation facts. Writes the raw
-results as JSON."""
+"""Sequential editing on SmolLM2 as a curve: ROME, MEMIT and AlphaEdit, and the fine-tuning baselines FT-L and LoRA,
+on the same test facts of the `facts_large` suite in batches; after every batch, over the facts edited so far,
+CounterFact ES / PS / NS, EasyEdit locality against the unedited model's own tokens, fluency and held-out perplexity,
+each with a 95% bootstrap CI (mechanic.improve.edit_metrics.curve_scores). Layers from causal tracing averaged over
+train facts (FT-L and LoRA train ROME's layer), AlphaEdit's threshold and alpha chosen on validation facts. Writes
+the raw results as JSON (benchmarks/plot_editing.py draws them)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from pathlib import Path
 import torch
 
 import mechanic
-from mechanic.improve.edit_metrics import counterfact, running_scores
+from mechanic.improve.edit_metrics import counterfact, curve_scores
+from mechanic.improve.evaluate import NEUTRAL_OPENINGS
 from mechanic.locate.trace import subject_positions
 from mechanic.steer.alphaedit import NullSpaces, alphaedit_update
 from mechanic.steer.edit import context_prefixes, facts_from_task, layer_range, memit_targets, spread, trace_layers
@@ -27,9 +30,12 @@ OPT = dict(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp=4.0)
 TRAINED = ("ft", "lora")    # fine-tuning baselines: their own settings, no statistics
 
 
+SUITE = "facts_large"
+
+
 def facts_of(m, split: str, n: int):
     """The first n facts of a split whose subject is past the first token (SmolLM2's first token is a sink)."""
-    pool = [f for f in facts_from_task(load_task("facts", split=split))
+    pool = [f for f in facts_from_task(load_task(SUITE, split=split))
             if subject_positions(m, f.prompt, f.subject)[-1] > 0]
     return pool[:n]
 
@@ -67,8 +73,8 @@ def calibrate(m, facts, layers, moments, prefixes, thresholds, alphas) -> list[d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--facts", type=int, default=20)
-    p.add_argument("--batch", type=int, default=5)
+    p.add_argument("--facts", type=int, default=150, help="test facts to edit (the split has 147)")
+    p.add_argument("--batch", type=int, default=10)
     p.add_argument("--methods", default="rome,memit,alphaedit,ft,lora")
     p.add_argument("--ft", default="5e-3,5e-3,25", help="FT-L's 'eps,lr,steps'")
     p.add_argument("--lora", default="8,5e-3,50", help="LoRA's 'rank,lr,steps' (alpha = 2 x rank)")
@@ -78,6 +84,11 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=1000.0)
     p.add_argument("--layer", type=int, help="skip the averaged trace: ROME's layer (MEMIT/AlphaEdit end there)")
     p.add_argument("--alphaedit", help="skip the calibration: 'threshold,alpha' for AlphaEdit")
+    p.add_argument("--windows", type=int, default=8, help="held-out windows of 128 tokens for perplexity")
+    p.add_argument("--openings", type=int, default=8, help="neutral openings generated for fluency")
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--cached-stats", action="store_true",
+                   help="read the statistics from the disk cache (default: compute them afresh to time the one-off cost)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "editing_sequential.json"))
     args = p.parse_args()
     methods = args.methods.split(",")
@@ -87,8 +98,10 @@ def main() -> None:
     train, val, test = (facts_of(m, "train", args.trace_facts), facts_of(m, "validation", args.calibration_facts),
                         facts_of(m, "test", args.facts))
     t = time.perf_counter()
-    result = {"model": args.model, "facts": [f"{f.subject} ->{f.target_new}" for f in test], "batch": args.batch,
-              "stats_tokens": args.stats_tokens}
+    result = {"model": args.model, "suite": SUITE, "facts": [f"{f.subject} ->{f.target_new}" for f in test],
+              "batch": args.batch, "stats_tokens": args.stats_tokens,
+              "scores": {"windows": args.windows, "seq_len": 128, "openings": args.openings, "new_tokens": 32,
+                         "n_boot": args.n_boot, "level": 0.95, "seed": 0}}
     if args.layer is None:
         top, mean = trace_layers(m, train, samples=5)
         result |= {"trace_facts": [f.subject for f in train], "trace_layer": top,
@@ -99,8 +112,10 @@ def main() -> None:
     print(f"averaged trace over {len(train)} train facts: layer {top}; MEMIT/AlphaEdit layers {range_}", flush=True)
     t = time.perf_counter()
     if any(x not in TRAINED for x in methods):
-        moments = second_moments(m, sorted(set(range_)), max_tokens=args.stats_tokens, progress=True)
+        moments = second_moments(m, sorted(set(range_)), max_tokens=args.stats_tokens, progress=True,
+                                 cache=args.cached_stats)
         result["stats_seconds"] = round(time.perf_counter() - t, 1)
+        result["stats_fresh"] = not args.cached_stats
         prefixes = context_prefixes(m, 10)
     if "alphaedit" not in methods:
         best = {"threshold": None, "alpha": None}
@@ -113,7 +128,11 @@ def main() -> None:
         best = {"threshold": thr, "alpha": a}
     result["alphaedit_chosen"] = {"threshold": best["threshold"], "alpha": best["alpha"]}
     nb = [q for f in test for q in f.neighborhood]
-    result["before"] = counterfact(m, test)
+    t = time.perf_counter()
+    scores = curve_scores(m, test, fluency_prompts=list(NEUTRAL_OPENINGS[:args.openings]), windows=args.windows,
+                          n_boot=args.n_boot)
+    result["before"] = scores.before
+    result["before_seconds"] = round(time.perf_counter() - t, 1)
     nb_before = top1(m, nb)
     result["methods"] = {}
     ft_eps, ft_lr, ft_steps = (float(x) for x in args.ft.split(","))
@@ -127,23 +146,29 @@ def main() -> None:
             extra = {"threshold": best["threshold"], "alpha": best["alpha"]}
         t = time.perf_counter()
         if method in TRAINED:
-            plan = sequential(m, test, method, args.batch, layers, on_batch=running_scores, **own[method])
+            plan = sequential(m, test, method, args.batch, layers, on_batch=scores, **own[method])
         else:
-            plan = sequential(m, test, method, args.batch, layers, on_batch=running_scores,
+            plan = sequential(m, test, method, args.batch, layers, on_batch=scores,
                               stats_tokens=args.stats_tokens, **OPT, **extra)
         secs = time.perf_counter() - t
         with m.applied(plan):
             nb_after = top1(m, nb)
         s = plan.settings
+        done = 0.0
+        for point, b in zip(s["curve"], s["batches"]):     # edit seconds of the batch and so far, beside the scores
+            done += b["seconds"]
+            point["edit_seconds"], point["edit_seconds_so_far"] = b["seconds"], round(done, 3)
         result["methods"][method] = {
             "layers": layers, "options": s["options"], "seconds": round(secs, 1),
-            "seconds_per_edit": round(sum(b["seconds"] for b in s["batches"]) / len(test), 2),
+            "seconds_per_edit": round(done / len(test), 2),
+            "scoring_seconds": round(sum(p["scoring_seconds"] for p in s["curve"]), 1),
             "stats_seconds": s["stats_seconds"], "curve": s["curve"], "after": s["curve"][-1],
             "neighbourhood_top1_kept": sum(a == b for a, b in zip(nb_before, nb_after)) / len(nb),
             "null_dims": s.get("null_dims")}
         last = s["curve"][-1]
-        print(f"{method}: ES {last['es']:.2f} PS {last['ps']:.2f} NS {last['ns']:.2f} after {len(test)} edits "
-              f"({secs:.0f} s)", flush=True)
+        print(f"{method}: ES {last['es']:.2f} PS {last['ps']:.2f} NS {last['ns']:.2f} locality {last['locality']:.2f} "
+              f"ppl {last['ppl']:.1f} (before {scores.before['ppl']:.1f}) after {len(test)} edits ({secs:.0f} s, "
+              f"{done / len(test):.1f} s per edit)", flush=True)
         result["seconds_total"] = round(time.perf_counter() - t0, 1)
         Path(args.out).write_text(json.dumps(result, indent=1))
 
