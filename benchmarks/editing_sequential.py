@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--openings", type=int, default=8, help="neutral openings generated for fluency")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--cached-stats", action="store_true",
-                   help="read the statistics from the disk cache (default: compute them afresh to time the one-off cost)")
+                   help="read the statistics from the disk cache (default: compute afresh to time the one-off cost)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "editing_sequential.json"))
     args = p.parse_args()
     methods = args.methods.split(",")

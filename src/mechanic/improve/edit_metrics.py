@@ -197,7 +197,7 @@ class CurveScores:
         out["n"] = {k: sum(x is not None for x in v) for k, v in per.items() if k != "nll"} | {"ppl": len(per["nll"])}
         if self.values:
             out["values"] = per
-        out["seconds"] = round(time.perf_counter() - t0, 3)
+        out["scoring_seconds"] = round(time.perf_counter() - t0, 3)
         return out
 
 
