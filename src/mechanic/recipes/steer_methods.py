@@ -86,22 +86,30 @@ def rome(ctx) -> StageOut:
 
 
 class Memit(Strict):
-    """MEMIT: all facts at once over a range of layers."""
+    """MEMIT over a range of layers: all facts at once, or in sequential batches of batch_size."""
 
     layers: list[int] | None = None
     lam: float = Field(1000.0, gt=0)
+    batch_size: int | None = Field(None, ge=1)   # default: all facts in one batch
+    n_prefixes: int = Field(10, ge=0)
+    steps: int = Field(25, ge=1)                 # optimisation steps of each fact's target
+    stats_tokens: int = Field(32768, ge=512)
 
 
 @method(STEER, "memit", Memit)
 def memit(ctx) -> StageOut:
-    """One MEMIT update for every fact of the task, spread over `layers` (default around the traced layer)."""
-    from mechanic.steer.edit import facts_from_task, memit as memit_edit
+    """MEMIT for every fact of the task, spread over `layers` (default around the traced layer), at once or in batches."""
+    from mechanic.steer.edit import facts_from_task
+    from mechanic.steer.sequential import sequential
 
     s, model = ctx.settings, ctx.model
-    layers = _edit_layers(ctx)
     facts = facts_from_task(ctx.task)
-    plan = memit_edit(model, facts, layers, lam=s.lam, seed=ctx.seed)
-    return _out(ctx, plan, f"MEMIT rewrote {len(facts)} facts at once over layers {layers}.", data={"layers": layers})
+    batch = s.batch_size or len(facts)
+    plan = sequential(model, facts, "memit", batch, _edit_layers(ctx), lam=s.lam, n_prefixes=s.n_prefixes,
+                      steps=s.steps, stats_tokens=s.stats_tokens, seed=ctx.seed, progress=False)
+    layers = plan.settings["layers"]
+    how = "at once" if batch >= len(facts) else f"in sequential batches of {batch}"
+    return _out(ctx, plan, f"MEMIT rewrote {len(facts)} facts {how} over layers {layers}.", data={"layers": layers})
 
 
 class AlphaEdit(Strict):
@@ -111,6 +119,9 @@ class AlphaEdit(Strict):
     threshold: float = Field(2e-2, gt=0)    # eigenvalues of E[k k^T] below it span the null space
     alpha: float = Field(10.0, gt=0)
     batch_size: int | None = Field(None, ge=1)   # default: all facts in one batch
+    n_prefixes: int = Field(10, ge=0)
+    steps: int = Field(25, ge=1)
+    stats_tokens: int = Field(32768, ge=512)
 
 
 @method(STEER, "alphaedit", AlphaEdit)
@@ -124,7 +135,7 @@ def alphaedit(ctx) -> StageOut:
     facts = facts_from_task(ctx.task)
     batch = s.batch_size or len(facts)
     plan = sequential(model, facts, "alphaedit", batch, layers, threshold=s.threshold, alpha=s.alpha, seed=ctx.seed,
-                      progress=False)
+                      n_prefixes=s.n_prefixes, steps=s.steps, stats_tokens=s.stats_tokens, progress=False)
     text = (f"AlphaEdit rewrote {len(facts)} facts over layers {plan.settings['layers']} in batches of {batch}, each "
             "update confined to the null space of the preserved keys' second moment.")
     return _out(ctx, plan, text, data={"layers": plan.settings["layers"]})
