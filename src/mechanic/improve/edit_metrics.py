@@ -65,9 +65,9 @@ def token_accuracy(model, prompts: list[str], targets: list[str], batch_size: in
     return torch.tensor(out)
 
 
-def counterfact(model, facts) -> dict:
-    """ES, PS, NS (fractions) and their harmonic mean over `facts` (mechanic.steer.edit.Fact with target_true)."""
-    prompts, targets, kinds = [], [], []
+def _pairs(facts) -> tuple[list[str], list[str], list[tuple[int, str]]]:
+    """Every CounterFact prompt of `facts` twice (target_new, then target_true) and its (fact index, es|ps|ns)."""
+    prompts, targets, tags = [], [], []
     for i, f in enumerate(facts):
         if f.target_true is None:
             raise ValueError(f"Fact {i} ({f.subject!r}) has no target_true; CounterFact scores compare it with "
@@ -76,7 +76,13 @@ def counterfact(model, facts) -> dict:
             for p in ps:
                 prompts += [p, p]
                 targets += [f.target_new, f.target_true]
-                kinds.append((i, kind))
+                tags.append((i, kind))
+    return prompts, targets, tags
+
+
+def counterfact(model, facts) -> dict:
+    """ES, PS, NS (fractions) and their harmonic mean over `facts` (mechanic.steer.edit.Fact with target_true)."""
+    prompts, targets, kinds = _pairs(facts)
     lp = target_logprobs(model, prompts, targets).view(-1, 2)
     wins: dict[str, list[bool]] = {"es": [], "ps": [], "ns": []}
     for (i, kind), (new, true) in zip(kinds, lp.tolist()):
@@ -96,16 +102,7 @@ def running_scores(model, step: int, done) -> dict:
 def fact_values(model, facts, batch_size: int = 16) -> tuple[dict[str, list[float | None]], list[list[torch.Tensor]]]:
     """Per fact: ES (0/1), PS and NS (fraction of its paraphrases / neighbourhood prompts; None when it has none),
     and the teacher-forced argmax tokens on each neighbourhood prompt + target_true (for EasyEdit's locality)."""
-    prompts, targets, tags = [], [], []
-    for i, f in enumerate(facts):
-        if f.target_true is None:
-            raise ValueError(f"Fact {i} ({f.subject!r}) has no target_true; CounterFact scores compare it with "
-                             "target_new.")
-        for kind, ps in (("es", [f.prompt]), ("ps", list(f.paraphrases)), ("ns", list(f.neighborhood))):
-            for p in ps:
-                prompts += [p, p]
-                targets += [f.target_new, f.target_true]
-                tags.append((i, kind))
+    prompts, targets, tags = _pairs(facts)
     lp, tops = teacher_forced(model, prompts, targets, batch_size)
     wins = {k: [[] for _ in facts] for k in ("es", "ps", "ns")}
     ns_tops: list[list[torch.Tensor]] = [[] for _ in facts]
