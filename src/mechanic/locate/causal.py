@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mechanic.locate.parallel import data_parallel
 from mechanic.locate.scores import Scores
 from mechanic.model.interventions import replace
 from mechanic.model.reuse import prefix, suffix_logits
@@ -130,6 +131,7 @@ def _pick_latents(names: list[str], src: dict, tgt: dict, cols: list[int] | None
     return keep
 
 
+@data_parallel   # under torchrun: examples split over the ranks (locate.parallel)
 def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all", direction: str = "denoise",
           metric: str | None = None, ablation: str | None = None, normalise: bool = True, batch_size: int = 64,
           layer_span: int | None = None, seed: int = 0, skip_unchanged: bool = True, progress: bool = True,

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from mechanic.locate.parallel import data_parallel
 from mechanic.locate.scores import Scores
 from mechanic.model.hooks import frozen_parameters
 from mechanic.model.sites import Site
@@ -114,6 +115,7 @@ def _per_cell(site: str, diff: torch.Tensor, grad: torch.Tensor) -> torch.Tensor
     return prod.sum(-1, keepdim=True)    # [b, p, d_model] -> [b, p, 1]
 
 
+@data_parallel   # under torchrun: examples split over the ranks (locate.parallel)
 def atp(model, task: Task | TaskBatch, kind: str | Iterable[str] = "head", *, metric: str | Metric | None = None,
         per_position: bool | None = None, gradient_at: str = "corrupted",
         batch_size: int | None = 16) -> Scores | dict[str, Scores]:
@@ -466,6 +468,7 @@ def receiver_grads(graph: ComponentGraph, x0: torch.Tensor, calls, value_fn, rec
     return senders.detach(), G, float(value.detach())
 
 
+@data_parallel   # under torchrun: examples split over the ranks (locate.parallel)
 def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: str | Metric | None = None,
         batch_size: int | None = 8, features=False, latents=None) -> Scores:
     """Edge attribution patching over the component graph (EAP; EAP-IG with ig_steps), to find circuits cheaply.
