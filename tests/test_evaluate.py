@@ -332,6 +332,11 @@ def test_evaluate_rejects_bad_input(worded):
         default_side_effects(worded, exclude=["facs"])
     names = [m.name for m in default_side_effects(worded, exclude=["facts", "fluency"])]
     assert names == ["perplexity", "kl", "ioi", "greater_than", "gender", "sentiment", "icl_labels"]
+    # facts_large is never a default side effect, and excluding it (an editing recipe's task) excludes facts,
+    # whose subjects it shares
+    assert "facts_large" not in [m.name for m in default_side_effects(worded)]
+    names = [m.name for m in default_side_effects(worded, exclude=["facts_large"])]
+    assert "facts" not in names and "ioi" in names
 
 
 # ---------------------------------------------------------------- real model

@@ -354,8 +354,16 @@ SIZES = {"small": {"examples": 12, "ppl_tokens": 512, "kl_tokens": 512, "seq_len
                   "new_tokens": 40}}
 
 
+# Suites that share entities: excluding one (as a recipe's own task) excludes the other, since an edit of one's
+# facts changes the other's answers. facts_large (made for editing at scale) is never a default side effect: it
+# repeats facts's subjects.
+SHARED = {"facts": ("facts_large",), "facts_large": ("facts",)}
+NOT_SIDE = ("facts_large",)
+
+
 def default_side_effects(model, exclude=(), size: str = "small", selection: bool = False) -> list[Measure]:
-    """Perplexity, KL and fluency on neutral text, and every built-in suite not in `exclude` (kind "side").
+    """Perplexity, KL and fluency on neutral text, and every built-in suite not in `exclude` (kind "side";
+    a suite that shares entities with an excluded one is excluded too, see SHARED).
 
     The validation rows of every suite are kept for selections: `selection=True` gives those rows,
     calibration prose and the validation openings (what a selection may read); the default gives every
@@ -374,6 +382,7 @@ def default_side_effects(model, exclude=(), size: str = "small", selection: bool
     bad = [x for x in exclude if x not in known]
     if bad:
         raise EvaluateError(f"Cannot exclude {bad}: the default side effects are {', '.join(known)}.")
+    exclude += [y for x in exclude for y in SHARED.get(x, ())] + list(NOT_SIDE)
     z = SIZES[size]
     out: list[Measure] = []
     prose = calibration() if selection else None
