@@ -145,8 +145,9 @@ def spawn(job, tmp_path, world=2):
 @pytest.fixture(scope="module")
 def located(tmp_path_factory):
     """(2 ranks, 1 process) results of locate_jobs."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    two = spawn("locate", tmp_path_factory.mktemp("dist"))
+    with pytest.MonkeyPatch.context() as mp_env:      # only for the spawned ranks: never leak into later tests
+        mp_env.setenv("OMP_NUM_THREADS", "1")
+        two = spawn("locate", tmp_path_factory.mktemp("dist"))
     one = locate_jobs()
     return two, one
 
