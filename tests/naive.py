@@ -378,3 +378,15 @@ def expert_first_order(model, batch, layer, metric=mean_logit_diff):
     logits = hf_logits(hf, batch.corrupted, [(experts, "raw", move)], grad=True)
     (g,) = torch.autograd.grad(metric(logits, batch), eps)
     return g
+
+
+def llama_pieces(hf, P: int):
+    """(heads, kv heads, head dim, P, rope, rms, causal mask) of a tiny Llama, for the explicit forwards written
+    out by hand in the EAP tests (rope and RMSNorm as the HF code computes them, no padding)."""
+    cfg, lm = hf.config, hf.model
+    H, KV, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    freqs = torch.arange(P)[:, None].float() * lm.rotary_emb.inv_freq[None]
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+    rope = lambda t: t * cos + torch.cat([-t[..., dh // 2:], t[..., :dh // 2]], -1) * sin  # noqa: E731
+    rms = lambda t, w: w * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))  # noqa: E731
+    return H, KV, dh, P, rope, rms, torch.ones(P, P).tril().bool()

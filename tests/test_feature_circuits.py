@@ -6,7 +6,7 @@ up to the node they decompose)."""
 import pytest
 import torch
 from conftest import randomized
-from naive import blocks, hf_logits, logit_diff, rows
+from naive import blocks, hf_logits, llama_pieces, logit_diff, rows
 from test_causal import tiny_batch as padded_batch
 
 import mechanic
@@ -214,14 +214,8 @@ def explicit_feature_llama(hf, ids, dicts, x0=None, eps=None, delta=None):
     cut: latents and error read the residual (the error writes x_e - a(x_e) W) and the residual becomes the sum
     of what they write. Returns (sender names, receiver names, sender outputs [S, b, p, d], last logits,
     reads [S, R] bool: which senders each receiver reads)."""
-    cfg, lm = hf.config, hf.model
-    H, KV, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    P = ids.shape[1]
-    freqs = torch.arange(P)[:, None].float() * lm.rotary_emb.inv_freq[None]
-    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
-    rope = lambda t: t * cos + torch.cat([-t[..., dh // 2:], t[..., :dh // 2]], -1) * sin  # noqa: E731
-    rms = lambda t, w: w * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))  # noqa: E731
-    causal = torch.ones(P, P).tril().bool()
+    lm = hf.model
+    H, KV, dh, P, rope, rms, causal = llama_pieces(hf, ids.shape[1])
     senders, receivers, outs, pairs, avail = [], [], [], [], []
 
     def read(name, R):

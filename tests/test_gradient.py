@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from naive import blocks, expert_first_order, first_order, patch_reference, patch_tolerance, point
+from naive import blocks, expert_first_order, first_order, llama_pieces, patch_reference, patch_tolerance, point
 
 import mechanic
 from mechanic.locate.gradient import atp
@@ -134,14 +134,8 @@ def explicit_llama(hf, ids, x0=None, eps=None, delta=None):
     """A plain re-implementation of the tiny Llama forward (no padding) in which every head, MLP and the
     unembedding reads its own copy of the residual; receiver v's input gets + sum_u eps[u, v] * delta[u].
     Returns (sender outputs [U, b, p, d] in graph order, last-position logits)."""
-    cfg, lm = hf.config, hf.model
-    H, KV, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    P = ids.shape[1]
-    freqs = torch.arange(P)[:, None].float() * lm.rotary_emb.inv_freq[None]
-    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
-    rope = lambda t: t * cos + torch.cat([-t[..., dh // 2:], t[..., :dh // 2]], -1) * sin  # noqa: E731
-    rms = lambda t, w: w * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))  # noqa: E731
-    causal = torch.ones(P, P).tril().bool()
+    lm = hf.model
+    H, KV, dh, P, rope, rms, causal = llama_pieces(hf, ids.shape[1])
     R = lm.embed_tokens(ids) if x0 is None else x0
     senders, v = [R], 0
 
