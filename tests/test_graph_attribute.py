@@ -176,3 +176,69 @@ def test_top_features_rank_by_weighted_direct_effect_on_logits():
     expected = sorted(range(len(effect)), key=lambda j: -effect[j])[:5]
     assert g.top(5) == expected
     assert all(g.labels[i].startswith(f"L{int(g.layer[i])}.mlp_out.sae{int(g.feature[i])}@") for i in g.top(5))
+
+
+def test_zero_first_moves_position_zero_into_its_error_node():
+    torch.manual_seed(0)
+    model = mechanic.load(tiny_model("llama"))
+    tcs = random_transcoders(model, skip=True)
+    kept = Replacement(model, tcs, prompt(), zero_first=False)
+    zeroed = Replacement(model, tcs, prompt())
+    assert any(int(a.counts[0]) for a in kept.active)                 # the test has features at position 0 to move
+    assert all(a.counts[0] == 0 for a in zeroed.active)
+    with torch.no_grad():
+        for rep in (kept, zeroed):           # both reproduce the real logits: the error node took the features' share
+            assert (rep.run(rep.sources.expand(1)).logits[0] - rep.logits[-1]).abs().max() <= 1e-5
+    for i, d in enumerate(tcs):              # position 0's error is the MLP output minus the transcoder's constant part
+        x, y = zeroed.mlp_in[i][:1], zeroed.mlp_out[i][:1]
+        assert (zeroed.sources.errors[i][:1] - (y - d.b_dec - d.skip(x))).abs().max() <= 1e-6
+        assert torch.equal(zeroed.sources.errors[i][1:], kept.sources.errors[i][1:])
+    g = attribute(model, tcs, prompt(), batch_size=7)
+    assert g.meta["zero_first"] and int(g.pos[g.span("feature")].min()) >= 1
+
+
+def naive_selection(full: Graph, cap: int, per_round: int) -> list[int]:
+    """circuit-tracer's feature selection replayed on a full graph's rows: logit rows first, then in each round the
+    `per_round` unvisited features with the largest influence through the rows known so far (power iteration on
+    the row-normalised |rows|, one step at a time), until `cap` are visited."""
+    F, lg = full.count("feature"), full.span("logit")
+    known = list(range(lg.start, lg.stop))
+    visited: list[int] = []
+    while len(visited) < cap:
+        A = full.adjacency[known].abs()
+        A = A / A.sum(1, keepdim=True).clamp(min=1e-10)
+        w = torch.zeros(len(known))
+        w[[known.index(i) for i in range(lg.start, lg.stop)]] = full.logit_probs.float()
+        inf, cur = torch.zeros(len(full)), w @ A
+        while cur.any():
+            inf += cur
+            cur = cur[known] @ A
+        pending = [j for j in range(F) if j not in visited]
+        take = sorted(pending, key=lambda j: -float(inf[j]))[:min(per_round, cap - len(visited))]
+        visited += take
+        known += take
+    return sorted(visited)
+
+
+def test_feature_cap_keeps_the_most_influential_features_with_their_exact_rows():
+    model, rep, full = graph_for("llama", skip=True)
+    F = full.count("feature")
+    assert attribute(model, rep, None, batch_size=7, max_feature_nodes=F).adjacency.equal(full.adjacency)
+    cap, per_round = F // 3, 5
+    g = attribute(model, rep, None, batch_size=3, max_feature_nodes=cap, rows_per_update=4 * per_round)
+    assert g.count("feature") == cap and len(g) == len(full) - (F - cap)
+    chosen = naive_selection(full, cap, per_round=4 * per_round)
+    key = lambda h, n: list(zip(h.layer[:n].tolist(), h.pos[:n].tolist(), h.feature[:n].tolist()))  # noqa: E731
+    mine_keys = set(key(g, cap))
+    kept = [j for j, k in enumerate(key(full, F)) if k in mine_keys]
+    assert kept == chosen
+    cols = torch.tensor(kept + list(range(F, len(full))))
+    rows = torch.tensor(kept + list(range(len(full) - full.count("logit"), len(full))))
+    mine = torch.cat([torch.arange(cap), torch.arange(len(g) - g.count("logit"), len(g))])
+    assert (g.adjacency[mine] - full.adjacency[rows][:, cols]).abs().max() <= 1e-6
+    assert torch.equal(g.bias, full.bias[cols]) and torch.equal(g.value, full.value[cols])
+    assert g.scores["completeness"] <= full.scores["completeness"] + 1e-6     # dropped features count as missing
+    none = attribute(model, rep, None, batch_size=7, max_feature_nodes=0)
+    assert none.count("feature") == 0 and none.count("logit") == full.count("logit")
+    with pytest.raises(GraphError, match="max_feature_nodes"):
+        attribute(model, rep, None, max_feature_nodes=-1)

@@ -73,3 +73,22 @@ def test_graph_errors(setup, tmp_path):
     res = runner.invoke(app, ["graph", PROMPT, "--model", str(root / "model"), "--transcoders", str(root / "tc"),
                               "--node-threshold", "3"])
     assert res.exit_code == 2 and "between 0 and 1" in res.output
+
+
+def test_graph_feature_cap_and_first_position(setup, tmp_path):
+    root, m, tcs = setup
+    base = ["graph", PROMPT, "--model", str(root / "model"), "--transcoders", str(root / "tc"), "--json"]
+    res = runner.invoke(app, base + ["-o", str(tmp_path / "a.html"), "--max-feature-nodes", "5",
+                                     "--save", str(tmp_path / "capped")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["nodes"]["feature"] == 5
+    want = attribute(m, tcs, PROMPT, max_feature_nodes=5)
+    assert (Graph.load(tmp_path / "capped").adjacency - want.adjacency).abs().max() < 1e-6
+    res = runner.invoke(app, base + ["-o", str(tmp_path / "b.html"), "--max-feature-nodes", "-1", "--keep-first",
+                                     "--save", str(tmp_path / "all")])
+    assert res.exit_code == 0, res.output
+    g = Graph.load(tmp_path / "all")
+    assert g.count("feature") == attribute(m, tcs, PROMPT, max_feature_nodes=None, zero_first=False).count("feature")
+    assert int(g.pos[g.span("feature")].min()) == 0          # position 0 kept its features
+    res = runner.invoke(app, base + ["-o", str(tmp_path / "c.html"), "--max-feature-nodes", "-3"])
+    assert res.exit_code != 0 and "--max-feature-nodes" in res.output and "Traceback" not in res.output

@@ -181,3 +181,12 @@ evaluate: {{target: [task], better: lower, task: {{file: {task}, label: gender}}
     assert res["stages"][0]["name"] == "locate" and found["prompt"] == next(r["prompt"] for r in rows if r["split"] == "train")
     assert res["stages"][1]["data"]["latents"] == found["latents"] and len(found["latents"]) == 3
     assert found["site"] in m.dictionaries and any(r["id"] == "gender.logit_diff" for r in res["evaluation"]["rows"])
+    # the locate stage keys on the transcoders' files, not their path: same files reuse it, new weights redo it
+    again = run(recipe, tmp_path / "run", log=lambda s: None)
+    assert again["stages"][0]["reused"]
+    cfg = next(path.rglob("sae_weights.safetensors"))
+    from safetensors.torch import load_file, save_file
+    w = load_file(str(cfg))
+    save_file({k: v * 1.5 for k, v in w.items()}, str(cfg))
+    changed = run(recipe, tmp_path / "run", log=lambda s: None)
+    assert not changed["stages"][0]["reused"] and changed["stages"][0]["key"] != again["stages"][0]["key"]

@@ -31,7 +31,7 @@ def test_smollm2_graph_is_exact(smollm2):
     with torch.no_grad():
         assert (rep.run(rep.sources.expand(1)).logits[0] - real).abs().max() <= 1e-4
     g = attribute(smollm2, rep, PROMPT, batch_size=64)
-    assert g.count("feature") == 30 * 16 * 4
+    assert g.count("feature") == 30 * 15 * 4          # position 0 has no features (zero_first)
     t = torch.cat([torch.arange(g.count("feature")), torch.arange(len(g) - g.count("logit"), len(g))])
     assert (g.adjacency[t].sum(1) + g.bias[t] - g.value[t]).abs().max() <= 1e-4
     # a few sources deleted from the frozen model one at a time (a feature, an error, a token) vs their columns

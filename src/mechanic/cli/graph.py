@@ -14,6 +14,7 @@ from rich.text import Text
 from mechanic.cli.common import app, console, emit_json
 from mechanic.cli.locate import JSON, MODEL
 from mechanic.cli.sae import sae_errors
+from mechanic.locate.graph.attribute import MAX_FEATURE_NODES
 
 
 @app.command()
@@ -29,6 +30,10 @@ def graph(prompt: str = typer.Argument(..., help="The prompt whose next-token pr
           logit_mass: float = typer.Option(0.95, help="Logit nodes: the most probable tokens up to this mass."),
           max_logits: int = typer.Option(10, help="At most this many logit nodes."),
           batch_size: int = typer.Option(64, help="Target rows per backward pass."),
+          max_feature_nodes: int = typer.Option(MAX_FEATURE_NODES, help="Keep this many features, the most "
+                                                 "influential on the logits (0: none; -1: every active feature)."),
+          keep_first: bool = typer.Option(False, "--keep-first", help="Keep feature nodes at position 0 (by "
+                                          "default its MLP outputs are error nodes: it is the attention sink)."),
           export: Optional[Path] = typer.Option(None, "--export", help="Also write circuit-tracer / Neuronpedia "
                                                 "graph JSON to this file (its directory gets graph-metadata.json)."),
           save: Optional[Path] = typer.Option(None, "--save", help="Also save the whole graph (Graph.save) here."),
@@ -43,12 +48,15 @@ def graph(prompt: str = typer.Argument(..., help="The prompt whose next-token pr
     from mechanic.locate.graph import GraphError
     from mechanic.report import graph_json, graph_viewer
 
+    if max_feature_nodes < -1:
+        raise GraphError(f"--max-feature-nodes is a count of features (or -1 for all of them); got {max_feature_nodes}.")
     for name, v in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0.0 <= v <= 1.0:      # checked before the (minutes-long on a real model) graph is built
             raise GraphError(f"{name} is a fraction of the total influence, between 0 and 1; got {v}.")
     m = mechanic.load(model)
     tcs, where = load_transcoders(m, transcoders)
-    g = attribute(m, tcs, prompt, logit_mass=logit_mass, max_logits=max_logits, batch_size=batch_size)
+    g = attribute(m, tcs, prompt, logit_mass=logit_mass, max_logits=max_logits, batch_size=batch_size,
+                  max_feature_nodes=None if max_feature_nodes == -1 else max_feature_nodes, zero_first=not keep_first)
     graph_viewer.write(g, out, node_threshold=node_threshold, edge_threshold=edge_threshold, tokenizer=m.tokenizer)
     info = {"page": str(out), "prompt": prompt, "model": m.name, "transcoder_layers": sorted(where),
             "nodes": {k: g.count(k) for k in ("feature", "error", "token", "logit")}, "scores": g.scores,

@@ -46,15 +46,18 @@ def train_spec(locate_spec) -> TrainSpec | None:
     return TrainDictionary.model_validate(d).train if isinstance(d, dict) else None
 
 
-def digest(path) -> str:
-    """sha256 over a dictionary directory's files, so replacing its weights invalidates the stages that read it."""
+def digest(path, field: str = "dictionary") -> str:
+    """sha256 over a dictionary directory's files (subdirectories included: a transcoder per layer), so replacing
+    its weights invalidates the stages that read it."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise RecipeError(f"dictionary: {p} is not a directory; give a SAELens-format directory (cfg.json + "
-                          "sae_weights.safetensors), or `dictionary: {train: {site: L6.resid_post}}` to train one.")
+        hint = ("a SAELens-format directory (cfg.json + sae_weights.safetensors), or `dictionary: {train: {site: "
+                "L6.resid_post}}` to train one" if field == "dictionary" else
+                "a directory with one transcoder subdirectory per layer (as `mechanic sae train --out-site` writes)")
+        raise RecipeError(f"{field}: {p} is not a directory; give {hint}.")
     h = hashlib.sha256()
-    for f in sorted(x for x in p.iterdir() if x.is_file()):
-        h.update(f.name.encode() + f.read_bytes())
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f.relative_to(p).as_posix().encode() + f.read_bytes())
     return h.hexdigest()
 
 

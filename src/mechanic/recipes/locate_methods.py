@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from mechanic.locate.graph.attribute import MAX_FEATURE_NODES
 from mechanic.recipes.dictionaries import TrainDictionary
 from mechanic.recipes.methods import LOCATE, StageOut, method, scores_heatmap, table
 from mechanic.recipes.schema import Strict
@@ -137,7 +138,7 @@ class VectorSweep(Strict):
 @method(LOCATE, "vector_sweep", VectorSweep)
 def vector_sweep(ctx) -> StageOut:
     """Extract the vector from the task's (prompt, corrupted) pairs, sweep it, pick the best cell under max_kl."""
-    from mechanic.steer.sweep import sweep
+    from mechanic.steer.parallel import parallel_sweep
     from mechanic.steer.vectors import extract, pairs_from_task
 
     s, model = ctx.settings, ctx.model
@@ -146,7 +147,8 @@ def vector_sweep(ctx) -> StageOut:
     vec.save(ctx.dir / "vector.safetensors")
     vec.save(ctx.dir / "vector.gguf") if 0 not in s.layers else None
     chosen_on = ctx.validation if ctx.validation is not None else ctx.task   # selection never reads test rows
-    sw = sweep(model, vec, chosen_on, s.layers, s.coefficients, side=s.side, neutral_tokens=s.neutral_tokens)
+    sw = parallel_sweep(model, vec, chosen_on, s.layers, s.coefficients, side=s.side,   # cells split over ranks
+                        neutral_tokens=s.neutral_tokens)
     best = sw.best(s.max_kl)
     figs = []
     for name, sc, bar in (("target", sw.target, ctx.task.metric), ("kl", sw.kl, "KL"), ("ppl", sw.ppl, "perplexity")):
@@ -423,6 +425,8 @@ class GraphFeatures(Strict):
     logit_mass: float = Field(0.95, gt=0, le=1)
     max_logits: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
+    max_feature_nodes: int | None = Field(MAX_FEATURE_NODES, ge=0)   # the most influential features kept (None: all)
+    zero_first: bool = True          # position 0 (the attention sink) has no feature nodes
 
 
 @method(LOCATE, "graph_features", GraphFeatures)
@@ -443,7 +447,8 @@ def graph_features(ctx) -> StageOut:
         if ctx.task is None:
             raise RecipeError("graph_features target: answer needs a task (the answer of its first train prompt).")
         token = int(ctx.task.subset(1).tokenize(model).answer[0])
-    g = attribute(model, tcs, prompt, logit_mass=s.logit_mass, max_logits=s.max_logits, batch_size=s.batch_size)
+    g = attribute(model, tcs, prompt, logit_mass=s.logit_mass, max_logits=s.max_logits, batch_size=s.batch_size,
+                  max_feature_nodes=s.max_feature_nodes, zero_first=s.zero_first)
     g.save(ctx.dir / "graph")
     sc = scores(g, token=token)
     sc.save(ctx.dir / "features.json")

@@ -295,12 +295,14 @@ EDIT_METHODS = ("rome", "memit", "alphaedit", "ft", "lora")
 
 def dictionary_stage(R: Runner, recipe: Recipe, m, base: dict):
     """(locate spec, key): a `dictionary: {train: ...}` is trained in its own cached stage and replaced by the
-    trained directory; a `dictionary: PATH` keys on its files' digest (recipes.dictionaries)."""
+    trained directory; a `dictionary: PATH` (or graph_features' `transcoders: DIR`) keys on its files' digest
+    (recipes.dictionaries)."""
     from mechanic.recipes.dictionaries import digest, train_spec, train_stage
 
     given = recipe.locate.model_dump().get("dictionary")
     if given is None:
-        return recipe.locate, None
+        transcoders = recipe.locate.model_dump().get("transcoders")
+        return recipe.locate, (digest(transcoders, "transcoders") if transcoders is not None else None)
     spec = train_spec(recipe.locate)
     if spec is None:
         return recipe.locate, digest(given)

@@ -161,7 +161,8 @@ def metadata(graph: Graph, slug: str, scan: str | None, prompt_tokens: list[str]
                      "create_time_ms": int(time.time() * 1000)},
             "generation_settings": {"max_n_logits": meta.get("max_logits"),
                                     "desired_logit_prob": meta.get("logit_mass"),
-                                    "batch_size": meta.get("batch_size")},
+                                    "batch_size": meta.get("batch_size"),
+                                    "max_feature_nodes": meta.get("max_feature_nodes")},
             "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold}}
 
 

@@ -125,8 +125,10 @@ def _with_hidden(args, kwargs, x):
 class Replacement:
     """The frozen, linear-in-the-residual replacement of `model` on one prompt (built by a real forward)."""
 
-    def __init__(self, model, transcoders, prompt):
+    def __init__(self, model, transcoders, prompt, *, zero_first: bool = True):
+        """zero_first: no feature nodes at position 0; its MLP outputs are error nodes (see attribute)."""
         self.model = model
+        self.zero_first = bool(zero_first)
         self.transcoders = as_layers(model, transcoders)
         batch = model.inputs(prompt)
         if batch["input_ids"].shape[0] != 1:
@@ -218,13 +220,15 @@ class Replacement:
                     errors.append(y.clone())
                     continue
                 a = d.encode(x).to(x.dtype)
+                if self.zero_first:     # position 0 sees only itself: its features become its error node
+                    a[0] = 0
                 pos, feat = a.nonzero(as_tuple=True)        # row-major: sorted by position, then feature
                 unique, inverse = feat.unique(return_inverse=True)
                 rows = decoder_rows(d, unique).to(x.dtype)
                 counts = torch.bincount(pos, minlength=x.shape[0]).tolist()
                 self.active.append(Active(pos, feat, unique, inverse, rows, counts, list(rows[inverse].split(counts))))
                 acts.append(a[pos, feat])
-                errors.append(y - d(x).to(y.dtype))
+                errors.append(y - (d.decode(a.to(d.W_dec.dtype)) + d.skip(x)).to(y.dtype))
         self.sources = Sources(seen["embed"][0], acts, errors)
 
     # ---- the frozen affine model ---------------------------------------------------------
