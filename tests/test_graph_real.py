@@ -51,3 +51,44 @@ def test_smollm2_graph_is_exact(smollm2):
     s = graph_scores(g)
     assert 0 <= s["replacement"] <= 1 and 0 <= s["completeness"] <= 1
     assert prune(g).node_mask[g.span("logit")].all()
+
+
+@pytest.mark.real
+def test_smollm2_graph_features_to_a_feature_plan(smollm2, tmp_path):
+    """The recipe path on the real model: graph_features on saved transcoders of the last layer, then feature_steer.
+    Last-layer features reach the logits only at the last position and only through the (real, unfrozen) final
+    norm, so ablating them everywhere moves the weighted demeaned logits as the graph predicts, up to that norm."""
+    from mechanic.features import detach, save
+    from mechanic.recipes.methods import run_method
+    from mechanic.recipes.schema import MethodSpec
+    from mechanic.steer.plan import Plan
+
+    L = smollm2.dims.n_layers
+    tcs = topk_transcoders(smollm2, k=16, scale=0.05)
+    for i in (L - 2, L - 1):
+        save(tcs[i], tmp_path / "tc" / f"L{i}.mlp_in-L{i}.mlp_out.topk")
+    found = run_method("locate", {"model": smollm2, "task": None, "dir": tmp_path / "locate"},
+                       MethodSpec(method="graph_features", transcoders=str(tmp_path / "tc"), prompt=PROMPT,
+                                  layer=L - 1, top_k=3, max_logits=3, logit_mass=0.99))
+    site = found.data["site"]
+    try:
+        (tmp_path / "steer").mkdir()
+        run_method("steer", {"model": smollm2, "task": None, "dir": tmp_path / "steer", "found": found, "seed": 0},
+                   MethodSpec(method="feature_steer", how="ablate"))
+        plan = Plan.load(tmp_path / "steer" / "plan.safetensors")
+        from mechanic.locate.scores import Scores
+        effect = dict(zip(*[(s := Scores.load(tmp_path / "locate" / "features.json")).sites, s.values.tolist()]))
+        predicted = -sum(effect[x] for x in found.data["latents"])
+        tok = torch.tensor(found.data["logit_tokens"])
+        probs = torch.tensor(Scores.load(tmp_path / "locate" / "features.json").settings["logit_probs"]).double()
+
+        def target():
+            z = smollm2.run(PROMPT, last_only=True).logits[0, -1].double()
+            return float(probs @ (z[tok] - z.mean()))
+        before = target()
+        with smollm2.applied(plan):
+            measured = target() - before
+        assert abs(predicted) > 1e-3 and measured * predicted > 0
+        assert abs(measured - predicted) <= 0.25 * abs(predicted)
+    finally:
+        detach(smollm2, site)
