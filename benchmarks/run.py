@@ -194,7 +194,7 @@ SECTIONS = {"resid_cache": resid_cache, "loading": loading, "patching": patching
             "locate_ioi": _ours("locate_ioi_mechanic.py"), "locate_neurons": locate_neurons,
             "locate_outliers": _ours("locate_outliers_mechanic.py"), "steer_generate": steer_generate,
             "steer_edit": _ours("steer_edit_mechanic.py"), "sae_smollm2": sae_smollm2,
-            "sae_throughput": _ours("sae_throughput.py")}
+            "sae_throughput": _ours("sae_throughput.py"), "graph_smollm2": _ours("graph_smollm2.py")}
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -635,6 +635,34 @@ def sae_throughput_lines(r: dict | None, meta: dict) -> list[str]:
     return lines
 
 
+def graph_lines(r: dict | None, meta: dict) -> list[str]:
+    """One attribution graph of a 16-token prompt on SmolLM2 with trained transcoders: cost, scores, validation."""
+    lines = ["", "## Attribution graph on SmolLM2 (16 tokens, trained transcoders)", ""]
+    if r is None:
+        return lines + not_yet_run("graph_smollm2")
+    first = r["rows"][0]
+    lines += [provenance(meta, "graph_smollm2"), "",
+              f"Prompt {first['prompt']!r} ({first['tokens']} tokens; {first['active_features']:,} active features of "
+              f"{first['transcoder_layers']} per-layer transcoders, `runs/tc_smollm2`: 8x, TopK k = 32, skip). Each "
+              "setting in a fresh process; peak RSS is the whole process (model and transcoders: "
+              f"{first['rss_after_load_gb']:.2f} GB after loading). Validation ablates the "
+              f"{first['validation']['top']} most influential features one at a time in the real model and compares "
+              "each logit's change with the graph's prediction. Goal: under 2 minutes on 2 cores, peak memory stated.",
+              "",
+              "| setting | nodes | wall s | CPU s | peak RSS GB | replacement | completeness | pruned nodes | "
+              "validation Pearson | Spearman | sign |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"capped": "7,500 features (default), position 0 zeroed (default)",
+             "all_features": "every feature, position 0 zeroed", "capped_first_kept": "7,500 features, position 0 kept"}
+    for x in r["rows"]:
+        a = x["validation"]["agreement"]
+        lines.append(f"| {names.get(x['setting'], x['setting'])} | {sum(x['nodes'].values()):,} | {x['graph_wall_s']:.1f} | "
+                     f"{x['graph_cpu_s']:.1f} | {x['peak_rss_graph_gb']:.2f} | {x['scores']['replacement']:.3f} | "
+                     f"{x['scores']['completeness']:.3f} | {x['pruned']['nodes']:,} | {a['pearson']:.2f} | "
+                     f"{a['spearman']:.2f} | {a['sign']:.2f} |")
+    return lines
+
+
 def load_results(results: Path = RESULTS) -> tuple[dict, dict]:
     """Every section's raw result (None when it has not been run yet) and meta.json (when and where each was)."""
     data = {name: json.loads((results / f"{name}.json").read_text()) if (results / f"{name}.json").exists() else None
@@ -669,7 +697,8 @@ def render(data: dict, meta: dict) -> str:
         patching_lines(data["patching"], meta) + ioi_lines(data["locate_ioi"], meta) + \
         locate2_lines(data["locate_neurons"], data["locate_outliers"], meta) + \
         steer_lines(data["steer_generate"], meta) + edit_lines(data["steer_edit"], meta) + \
-        sae_lines(data["sae_smollm2"], meta) + sae_throughput_lines(data["sae_throughput"], meta)
+        sae_lines(data["sae_smollm2"], meta) + sae_throughput_lines(data["sae_throughput"], meta) + \
+        graph_lines(data["graph_smollm2"], meta)
     return "\n".join(lines) + "\n"
 
 
