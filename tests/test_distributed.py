@@ -53,6 +53,7 @@ def locate_jobs():
            "eap_ig": parallel(eap, m, b, ig_steps=2)}
     out.update({f"atp_{k}": v for k, v in parallel(atp, m, b, kind=["head", "resid_pre"], batch_size=2).items()})
     out.update({f"neurons_{k}": v for k, v in parallel(neuron_attribution, m, b, kinds=["head", "neuron"]).items()})
+    out["neurons_decorated"] = neuron_attribution(m, b, ["attn", "mlp"])["mlp"]       # splits by itself (positional)
     out["shards"] = [D.bounds(b.n, r) for r in range(D.world())]
     out.update(collect_jobs(m, b))
     return out
@@ -107,7 +108,31 @@ def sweep_jobs(m):
     kw = dict(neutral=["It was the best of times, it was the worst of times, it was the age of wisdom."] * 4,
               neutral_tokens=48, seq_len=16)
     return {"sweep_layers": parallel_sweep(m, v, task, [0, 1, 2], [0.0, 3.0], **kw),
-            "sweep_coefficients": parallel_sweep(m, v, task, [1], [-2.0, 0.0, 3.0], **kw)}
+            "sweep_coefficients": parallel_sweep(m, v, task, [1], [-2.0, 0.0, 3.0], **kw),
+            **recipe_sweep_jobs(m, task)}
+
+
+def recipe_sweep_jobs(m, task):
+    """The vector_sweep recipe method (as a recipe's locate stage calls it): its stage output, and the layers each
+    rank swept (steer.sweep.sweep's calls, recorded)."""
+    import tempfile
+
+    import mechanic.steer.parallel as P
+    from mechanic.recipes.locate_methods import VectorSweep, vector_sweep
+    from mechanic.recipes.methods import Context
+
+    swept, inner = [], P.sweep
+
+    def recording(model, vector, task, layers, coefficients, **kw):
+        swept.append([int(x) for x in layers])
+        return inner(model, vector, task, layers, coefficients, **kw)
+    settings = VectorSweep(layers=[0, 1, 2], coefficients=[0.0, 3.0], max_kl=5.0, neutral_tokens=64)
+    P.sweep = recording
+    try:
+        out = vector_sweep(Context(m, task, settings, Path(tempfile.mkdtemp()), validation=task))
+    finally:
+        P.sweep = inner
+    return {"recipe_sweep": out.to_dict(), "recipe_swept": D.gather(swept)}
 
 
 def failing_job():
@@ -153,7 +178,7 @@ def located(tmp_path_factory):
 
 
 KEYS = ["patch_resid", "patch_decorated", "patch_head_noise", "patch_mean_ablation", "eap", "eap_ig", "atp_head",
-        "atp_resid_pre", "neurons_head", "neurons_neuron"]
+        "atp_resid_pre", "neurons_head", "neurons_neuron", "neurons_decorated"]
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -225,6 +250,8 @@ def test_evaluate_and_sweeps_on_two_ranks_equal_one_process(tmp_path):
             assert (a.values - b.values).abs().max().item() <= TOL, (k, part)
         assert two[k].baseline == one[k].baseline
     assert one["sweep_layers"].target.values.shape == (3, 2) and one["sweep_layers"].kl.values.max() > 1e-4
+    same(two["recipe_sweep"], one["recipe_sweep"], "recipe_sweep")      # text, heatmaps, chosen cell, baseline
+    assert two["recipe_swept"] == [[[0, 1]], [[2]]] and one["recipe_swept"] == [[[0, 1, 2]]]   # the cells were split
 
 
 def test_a_rank_that_raises_is_named_in_the_parent(tmp_path):

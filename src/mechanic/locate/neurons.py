@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import torch
 
 from mechanic.locate.gradient import task_batch
+from mechanic.locate.parallel import data_parallel
 from mechanic.locate.readout import Collected, FrozenNorm, Readout, collect, freeze, targets, write
 from mechanic.locate.scores import Scores
 from mechanic.tasks.task import Task, TaskBatch
@@ -124,6 +125,7 @@ def importance(model, col: Collected, R: Readout, w: torch.Tensor, kinds: Iterab
     return {k: (names, torch.cat(vals, 1)) for k, (names, vals) in out.items() if names}
 
 
+@data_parallel   # under torchrun: examples split over the ranks (locate.parallel)
 def neuron_attribution(model, task: Task | TaskBatch, kinds: str | Iterable[str] | None = None, *,
                        target: str = "answer", layers: Iterable[int] | None = None,
                        chunk: int = 512) -> dict[str, Scores]:
