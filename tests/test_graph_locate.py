@@ -190,3 +190,50 @@ evaluate: {{target: [task], better: lower, task: {{file: {task}, label: gender}}
     save_file({k: v * 1.5 for k, v in w.items()}, str(cfg))
     changed = run(recipe, tmp_path / "run", log=lambda s: None)
     assert not changed["stages"][0]["reused"] and changed["stages"][0]["key"] != again["stages"][0]["key"]
+    # features of every layer: the runner attaches one transcoder per layer they come from, for steer and evaluation
+    recipe.write_text(recipe.read_text().replace("top_k: 3,", "top_k: 12, layer: all,"))
+    every = run(recipe, tmp_path / "run", log=lambda s: None)
+    sites = every["stages"][0]["data"]["site"]
+    assert isinstance(sites, list) and len(sites) >= 2 and all(s in m.dictionaries for s in sites)
+    assert every["stages"][1]["data"]["latents"] == every["stages"][0]["data"]["latents"]
+
+
+def test_features_of_every_layer_make_one_plan(word_tokenizer, tmp_path):
+    """layer: all hands the top features of any layer to the steer stage with one dictionary per layer; the plan
+    equals ablating each latent by hand with those transcoders attached, bit for bit, and random draws stay per layer."""
+    from mechanic.steer.feature_plans import feature_ablate
+
+    m = worded_model(word_tokenizer)
+    path = tmp_path / "tc"
+    tcs = random_transcoders(m, d_sae=32, architecture="relu", scale=0.1, layers={1, 2})
+    with torch.no_grad():
+        tcs[2].W_dec.mul_(5)          # so that both layers have features among the top (layer 1's reach further)
+    for i in (1, 2):
+        save(tcs[i], path / f"L{i}.mlp_in-L{i}.mlp_out.relu")
+    found, plan = locate_then_steer(m, tmp_path, path, layer="all", top_k=12)
+    layers = found.data["layer"]
+    assert isinstance(layers, list) and len(layers) >= 2 and len(found.data["dictionary"]) == len(layers)
+    assert found.data["site"] == [f"L{L}.mlp_out" for L in layers]
+    sc = Scores.load(tmp_path / "locate" / "features.json")
+    top = sorted(range(len(sc.sites)), key=lambda i: -float(sc.values[i]))[:12]
+    assert found.data["latents"] == [sc.sites[i] for i in top]          # the top 12 of any layer, in order
+    ids = m.inputs(PROMPT)["input_ids"]
+    with m.applied(plan):
+        got = m.run(ids).logits
+    by_hand = None
+    for x in found.data["latents"]:
+        one = feature_ablate(m, x)
+        by_hand = one if by_hand is None else by_hand + one
+    with m.applied(by_hand):
+        want = m.run(ids).logits
+    assert torch.equal(got, want) and not torch.equal(got, m.run(ids).logits)
+    d = tmp_path / "rand"
+    d.mkdir()
+    run_method("steer", {"model": m, "task": None, "dir": d, "found": found, "seed": 0},
+               MethodSpec(method="feature_steer", how="ablate", random=True))
+    drawn = Plan.load(d / "plan.safetensors").settings["latents"]
+    count = lambda xs, s: sum(x.startswith(s + ".") for x in xs)   # noqa: E731
+    assert all(count(drawn, s) == count(found.data["latents"], s) for s in found.data["site"])
+    assert not set(drawn) & set(found.data["latents"])
+    for s in found.data["site"]:
+        detach(m, s)

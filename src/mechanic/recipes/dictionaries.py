@@ -81,6 +81,11 @@ def train_stage(model, spec: TrainSpec, out: Path, seed: int) -> StageOut:
                     {"dictionary": f"{cfg.label}/sae_weights.safetensors"})
 
 
+def paths(dictionary) -> list[str]:
+    """A locate stage's `dictionary`: one directory, or a list of them (graph_features with `layer: all`)."""
+    return [str(dictionary)] if isinstance(dictionary, (str, Path)) else [str(p) for p in dictionary]
+
+
 def attach_dir(model, path) -> str:
     """Attach the dictionary saved at `path` (unless an equal one is attached there); returns its site."""
     from mechanic.features import FeaturesError, attach, attached, detach, load

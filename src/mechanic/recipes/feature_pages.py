@@ -30,7 +30,10 @@ def wanted(found: StageOut, steered: StageOut) -> dict | None:
     data = found.data
     if "dictionary" not in data or "site" not in data:
         return None
-    prefix = f"{data['site']}.sae"
+    # several dictionaries (graph_features over every layer): pages of the first, the top latent's layer
+    site, dictionary = ((data["site"], data["dictionary"]) if isinstance(data["site"], str)
+                        else (data["site"][0], data["dictionary"][0]))
+    prefix = f"{site}.sae"
     located = [x for x in data.get("latents", []) if x.startswith(prefix)]
     plan = [x for x in steered.data.get("latents", []) if x.startswith(prefix)]
     if not located and not plan:
@@ -39,7 +42,7 @@ def wanted(found: StageOut, steered: StageOut) -> dict | None:
     names = list(dict.fromkeys(plan + located))[: max(MAX_CARDS, len(plan))]
     cards = [(Site.parse(x).index, x in plan, located.index(x) + 1 if x in located else None, score.get(x))
              for x in names]
-    return {"site": data["site"], "dictionary": data["dictionary"], "cards": cards, "located": len(located)}
+    return {"site": site, "dictionary": dictionary, "cards": cards, "located": len(located)}
 
 
 def page_tokens(train_tokens: int | None) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from typing import Literal
+
 from pydantic import Field
 
 from mechanic.locate.graph.attribute import MAX_FEATURE_NODES
@@ -421,7 +423,7 @@ class GraphFeatures(Strict):
     target: str = Field("logits", pattern="^(logits|answer)$")   # probability-weighted top logits, or the answer's
     top_k: int = Field(10, ge=1)
     by: str = Field("max", pattern="^(max|min|abs)$")
-    layer: int | None = Field(None, ge=0)   # the layer whose features are kept (default: the top feature's)
+    layer: int | Literal["all"] | None = None   # whose features are kept: one layer (default: the top feature's)
     logit_mass: float = Field(0.95, gt=0, le=1)
     max_logits: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -454,29 +456,40 @@ def graph_features(ctx) -> StageOut:
     sc.save(ctx.dir / "features.json")
     key = {"abs": sc.values.abs(), "max": sc.values, "min": -sc.values}[s.by]
     layer_of = [int(x.split(".")[0][1:]) for x in sc.sites]
-    layer = s.layer if s.layer is not None else layer_of[int(key.argmax())]
-    if layer not in where:
-        raise RecipeError(f"graph_features layer {layer}: {s.transcoders} has no transcoder for it (it has layers "
+    if s.layer == "all":        # the top features of any layer: one dictionary per layer they come from
+        order = key.argsort(descending=True)[: s.top_k].tolist()
+        layers = list(dict.fromkeys(layer_of[i] for i in order))
+    else:
+        if isinstance(s.layer, int) and s.layer < 0:
+            raise RecipeError(f"graph_features layer must be a layer index >= 0, 'all', or unset; got {s.layer}.")
+        layers = [s.layer if s.layer is not None else layer_of[int(key.argmax())]]
+        mine = [i for i, L in enumerate(layer_of) if L == layers[0]]
+        if layers[0] in where and not mine:
+            raise RecipeError(f"No feature of layer {layers[0]} is active on the prompt; pick another layer (or none).")
+        order = sorted(mine, key=lambda i: -float(key[i]))[: s.top_k]
+    missing = [L for L in layers if L not in where]
+    if missing:
+        raise RecipeError(f"graph_features layer {missing[0]}: {s.transcoders} has no transcoder for it (it has layers "
                           f"{sorted(where)}).")
-    mine = [i for i, L in enumerate(layer_of) if L == layer]
-    if not mine:
-        raise RecipeError(f"No feature of layer {layer} is active on the prompt; pick another layer (or none).")
-    order = sorted(mine, key=lambda i: -float(key[i]))[: s.top_k]
     latents = [sc.sites[i] for i in order]
     rows = [[sc.sites[i], float(sc.values[i])] for i in order]
     every = [[sc.sites[i], float(sc.values[i])] for i in key.argsort(descending=True)[: 2 * s.top_k].tolist()]
     what = "the probability-weighted top logits" if token is None else f"the answer's logit (token {token})"
+    where_from = f"layer {layers[0]}" if len(layers) == 1 else f"every layer (from layers {', '.join(map(str, layers))})"
     tops = ", ".join(f"{model.tokenizer.decode([t])!r} p={p:.3f}" if model.tokenizer is not None else f"#{t}"
                      for t, p in zip(g.logit_tokens.tolist(), g.logit_probs.tolist()))
     text = (f"The attribution graph of {prompt!r} ({g.count('feature')} active features of "
             f"{len(where)} transcoders; top logits {tops}; replacement score {g.scores['replacement']:.3f}, "
             f"completeness {g.scores['completeness']:.3f}) scores each feature by its total effect on {what} "
             f"through the graph (direct + indirect, summed over positions). The top {len(latents)} by {s.by} of "
-            f"layer {layer} ({latents[0]} at {rows[0][1]:+.4f}) go to the steer stage, through layer {layer}'s "
-            "transcoder attached at its MLP output (error kept).")
-    figs = [table("latents", f"Top features of layer {layer} by graph effect ({s.by})", ["latent", "effect"], rows),
+            f"{where_from} ({latents[0]} at {rows[0][1]:+.4f}) go to the steer stage, through the transcoder"
+            f"{'s' if len(layers) > 1 else ''} attached at the MLP output (error kept).")
+    figs = [table("latents", f"Top features of {where_from} by graph effect ({s.by})", ["latent", "effect"], rows),
             table("graph_features", "Top features of every layer by graph effect", ["latent", "effect"], every)]
-    return StageOut(text, figs, {"latents": latents, "dictionary": str(where[layer]), "site": f"L{layer}.mlp_out",
-                                 "layer": layer, "prompt": prompt, "token": token, "graph_scores": dict(g.scores),
+    one = len(layers) == 1          # one layer: a dictionary and a site; several: lists of them, in latent order
+    dicts, sites = [str(where[L]) for L in layers], [f"L{L}.mlp_out" for L in layers]
+    return StageOut(text, figs, {"latents": latents, "dictionary": dicts[0] if one else dicts,
+                                 "site": sites[0] if one else sites, "layer": layers[0] if one else layers,
+                                 "prompt": prompt, "token": token, "graph_scores": dict(g.scores),
                                  "logit_tokens": g.logit_tokens.tolist()},
                     {"graph": "graph/graph.json", "features": "features.json"})

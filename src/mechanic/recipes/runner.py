@@ -210,9 +210,10 @@ def run(recipe_path, out: str | os.PathLike, *, size: str | None = None, model: 
     lkey = key_of(base, "locate", recipe.locate.model_dump(), *([dkey] if dkey else []))   # old keys unchanged
     found, found_dir = R.stage("locate", lkey, f"Locate: {recipe.locate.method}", guarded(
         "locate", held_in, lambda d: run_method("locate", {**ctx, "dir": d}, locate_spec)))
-    if "dictionary" in found.data:     # feature plans act inside the dictionary: attached for steer and evaluation
-        from mechanic.recipes.dictionaries import attach_dir
-        attach_dir(m, found.data["dictionary"])
+    if "dictionary" in found.data:     # feature plans act inside the dictionaries: attached for steer and evaluation
+        from mechanic.recipes.dictionaries import attach_dir, paths
+        for path in paths(found.data["dictionary"]):
+            attach_dir(m, path)
     steered = {**ctx, "found": found, "found_dir": found_dir}
     if recipe.steer.method in EDIT_METHODS:      # an edit's requests are its input; their evaluation prompts are not
         steered["task"] = edit_requests(eval_task)

@@ -430,28 +430,33 @@ def random_latents(ctx, located: list[str], width: int, site: str) -> list[str]:
 def feature_steer(ctx) -> StageOut:
     """One feature plan (mechanic.steer.feature_plans) per located latent, summed into one saved plan."""
     from mechanic.features import attached
-    from mechanic.recipes.dictionaries import attach_dir
+    from mechanic.recipes.dictionaries import attach_dir, paths
     from mechanic.steer.feature_plans import feature_ablate, feature_clamp, feature_scale
     from mechanic.steer.plan import Plan
 
     s, model = ctx.settings, ctx.model
     latents = list(_found(ctx, "latents"))[: s.count]
-    site = attach_dir(model, _found(ctx, "dictionary"))
+    dictionaries = paths(_found(ctx, "dictionary"))
+    sites = [attach_dir(model, d) for d in dictionaries]
     if s.how == "clamp" and s.value is None:
         raise RecipeError("steer.how: clamp needs steer.value, the activation to hold each latent at (e.g. 0 to "
                           "remove, or a typical active value to turn the feature on).")
-    if s.random:
-        latents = random_latents(ctx, latents, attached(model, site).d_sae, site)
-    one = {"scale": lambda x: feature_scale(model, x, s.factor), "clamp": lambda x: feature_clamp(model, x, s.value),
+    if s.random:       # per dictionary, as many random latents as it has located ones
+        latents = [x for site in sites for x in random_latents(
+            ctx, [y for y in latents if y.startswith(site + ".")], attached(model, site).d_sae, site)]
+    act = {"scale": lambda x: feature_scale(model, x, s.factor), "clamp": lambda x: feature_clamp(model, x, s.value),
            "ablate": lambda x: feature_ablate(model, x)}[s.how]
     plan = Plan(method="feature_steer", fingerprint=model.fingerprint)
     for x in latents:
-        plan = plan + one(x)
+        plan = plan + act(x)
     plan.method = "feature_steer"
-    plan.settings = {"how": s.how, "factor": s.factor, "value": s.value, "latents": latents, "site": site,
-                     "dictionary": str(_found(ctx, "dictionary")), "random": s.random}
+    one = len(sites) == 1
+    plan.settings = {"how": s.how, "factor": s.factor, "value": s.value, "latents": latents,
+                     "site": sites[0] if one else sites, "dictionary": dictionaries[0] if one else dictionaries,
+                     "random": s.random}
     what = f"scaled by {s.factor:g}" if s.how == "scale" else f"clamped at {s.value:g}" if s.how == "clamp" \
         else "ablated"
-    return _out(ctx, plan, f"{len(latents)} {'random ' if s.random else ''}latents of the dictionary at {site} "
+    at = f"the dictionary at {sites[0]}" if one else f"the dictionaries at {', '.join(sites)}"
+    return _out(ctx, plan, f"{len(latents)} {'random ' if s.random else ''}latents of {at} "
                 f"{what} at every token ({', '.join(latents)}); the reconstruction error is kept, so everything "
                 "else the site carries is unchanged.", data={"latents": latents})
