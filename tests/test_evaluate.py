@@ -374,3 +374,21 @@ def test_prompt_baseline_prefixes_every_prompt_and_leaves_prose_alone(worded):
     assert got["after"]["mean"] == pytest.approx(want, abs=1e-5)
     assert got["after"]["mean"] != pytest.approx(got["before"]["mean"], abs=1e-4)   # the prefix changes the logits
     assert ev.row("perplexity.nll")["delta"]["mean"] == 0.0 and ev.plan == "prompt"
+
+
+@pytest.mark.real
+def test_sentiment_accuracy_is_a_two_way_choice(smollm2):
+    """SmolLM2's top token after a review is ' a', so top-1 accuracy on sentiment is 0 whatever a plan does (a
+    protected row that cannot move); the suite reports whether the right label beats the wrong one instead."""
+    from mechanic.tasks import metrics as M
+
+    task = load_task("sentiment", split="validation").subset(24)
+    m = TaskMeasure(task, kind="side")
+    assert m.metrics == ["logit_diff", "pair_accuracy"]
+    got = m.collect(smollm2, None)
+    batch = task.tokenize(smollm2, align=True)
+    logits = smollm2.run(batch.clean, last_only=True).logits[:, -1]
+    assert float(M.accuracy(logits, batch).sum()) == 0          # the old row: dead
+    naive = torch.tensor([float(logits[i, batch.answer[i]] > logits[i, batch.wrong[i]]) for i in range(batch.n)])
+    assert torch.equal(got["pair_accuracy"], naive) and 0 < float(naive.mean()) <= 1
+    assert TaskMeasure(load_task("ioi").subset(4)).metrics == ["logit_diff", "accuracy"]    # top-1 where it means something

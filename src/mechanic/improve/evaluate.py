@@ -75,7 +75,10 @@ class TaskMeasure(Measure):
         self.contrast = contrast
         if contrast and any(e.corrupted is None for e in task.examples):
             raise EvaluateError(f"contrast=True needs a corrupted prompt for every example of {task.name!r}.")
-        self.metrics = list(dict.fromkeys(metrics or [task.metric] + ([] if contrast else ["accuracy"])))
+        from mechanic.tasks.builtin import accuracy_metric
+
+        accuracy = [] if contrast else [accuracy_metric(task.name)]
+        self.metrics = list(dict.fromkeys(metrics or [task.metric] + accuracy))
         for m in self.metrics:
             M.get(m)  # unknown names fail here, with the list of known ones
         bias = task.name == "gender"  # a bias score: neither direction is "better"

@@ -47,6 +47,7 @@ class Margin:
 # neutral text stays under 0.1 nats per token, and fluency (n-gram entropy) drops at most 5%.
 DEFAULT_MARGINS: dict[str, Margin] = {
     "*.accuracy": Margin(0.02),
+    "*.pair_accuracy": Margin(0.02),
     "perplexity.ppl": Margin(0.02, relative=True),
     "kl.kl": Margin(0.1),
     "fluency.entropy": Margin(0.05, relative=True),

@@ -33,7 +33,7 @@ def target_measures(names: list[str], model, task, better: str | None, size: str
             same = len({e.answer for e in task.examples}) == 1      # one answer for all: accuracy says nothing
             m = TaskMeasure(task, [task.metric] if same else None, kind="target", contrast=contrast)
             if better:
-                m.better = {k: better if k != "accuracy" or better == "higher" else "none" for k in m.better}
+                m.better = {k: better if "accuracy" not in k or better == "higher" else "none" for k in m.better}
             out.append(m)
         elif name == "edit":
             out.append(EditMeasure(facts_from_task(task), kind="target"))

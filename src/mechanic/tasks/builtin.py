@@ -26,6 +26,16 @@ SUITES: dict[str, tuple[str, str]] = {
                                  "mapping swapped in the demonstrations."),
 }
 
+# Suites whose accuracy is a two-way choice: the answer is a label word the model rarely ranks first over the
+# whole vocabulary (SmolLM2's top token after "... In short, it was" is " a"), so top-1 accuracy is 0 whatever
+# a plan does, a protected row that can never move; whether the right label beats the wrong one can.
+ACCURACY = {"sentiment": "pair_accuracy"}
+
+
+def accuracy_metric(name: str) -> str:
+    """The accuracy a TaskMeasure reports for a suite: top-1 ("accuracy"), or a two-way choice (see ACCURACY)."""
+    return ACCURACY.get(name, "accuracy")
+
 
 def list_tasks() -> list[str]:
     """Names of the built-in suites."""

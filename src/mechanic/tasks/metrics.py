@@ -1,5 +1,5 @@
 """Metrics on last-position logits: logit difference (raw and normalised), probability, log-probability,
-accuracy, probability difference over answer sets and KL to the clean run. Each returns one value per example."""
+accuracy (top-1, or of a two-way choice), probability difference over answer sets and KL to the clean run. Each returns one value per example."""
 
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ def accuracy(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
     return (top == batch.answer).float()
 
 
+def pair_accuracy(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """1 where the answer's logit beats the wrong answer's, else 0: the accuracy of a two-way choice, for suites
+    whose answer is a label word the model rarely ranks first over the whole vocabulary."""
+    return (logit_diff(logits, batch) > 0).float()
+
+
 def prob_diff(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
     """Probability mass on the acceptable answers minus mass on the unacceptable ones (Hanna et al. 2023's
     greater-than metric). The sets come from meta["answers"] / meta["wrongs"]; without them, {answer} and
@@ -64,7 +70,8 @@ def normalise(value: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor)
     return (value - corrupted) / (clean - corrupted)
 
 
-METRICS = {"logit_diff": logit_diff, "prob": prob, "logprob": logprob, "accuracy": accuracy, "prob_diff": prob_diff}
+METRICS = {"logit_diff": logit_diff, "prob": prob, "logprob": logprob, "accuracy": accuracy,
+           "pair_accuracy": pair_accuracy, "prob_diff": prob_diff}
 
 
 def get(name: str):
