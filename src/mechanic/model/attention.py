@@ -31,7 +31,7 @@ def instrument_attention(session):
         out, weights = base(module, query, key, value, attention_mask, **kwargs)
         pats = [s for s in session.attn_fn[L]["reads"] if s.part == "pattern"]
         if pats:
-            p = weights if weights is not None else _pattern(module, query, key, attention_mask, kwargs)
+            p = weights if weights is not None else attention_pattern(module, query, key, attention_mask, kwargs)
             for s in pats:
                 v = p.transpose(1, 2)  # [batch, q_pos, head, k_pos]
                 session.store(str(s), v if s.index is None else v[:, :, s.index])
@@ -69,7 +69,7 @@ def _qkv(session, L, module, query, key, value):
     return tensors["q"], tensors["k"], tensors["v"]
 
 
-def _pattern(module, query, key, attention_mask, kwargs) -> torch.Tensor:
+def attention_pattern(module, query, key, attention_mask, kwargs) -> torch.Tensor:
     """softmax(q k^T * scaling + mask) for implementations that do not return weights (e.g. sdpa)."""
     group = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(group, dim=1)

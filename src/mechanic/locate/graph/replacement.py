@@ -22,7 +22,7 @@ from mechanic.features import Dictionary
 from mechanic.locate.graph.codes import decoder_rows
 from mechanic.locate.graph.errors import GraphError
 from mechanic.locate.graph.norms import FrozenNorm, frozen_norm, is_norm
-from mechanic.model.attention import _pattern
+from mechanic.model.attention import attention_pattern
 from mechanic.model.hooks import frozen_parameters
 from mechanic.model.interfaces import override
 
@@ -167,7 +167,7 @@ class Replacement:
             out, weights = base(module, query, key, value, attention_mask, **kwargs)
             layer = self._attn.get(id(module))
             if layer is not None:
-                p = _pattern(module, query, key, attention_mask, kwargs) if weights is None else weights
+                p = attention_pattern(module, query, key, attention_mask, kwargs) if weights is None else weights
                 seen["pattern"][layer] = p.detach()
                 check = _apply_pattern(p, value).to(out.dtype)
                 err = (check - out).abs().max().item()
