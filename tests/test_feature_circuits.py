@@ -376,6 +376,23 @@ def test_feature_eap_equals_explicit_per_edge_terms(ig_steps):
         assert naive[lat].abs().max().item() > 1e-4 and naive[:, rec].abs().max().item() > 1e-4, base
 
 
+def test_feature_eap_ig_points_as_batch_rows_equal_one_at_a_time():
+    """EAP-IG over features with its points run as batch rows equals one point per graph run (the former loop),
+    in float64; each point's gradients and residuals are read back from its own rows."""
+    from mechanic.locate.gradient import eap
+    from test_gradient import tiny_batch as graph_batch
+
+    m = mechanic.load(tiny_model("llama").double())
+    b = graph_batch(n=3, P=6)
+    for d in graph_dictionaries(m):
+        attach(m, d.double())
+    one, *batched = [eap(m, b, features=True, ig_steps=3, ig_batch=k, batch_size=2) for k in (1, 2, 3)]
+    assert one.values.abs().max().item() > 1e-3
+    for s in batched:
+        assert s.sites == one.sites and s.positions == one.positions
+        assert (s.values - one.values).abs().max().item() < 1e-6
+
+
 # ---------------------------------------------------------------- EAP over features: edges add up
 def group_sums(values, senders, receivers, group):
     """values summed over the sender and receiver groups group(name) (a node's group; nodes of one dictionary

@@ -468,9 +468,77 @@ def receiver_grads(graph: ComponentGraph, x0: torch.Tensor, calls, value_fn, rec
     return senders.detach(), G, float(value.detach())
 
 
+def _ig_runs(graph: ComponentGraph, x0c: torch.Tensor, x0x: torch.Tensor, calls, value_fn, steps: int,
+             per_run: int, record: bool):
+    """EAP-IG's gradient points x0x + k/steps (x0c - x0x), k = 0..steps-1, `per_run` at a time as extra batch rows
+    (the chunk's examples repeated, each copy at its own point): one graph forward + backward covers several steps.
+    Yields per point (sender outputs [U, b, p, d] or None, receiver input gradients [V, b, p, d], residual record
+    or None); sender outputs only for point 0 (the corrupted run itself, so it needs no run of its own)."""
+    b = x0c.shape[0]
+    for k0 in range(0, steps, per_run):
+        ks = range(k0, min(steps, k0 + per_run))
+        x = torch.cat([x0x + (k / steps) * (x0c - x0x) for k in ks])
+        tiled = [(_tile(a, b, len(ks)), _tile(kw, b, len(ks))) for a, kw in calls] if len(ks) > 1 else calls
+        rec: dict | None = {} if record else None
+        value = lambda logits: sum(value_fn(logits[i * b:(i + 1) * b]) for i in range(len(ks)))  # noqa: E731
+        senders, G, _ = receiver_grads(graph, x, tiled, value, record=rec)
+        s0 = senders[:, :b].clone() if k0 == 0 else None
+        del senders
+        for i, k in enumerate(ks):
+            rows_ = slice(i * b, (i + 1) * b)
+            yield s0, G[:, rows_], None if rec is None else {key: v[rows_] for key, v in rec.items()}
+            s0 = None
+        del G, rec
+
+
+class _Chunk:
+    """One chunk of examples as the edge methods see it (made by _edge_chunks)."""
+
+    def __init__(self, batch, calls, logits_clean, logits_corrupted, n_points):
+        self.batch, self.calls, self.n_points = batch, calls, n_points
+        self.logits_clean, self.logits_corrupted = logits_clean, logits_corrupted
+        self.clean = self.corrupted = None     # (sender outputs [U, b, p, d], residual record or None)
+        self.points = iter(())                 # (receiver input gradients [V, b, p, d], record), each of weight 1/n
+
+
+def _edge_chunks(model, graph: ComponentGraph, batch: TaskBatch, mfn: Metric, ig_steps: int | None, size: int,
+                 ig_batch: int, record: bool = False):
+    """The one EAP / EAP-IG loop over chunks of examples, shared by the component and the feature graph: per chunk,
+    the clean and corrupted runs' sender outputs and the receivers' input gradients at the clean run (EAP) or at
+    each IG point (run ig_batch points at a time as batch rows). record: keep the residual streams as well."""
+    for start in range(0, batch.n, size):
+        b = rows(batch, slice(start, start + size))
+        x0c, x0x, calls, lc, lx = prepare_graph_inputs(model, graph, b)
+        value_fn = lambda logits, b=b: mfn(logits, b).sum()  # noqa: E731
+        chunk = _Chunk(b, calls, lc, lx, 1 if ig_steps is None else ig_steps)
+        rec_c: dict | None = {} if record else None
+        if ig_steps is None:
+            rec_x: dict | None = {} if record else None
+            with torch.no_grad():
+                s_corr, _ = graph.execute(x0x, calls, record=rec_x)
+            s_clean, G, _ = receiver_grads(graph, x0c, calls, value_fn, record=rec_c)
+            chunk.clean, chunk.corrupted, chunk.points = (s_clean, rec_c), (s_corr, rec_x), iter([(G, rec_c)])
+            del s_clean, s_corr, G
+        else:
+            with torch.no_grad():
+                s_clean, _ = graph.execute(x0c, calls, record=rec_c)
+            runs = _ig_runs(graph, x0c, x0x, calls, value_fn, ig_steps, ig_batch, record)
+            s_corr, G, rec = next(runs)
+            chunk.clean, chunk.corrupted = (s_clean, rec_c), (s_corr, rec)
+            chunk.points = _chain_first((G, rec), ((G, r) for _, G, r in runs))
+            del s_clean, s_corr, G, rec
+        yield chunk
+        del chunk
+
+
+def _chain_first(first, rest):
+    yield first
+    yield from rest
+
+
 @data_parallel   # under torchrun: examples split over the ranks (locate.parallel)
 def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: str | Metric | None = None,
-        batch_size: int | None = 8, features=False, latents=None) -> Scores:
+        batch_size: int | None = 8, features=False, latents=None, ig_batch: int = 5) -> Scores:
     """Edge attribution patching over the component graph (EAP; EAP-IG with ig_steps), to find circuits cheaply.
 
     score(u -> v) = (z_u,corrupted - z_u,clean) . d metric / d (input of v), summed over positions and
@@ -482,7 +550,10 @@ def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: s
     Returns Scores with values [senders, receivers]: `sites` are the senders, `positions` the
     receivers (see ComponentGraph for the names); entries that are not edges are 0.
     Cost per chunk: 2 ordinary forwards, one graph run (about 1 + H/3 forwards: every layer is called
-    again on H copies up to its o_proj) and one (EAP) or m (EAP-IG) graph forward + backward passes.
+    again on H copies up to its o_proj) and one (EAP) or m (EAP-IG) graph forward + backward passes
+    (EAP-IG's first point is the corrupted run, whose sender outputs it gives, so that run is not repeated).
+    ig_batch: EAP-IG points run together as extra batch rows of one graph forward + backward (memory grows
+    with batch_size x ig_batch; the result does not depend on it).
 
     features: False (the component graph), True (every attached dictionary), or the base sites of the
     dictionaries to use (e.g. ["L6.resid_post"]): their latents and error nodes become graph nodes in place
@@ -497,8 +568,11 @@ def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: s
     if ig_steps is not None and (not isinstance(ig_steps, int) or ig_steps < 1):
         raise ValueError(f"ig_steps must be a positive number of points (5 to 30 is usual) or None for plain EAP, "
                          f"got {ig_steps!r}.")
+    if isinstance(ig_batch, bool) or not isinstance(ig_batch, int) or ig_batch < 1:
+        raise ValueError(f"ig_batch is the number of EAP-IG points run together as batch rows and must be an "
+                         f"integer >= 1 (1 runs them one at a time, using the least memory), got {ig_batch!r}.")
     if features is not False and features is not None:
-        return _feature_eap(model, task, features, latents, ig_steps, metric, batch_size)
+        return _feature_eap(model, task, features, latents, ig_steps, metric, batch_size, ig_batch)
     if latents is not None:
         raise ValueError("latents= chooses dictionary latents as graph nodes; it needs features=True (or the base "
                          "sites of the dictionaries to use).")
@@ -509,25 +583,16 @@ def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: s
     n, size = batch.n, batch_size or batch.n
     total = torch.zeros(len(graph.senders), len(graph.receivers), dtype=torch.float64)
     m_clean = m_corr = 0.0
-    for start in range(0, n, size):
-        b = rows(batch, slice(start, start + size))
-        x0c, x0x, calls, lc, lx = prepare_graph_inputs(model, graph, b)
-        m_clean += float(mfn(lc, b).sum())
-        m_corr += float(mfn(lx, b).sum())
-        value_fn = lambda logits, b=b: mfn(logits, b).sum()  # noqa: E731
-        with torch.no_grad():
-            s_corr, _ = graph.execute(x0x, calls)
-        if ig_steps is None:
-            s_clean, G, _ = receiver_grads(graph, x0c, calls, value_fn)
-        else:
-            with torch.no_grad():
-                s_clean, _ = graph.execute(x0c, calls)
-            G = 0
-            for k in range(ig_steps):
-                G = G + receiver_grads(graph, x0x + (k / ig_steps) * (x0c - x0x), calls, value_fn)[1]
-            G = G / ig_steps
-        total += torch.einsum("ubpd,vbpd->uv", s_corr - s_clean, G).double().cpu()
-        del s_corr, s_clean, G
+    for ch in _edge_chunks(model, graph, batch, mfn, ig_steps, size, ig_batch):
+        m_clean += float(mfn(ch.logits_clean, ch.batch).sum())
+        m_corr += float(mfn(ch.logits_corrupted, ch.batch).sum())
+        G = 0
+        for g, _ in ch.points:
+            G = G + g
+        delta = ch.corrupted[0] - ch.clean[0]
+        del ch
+        total += torch.einsum("ubpd,vbpd->uv", delta, G / (ig_steps or 1)).double().cpu()
+        del delta, G
     values = (total / n).float() * graph.upstream
     settings = {"axes": ["sender", "receiver"], "ig_steps": ig_steps, "parallel": graph.parallel, "n_examples": n,
                 "n_edges": graph.n_edges, "metric_clean": m_clean / n, "metric_corrupted": m_corr / n,
@@ -927,7 +992,7 @@ def _kept_latents(model, batch: TaskBatch, bases: list[str], latents, size: int)
     return {b: sorted(v.argsort(descending=True, stable=True)[:latents].tolist()) for b, v in sizes.items()}
 
 
-def _feature_eap(model, task, features, latents, ig_steps, metric, batch_size) -> Scores:
+def _feature_eap(model, task, features, latents, ig_steps, metric, batch_size, ig_batch) -> Scores:
     bases = _feature_bases(model, features)
     batch, task_name, task_metric = task_batch(model, task)
     need_corrupted(batch, "Edge attribution patching")
@@ -935,34 +1000,19 @@ def _feature_eap(model, task, features, latents, ig_steps, metric, batch_size) -
     n, size = batch.n, batch_size or batch.n
     keep = _kept_latents(model, batch, bases, latents, size)
     fg = FeatureGraph(model, bases, keep)
-    graph = fg.graph
     total = torch.zeros(len(fg.senders), len(fg.receivers), dtype=torch.float64)
     m_clean = m_corr = 0.0
-    for start in range(0, n, size):
-        b = rows(batch, slice(start, start + size))
-        x0c, x0x, calls, lc, lx = prepare_graph_inputs(model, graph, b)
-        m_clean += float(mfn(lc, b).sum())
-        m_corr += float(mfn(lx, b).sum())
-        value_fn = lambda logits, b=b: mfn(logits, b).sum()  # noqa: E731
-        rec_x, rec_c = {}, {}
-        with torch.no_grad():
-            s_corr, _ = graph.execute(x0x, calls, record=rec_x)
-        if ig_steps is None:
-            s_clean, G, _ = receiver_grads(graph, x0c, calls, value_fn, record=rec_c)
-            points = [(G, rec_c)]
-        else:
-            with torch.no_grad():
-                s_clean, _ = graph.execute(x0c, calls, record=rec_c)
-            points = [x0x + (k / ig_steps) * (x0c - x0x) for k in range(ig_steps)]
-        senders = fg.sender_blocks(s_clean, s_corr, rec_c, rec_x, calls)
-        del s_clean, s_corr
-        for point in points:
-            if ig_steps is not None:
-                rec: dict = {}
-                G = receiver_grads(graph, point, calls, value_fn, record=rec)[1]
-                point = (G, rec)
-            fg.accumulate(total, senders, fg.receiver_blocks(*point, calls), 1.0 / len(points))
-            del point
+    for ch in _edge_chunks(model, fg.graph, batch, mfn, ig_steps, size, ig_batch, record=True):
+        m_clean += float(mfn(ch.logits_clean, ch.batch).sum())
+        m_corr += float(mfn(ch.logits_corrupted, ch.batch).sum())
+        (s_clean, rec_c), (s_corr, rec_x) = ch.clean, ch.corrupted
+        ch.clean = ch.corrupted = None
+        senders = fg.sender_blocks(s_clean, s_corr, rec_c, rec_x, ch.calls)
+        del s_clean, s_corr, rec_c, rec_x
+        for G, rec in ch.points:
+            fg.accumulate(total, senders, fg.receiver_blocks(G, rec, ch.calls), 1.0 / ch.n_points)
+            del G, rec
+        del senders, ch
     values = (total / n).float() * fg.upstream
     settings = {"axes": ["sender", "receiver"], "ig_steps": ig_steps, "parallel": fg.parallel, "n_examples": n,
                 "n_edges": fg.n_edges, "metric_clean": m_clean / n, "metric_corrupted": m_corr / n,
