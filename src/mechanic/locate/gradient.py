@@ -19,6 +19,7 @@ once (per chunk of `batch_size` examples).
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable
 
 import torch
@@ -525,15 +526,10 @@ def _edge_chunks(model, graph: ComponentGraph, batch: TaskBatch, mfn: Metric, ig
             runs = _ig_runs(graph, x0c, x0x, calls, value_fn, ig_steps, ig_batch, record)
             s_corr, G, rec = next(runs)
             chunk.clean, chunk.corrupted = (s_clean, rec_c), (s_corr, rec)
-            chunk.points = _chain_first((G, rec), ((G, r) for _, G, r in runs))
+            chunk.points = itertools.chain([(G, rec)], ((G, r) for _, G, r in runs))
             del s_clean, s_corr, G, rec
         yield chunk
         del chunk
-
-
-def _chain_first(first, rest):
-    yield first
-    yield from rest
 
 
 @data_parallel   # under torchrun: examples split over the ranks (locate.parallel)
