@@ -135,6 +135,33 @@ def recipe_sweep_jobs(m, task):
     return {"recipe_sweep": out.to_dict(), "recipe_swept": D.gather(swept)}
 
 
+def cli_jobs():
+    """`mechanic locate patch` and `neurons` as torchrun runs them (every rank the same command; here each rank gets
+    its own -o, to see who writes): every rank's output, files written and Scores."""
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from conftest import build_word_tokenizer
+    from mechanic.cli import app
+    from mechanic.locate import Scores
+
+    root = Path(D.decide(tempfile.mkdtemp()))
+    if D.is_main():
+        recipe_files(root, build_word_tokenizer())
+    D.barrier()
+    common = ["--task", str(root / "task.jsonl"), "--model", str(root / "tiny"), "--json"]
+    out = {}
+    for name, args in (("patch", ["patch", "--kind", "resid_pre", "--positions", "-1"]), ("neurons", ["neurons"])):
+        where = root / f"{name}-rank{D.rank()}"
+        res = CliRunner().invoke(app, ["locate", *args, *common, "-o", str(where)])
+        assert res.exit_code == 0, res.output
+        files = sorted(p.name for p in where.iterdir()) if where.exists() else []
+        out[name] = D.gather({"stdout": res.stdout, "files": files,
+                              "scores": Scores.load(where / "scores.json") if files else None})
+    return out
+
+
 def failing_job():
     """Rank 1 raises; rank 0 would succeed."""
     from mechanic import distributed as D
@@ -146,7 +173,7 @@ def failing_job():
     return D.run(work)
 
 
-JOBS = {"locate": locate_jobs, "evaluate": evaluate_jobs, "fail": failing_job}
+JOBS = {"locate": locate_jobs, "evaluate": evaluate_jobs, "cli": cli_jobs, "fail": failing_job}
 
 
 def _worker(rank, world, store, job, out):
@@ -252,6 +279,26 @@ def test_evaluate_and_sweeps_on_two_ranks_equal_one_process(tmp_path):
     assert one["sweep_layers"].target.values.shape == (3, 2) and one["sweep_layers"].kl.values.max() > 1e-4
     same(two["recipe_sweep"], one["recipe_sweep"], "recipe_sweep")      # text, heatmaps, chosen cell, baseline
     assert two["recipe_swept"] == [[[0, 1]], [[2]]] and one["recipe_swept"] == [[[0, 1, 2]]]   # the cells were split
+
+
+def test_locate_cli_splits_and_rank_0_alone_writes_and_prints(tmp_path):
+    with pytest.MonkeyPatch.context() as mp_env:
+        mp_env.setenv("OMP_NUM_THREADS", "1")
+        two = spawn("cli", tmp_path)
+    one = cli_jobs()
+    for name in ("patch", "neurons"):
+        (main, other), (alone,) = two[name], one[name]
+        assert other == {"stdout": "", "files": [], "scores": None}, name      # rank 1 wrote and printed nothing
+        assert main["files"] == alone["files"] == ["heatmap.html", "scores.json", "scores.safetensors"], name
+        sa, sb = main["scores"], alone["scores"]
+        assert sa.sites == sb.sites and sa.values.shape == sb.values.shape and sb.values.abs().max() > 1e-3, name
+        a, b = sa.values, sb.values
+        if name == "patch":   # undo the normalisation by the clean - corrupted gap (tiny here: it magnifies 1e-7)
+            a, b = (x.values * (x.settings["metric_clean"] - x.settings["metric_corrupted"]) +
+                    x.settings["metric_corrupted"] for x in (sa, sb))
+        assert (a - b).abs().max().item() <= TOL * max(1.0, b.abs().max().item()), name
+        n = "n_examples" if name == "neurons" else "examples"
+        assert json.loads(main["stdout"])["settings"][n] == sb.settings[n] > 1, name
 
 
 def test_a_rank_that_raises_is_named_in_the_parent(tmp_path):

@@ -34,6 +34,22 @@ locate_app = typer.Typer(help="Find the components behind a behaviour; every met
 app.add_typer(locate_app, name="locate")
 
 
+@locate_app.callback()
+def _ranks() -> None:
+    """Under torchrun (`torchrun --nproc-per-node N -m mechanic locate ...`) join the process group: patch, atp,
+    eap and neurons split their examples over the ranks, and rank 0 alone writes and prints (main())."""
+    from mechanic import distributed as D
+
+    D.init()
+
+
+def main() -> bool:
+    """True on the rank that writes outputs and prints (rank 0 under torchrun; always in one process)."""
+    from mechanic import distributed as D
+
+    return D.is_main()
+
+
 def load_task_spec(spec: str, n: int | None):
     """A built-in suite by name, or a user task file (.jsonl / .csv)."""
     path = Path(spec)
@@ -64,9 +80,11 @@ def positions_option(text: str):
 
 
 def write_outputs(scores, out: Path, k: int, as_json: bool) -> None:
-    """scores.json + scores.safetensors + heatmap.html in `out`, then a top-k table (or JSON)."""
+    """scores.json + scores.safetensors + heatmap.html in `out`, then a top-k table (or JSON); rank 0 only."""
     from mechanic.locate.plot import heatmap
 
+    if not main():
+        return
     out.mkdir(parents=True, exist_ok=True)
     scores.save(out / "scores.json")
     scores.save(out / "scores.safetensors")
@@ -112,7 +130,7 @@ def patch(task: str = TASK,
     t = load_task_spec(task, n)
     extra = {"latents": latents} if kind == "sae" and latents is not None else {}
     scores = run_patch(m, t, kind, positions=positions_option(positions), direction=direction, metric=metric,
-                       ablation=ablation, progress=not as_json, **extra)
+                       ablation=ablation, progress=not as_json and main(), **extra)
     write_outputs(scores, out, top, as_json)
 
 
@@ -136,7 +154,7 @@ def trace(prompt: str = typer.Option(..., help="The prompt, e.g. 'The Eiffel Tow
 
     m = mechanic.load(model)
     scores = causal_trace(m, prompt, answer, subject, kind, samples=samples, noise=noise, window=window,
-                          seed=seed, progress=not as_json)
+                          seed=seed, progress=not as_json and main())
     write_outputs(scores, out, top, as_json)
 
 
@@ -189,7 +207,7 @@ def eap(task: str = TASK,
     curve = [] if dictionary else faithfulness_curve(m, t, scores, [int(x) for x in edges.split(",")], metric=metric)
     scores.settings["faithfulness"] = curve
     write_outputs(scores, out, top, as_json)
-    if curve and not as_json:
+    if curve and not as_json and main():
         table = Table(title="faithfulness of the top-n circuits")
         for col in curve[0]:
             table.add_column(str(col))
@@ -234,6 +252,8 @@ def neurons(task: str = TASK,
     tokens = promoted_tokens(m, [s for s, _, _ in best], act, k=3)
     rows = [{"site": s, "logprob_increase": v, "activation": a, "promotes": tk}
             for (s, _, v), a, tk in zip(best, act, tokens)]
+    if not main():
+        return
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         scores.save(out / "scores.json")
@@ -292,6 +312,8 @@ def outliers(model: str = MODEL,
         fail(str(e))
     results = {"massive_activations": massive.scores, "super_weights": weights and weights.scores,
                "super_experts": experts and experts.scores, "attention_sinks": sinks}
+    if not main():
+        return
     if out is not None:
         for name, scores in results.items():
             if scores is not None:
