@@ -180,7 +180,7 @@ def _worker(rank, world, store, job, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        result = JOBS[job]()
+        result = (JOBS[job] if isinstance(job, str) else job)()
         if rank == 0:
             torch.save(result, out)
     finally:
@@ -188,8 +188,9 @@ def _worker(rank, world, store, job, out):
 
 
 def spawn(job, tmp_path, world=2):
-    """Run JOBS[job] on `world` gloo ranks; rank 0's result."""
-    store, out = tmp_path / f"store-{job}", tmp_path / f"{job}.pt"
+    """Run JOBS[job] (or job, a module-level function) on `world` gloo ranks; rank 0's result."""
+    name = job if isinstance(job, str) else job.__name__
+    store, out = tmp_path / f"store-{name}", tmp_path / f"{name}.pt"
     mp.spawn(_worker, args=(world, str(store), job, str(out)), nprocs=world, join=True)
     return torch.load(out, weights_only=False)
 
