@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mechanic import memory
 from mechanic.locate.parallel import data_parallel
 from mechanic.locate.scores import Scores
 from mechanic.model.interventions import replace
-from mechanic.model.reuse import prefix, suffix_logits
+from mechanic.model.reuse import packed_logits, packing, packs, prefix, suffix_logits
 from mechanic.tasks import metrics as M
 from mechanic.tasks.task import Task, TaskBatch, TaskError
 
@@ -133,7 +134,7 @@ def _pick_latents(names: list[str], src: dict, tgt: dict, cols: list[int] | None
 
 @data_parallel   # under torchrun: examples split over the ranks (locate.parallel)
 def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all", direction: str = "denoise",
-          metric: str | None = None, ablation: str | None = None, normalise: bool = True, batch_size: int = 64,
+          metric: str | None = None, ablation: str | None = None, normalise: bool = True, batch_size: int | None = 64,
           layer_span: int | None = None, seed: int = 0, skip_unchanged: bool = True, progress: bool = True,
           latents=None) -> Scores:
     """Patch every site of one granularity and score the metric at the last position.
@@ -153,6 +154,7 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
     clean run; no corrupted prompts needed.
     positions: "all" (layer x position grid), None (all positions at once), or column indices.
     Scores are the mean over examples, normalised to (m - m_corrupted) / (m_clean - m_corrupted).
+    batch_size: patched runs per forward; None: the largest that fits the memory budget (mechanic.memory).
     skip_unchanged: a patch whose value equals, bit for bit, the value already in the target run (e.g. every
     column before the first token where clean and corrupted differ) is that run's own metric, not recomputed.
     """
@@ -172,6 +174,11 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
     # the source of the patched values is one of the two runs every patch needs anyway
     source_is_clean = ablation is not None or direction == "denoise"
     needed = _layer_sites(names, kind)
+    if batch_size is None:
+        est = memory.patching(model, batch.n, batch.seq, needed, corrupted=batch.corrupted is not None)
+        batch_size = memory.plan_batch(est, device=model.device,
+                                       hints="fewer examples per call (every example's unpatched runs are held), "
+                                             "shorter prompts")
     clean_base = prefix(model, batch.clean, cache=needed)
     corr_base = prefix(model, batch.corrupted, cache=needed) if batch.corrupted is not None else None
     m_clean = fn(clean_base.logits, batch).mean()
@@ -204,22 +211,29 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
     # Chunks start at their lowest layer; at SmolLM2 size, fewer and larger forwards beat finer layer
     # chunks (small matmuls run far below peak), so by default only batch_size splits the layers.
     span = layer_span or model.dims.n_layers
-    plan = _plan(pairs, batch_size, span)
-    for start_pos, chunk in tqdm(plan, desc=f"patch {kind}", disable=not progress, leave=False):
-        start_layer = torch.tensor([u.layer for u, _ in chunk])
+    packed = packs(model, target)   # runs from different columns share one forward (model.reuse)
+    for start_pos, chunk in tqdm(_plan(pairs, batch_size, span, by_column=not packed), desc=f"patch {kind}",
+                                 disable=not progress, leave=False):
         rows = torch.tensor([e for _, e in chunk])
-        ivs = []
+        layers = torch.tensor([u.layer for u, _ in chunk])
         by_site: dict[str, list[int]] = {}
         for i, (u, _) in enumerate(chunk):
             by_site.setdefault(u.site, []).append(i)
-        for site, idx in by_site.items():
-            u0 = chunk[idx[0]][0]
-            ex = rows[idx]
-            if u0.pos is None:
-                ivs.append(replace(site, src[site][ex], pos=None, rows=idx))
-            else:
-                ivs.append(replace(site, src[site][ex, u0.pos], pos=u0.pos - start_pos, rows=idx))
-        logits = suffix_logits(model, target, rows, start_pos, start_layer, ivs)
+        if packed:
+            starts = torch.tensor([u.pos or 0 for u, _ in chunk])
+            pk = packing(target, rows, starts, layers, model.dims.n_layers)
+            logits = packed_logits(model, target, pk, [_packed_patch(site, src[site], chunk, idx, rows, pk)
+                                                       for site, idx in by_site.items()])
+        else:
+            ivs = []
+            for site, idx in by_site.items():
+                u0 = chunk[idx[0]][0]
+                ex = rows[idx]
+                if u0.pos is None:
+                    ivs.append(replace(site, src[site][ex], pos=None, rows=idx))
+                else:
+                    ivs.append(replace(site, src[site][ex, u0.pos], pos=u0.pos - start_pos, rows=idx))
+            logits = suffix_logits(model, target, rows, start_pos, layers, ivs)
         vals = fn(logits, batch.select(rows))
         for (u, _), v in zip(chunk, vals):
             totals[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(v)
@@ -254,11 +268,24 @@ def _changed(pairs: list[tuple[_Unit, int]], src: dict, tgt: dict):
     return todo, same
 
 
-def _plan(pairs: list[tuple[_Unit, int]], batch_size: int, span: int):
-    """Group (unit, example) rows into forwards: one start column each, a few layers wide, at most batch_size."""
+def _packed_patch(site: str, values: torch.Tensor, chunk, idx: list[int], rows: torch.Tensor, pk):
+    """The patch of the runs `idx` at one site, at packed positions: a run's start column, or all its columns."""
+    ex = rows[idx]
+    first = pk.first[idx]
+    if chunk[idx[0]][0].pos is None:      # every column at once (such runs start at column 0)
+        seq = values.shape[1]
+        pos = (first[:, None] + torch.arange(seq)).flatten()
+        return replace(site, values[ex].flatten(0, 1), pos=pos.tolist())
+    cols = torch.tensor([chunk[i][0].pos for i in idx])
+    return replace(site, values[ex, cols], pos=first.tolist())
+
+
+def _plan(pairs: list[tuple[_Unit, int]], batch_size: int, span: int, by_column: bool = True):
+    """Group (unit, example) rows into forwards: at most batch_size, a few layers wide, and one start column
+    each unless the forward is packed (then every column at once, ordered by layer)."""
     by_col: dict[int, list] = {}
     for u, e in pairs:
-        by_col.setdefault(u.pos or 0, []).append((u, e))
+        by_col.setdefault((u.pos or 0) if by_column else 0, []).append((u, e))
     plan = []
     for col in sorted(by_col):
         us = sorted(by_col[col], key=lambda ue: ue[0].layer)

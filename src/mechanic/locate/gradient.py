@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from mechanic import memory
 from mechanic.locate.parallel import data_parallel
 from mechanic.locate.scores import Scores
 from mechanic.model.hooks import frozen_parameters
@@ -128,6 +129,7 @@ def atp(model, task: Task | TaskBatch, kind: str | Iterable[str] = "head", *, me
     to the attached site's own score, except for what activation normalisation (the decoder's scale is the
     gradient run's) and a skip transcoder's skip term (a function of the MLP input, not a node) carry. Heads are scored through their z (o_proj
     input), which equals (contribution difference) . (gradient at the o_proj output) exactly.
+    batch_size: examples per gradient run; None: the largest that fits the memory budget (mechanic.memory).
     per_position: keep the position axis (default: yes for residual-type kinds, no for heads, neurons
     and experts, which are summed over positions). gradient_at: "corrupted" (default) or "clean"
     (see the module docstring for what each approximates). metric: a name from
@@ -156,7 +158,10 @@ def atp(model, task: Task | TaskBatch, kind: str | Iterable[str] = "head", *, me
             raise ValueError(f"This model has no {k} sites (" + ("no dense FFN layer" if k == "neuron" else
                              "no mixture-of-experts layer") + f"); use {other} instead.")
     cache = [s for sites in plan.values() for s, _ in sites]
-    n, size = batch.n, batch_size or batch.n
+    n, size = batch.n, batch_size
+    if size is None:   # the largest batch of examples whose gradient run fits the memory budget
+        size = memory.plan_batch(memory.gradient(model, cache, n, batch.seq), device=model.device,
+                                 hints="fewer kinds per call, shorter prompts")
     if size < 1:
         raise ValueError(f"batch_size must be a positive number of examples, got {batch_size}.")
     totals: dict[str, torch.Tensor] = {}

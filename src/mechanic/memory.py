@@ -1,0 +1,318 @@
+"""Memory planning: an operation's peak bytes estimated from the model's sizes and the request, before it runs.
+
+Each estimate is an `Estimate`: bytes held whatever the batch (`fixed`), bytes per batch row (`per_row`), and
+a batch-independent phase that may be the peak instead (`floor`, e.g. the unpatched runs of a patching sweep).
+`plan_batch` picks the largest batch that fits a budget (by default 80% of `available()` memory on the model's
+device) or raises `MemoryPlanError`, one paragraph saying what would fit. The counts follow the Hugging Face
+forward (what a decoder layer keeps alive at its widest point, what autograd saves for backward) and are checked
+against measured peaks in tests/test_memory.py and benchmarks/memory_planner.py (within 25%).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+BUDGET_FRACTION = 0.8   # of available memory, leaving room for what the estimates do not count
+
+# Per token, in units of the widths: what one decoder layer keeps alive at its widest point without gradients
+# (the MLP's act(gate), up and their product, 3 x d_mlp, 2 for an ungated MLP; the layer input, the residual, the
+# normed input and the output, 4 x d_model), and what autograd saves for backward with frozen weights (the two
+# norms' inputs, 2 x d_model; SDPA's q, k, v and output with k and v repeated to every head under a padding mask,
+# 4 x heads x d_head; the MLP's gate input to the activation, act(gate) and up, 3 x d_mlp, 1 ungated). Counted from
+# the Llama / GPT-2 forwards and checked against measured peaks (tests/test_memory.py).
+_FWD_D = 4
+_FWD_MLP = {True: 3, False: 2}
+_SAVE_D = 2
+_SAVE_HEADS = 4
+_SAVE_MLP = {True: 3, False: 1}
+
+
+class MemoryPlanError(MemoryError, ValueError):
+    """An operation that would not fit in memory even at batch 1 (a ValueError too, so the CLI prints it as one
+    paragraph without a traceback)."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What the estimates need to know about a model: widths, depth, vocabulary, bytes per value."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int          # dense FFN width (MoE: the routed experts' widths a token uses, plus a shared expert)
+    vocab: int
+    itemsize: int       # bytes per activation value (the model's floating dtype)
+    param_bytes: int
+    gated: bool         # gate_proj * up_proj MLP (Llama family) rather than fc -> act -> proj (GPT-2, NeoX)
+    eager: bool         # attention materialises [batch, heads, seq, seq] scores
+
+
+def sizes(model) -> Sizes:
+    """The Sizes of a mechanic Model (read off its dims, config and parameters)."""
+    d, cfg = model.dims, model.hf.config
+    params = list(model.hf.parameters())
+    floats = [p for p in params if p.is_floating_point()]
+    itemsize = floats[0].element_size() if floats else 4
+    if d.d_mlp is not None:
+        d_mlp = d.d_mlp
+    else:
+        top = getattr(cfg, "num_experts_per_tok", 1) or 1
+        d_mlp = (d.d_expert or 0) * top + (d.d_shared or 0)
+    gated = model.layer_module(0, "mlp.gate_proj") is not None or d.d_mlp is None
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    return Sizes(d.n_layers, d.d_model, d.n_heads, d.n_kv_heads, d.d_head, d_mlp, d.vocab, itemsize,
+                 sum(p.numel() * p.element_size() for p in params), gated, impl == "eager")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Peak bytes of one operation as a function of its batch b: max(floor, fixed + b x per_row + b x spanned
+    layers x per_row_layer), where a batch of b rows spans min(layers, ceil(b / rows_per_layer) + 1) layers (a
+    patching sweep's batch copies the stored outputs of each layer its rows start below)."""
+
+    what: str
+    fixed: int
+    per_row: int
+    floor: int = 0
+    rows: int = 1                   # rows of the whole request (the batch never exceeds it)
+    parts: dict = field(default_factory=dict)   # named contributions, for the error message and the docs
+    per_row_layer: int = 0
+    rows_per_layer: int = 1
+    layers: int = 0
+
+    def at(self, batch: int) -> int:
+        """Peak bytes with batches of `batch` rows."""
+        b = max(1, min(batch, self.rows))
+        span = min(self.layers, -(-b // max(1, self.rows_per_layer)) + 1)
+        return max(self.floor, self.fixed + self.per_row * b + self.per_row_layer * b * span)
+
+
+# ---------------------------------------------------------------- pieces
+def _layer_work(s: Sizes, seq: int) -> int:
+    """Bytes one row keeps alive inside a decoder layer at its widest point (no gradients)."""
+    scores = s.n_heads * seq if s.eager else 0       # eager attention's [heads, seq, seq] scores, per token
+    return seq * s.itemsize * (_FWD_D * s.d_model + _FWD_MLP[s.gated] * s.d_mlp + scores)
+
+
+def _forward(s: Sizes, seq: int, logits: int) -> int:
+    """Bytes one row's forward keeps alive at its peak: the widest layer, or the logits of `logits` positions
+    next to the final hidden states."""
+    return max(_layer_work(s, seq), logits * s.vocab * s.itemsize + 2 * seq * s.d_model * s.itemsize)
+
+
+def _saved(s: Sizes, seq: int, layers: int) -> int:
+    """Bytes autograd keeps for backward, per row, through `layers` decoder layers (weights frozen)."""
+    per_tok = _SAVE_D * s.d_model + _SAVE_HEADS * s.n_heads * s.d_head + _SAVE_MLP[s.gated] * s.d_mlp
+    scores = s.n_heads * seq if s.eager else 0       # eager keeps the softmax output
+    return layers * seq * s.itemsize * (per_tok + scores)
+
+
+def _kv(s: Sizes, seq: int, layers: int) -> int:
+    """Bytes of one row's key/value cache."""
+    return 2 * layers * s.n_kv_heads * s.d_head * seq * s.itemsize
+
+
+def _site_bytes(model, sites, positions: int, itemsize: int, alias: bool = False) -> int:
+    """Bytes of one row of each site at `positions` positions, summed. alias: skip the sites that are a decoder
+    layer's output or input (resid_post, resid_pre after layer 0), which a run keeping every layer's output holds
+    anyway."""
+    total = 0
+    for site in sites:
+        s = model.check(site)
+        if alias and (s.kind == "resid_post" or (s.kind == "resid_pre" and s.layer > 0)):
+            continue
+        total += math.prod(model.shape(s, 1, positions))
+    return total * itemsize
+
+
+def _grad_bytes(model, sites, seq: int, itemsize: int) -> int:
+    """Bytes of one row's gradients at `sites`: a head's is a view of its layer's attention-output gradient."""
+    total = 0
+    for site in sites:
+        s = model.check(site)
+        total += seq * model.dims.d_model if s.kind == "head" else math.prod(model.shape(s, 1, seq))
+    return total * itemsize
+
+
+def _last_layer(model, sites) -> int | None:
+    """The last layer any site needs (None: a site needs the whole forward, e.g. logits)."""
+    layers = []
+    for site in sites:
+        s = model.check(site)
+        if s.layer is None and s.kind != "embed":
+            return None
+        layers.append(s.layer or 0)
+    return max(layers, default=0)
+
+
+def _positions(pos, seq: int) -> int:
+    """How many positions a cache keeps per row: every one (None), one (an int) or the listed ones."""
+    if pos is None:
+        return seq
+    if isinstance(pos, int):
+        return 1
+    if isinstance(pos, slice):
+        return len(range(*pos.indices(seq)))
+    return len(pos)
+
+
+# ---------------------------------------------------------------- estimates
+def cache(model, sites, rows: int, seq: int, pos=None, dtype: torch.dtype | None = None,
+          stop: bool = True) -> Estimate:
+    """Caching `sites` for `rows` prompts of `seq` tokens (at `pos`), in batches (mechanic.model.parallel.collect):
+    the whole cache held (in `dtype`, default the model's), plus one batch's forward (stopped after the last layer a
+    site needs when `stop`, else with full logits) and that batch's own values."""
+    s = sizes(model)
+    sites = [str(x) for x in ([sites] if isinstance(sites, str) else sites)]
+    keep = _positions(pos, seq)
+    out_item = torch.empty((), dtype=dtype).element_size() if dtype is not None else s.itemsize
+    row_out = _site_bytes(model, sites, keep, out_item)
+    row_run = _site_bytes(model, sites, keep, s.itemsize)
+    last = _last_layer(model, sites) if stop else None
+    work = _forward(s, seq, 0 if last is not None else seq)
+    parts = {"cache": rows * row_out, "batch forward, per row": work, "batch values, per row": row_run}
+    return Estimate(f"cache of {len(sites)} site(s) x {rows} rows x {keep} positions", rows * row_out,
+                    work + row_run, rows=rows, parts=parts)
+
+
+def patching(model, n: int, seq: int, sites=(), corrupted: bool = True, rows_per_layer: int | None = None) -> Estimate:
+    """A patching sweep (mechanic.locate.causal.patch) over `n` examples of `seq` tokens. Held throughout: the
+    unpatched runs it reuses (key/value cache, every layer's output, full logits and the patched sites' values,
+    clean and corrupted). Per patched row, counted as a forward from column 0 (the widest): the new keys/values of
+    every layer, one layer's forward, last-position logits, and a copy of the stored output of each layer the
+    batch's rows start below (a batch of b rows spans about b / rows_per_layer layers; rows_per_layer is the
+    patched runs per layer, by default n: one unit per layer at one column)."""
+    s = sizes(model)
+    L = s.n_layers
+    held_row = _kv(s, seq, L) + L * seq * s.d_model * s.itemsize + seq * s.vocab * s.itemsize \
+        + _site_bytes(model, list(sites), seq, s.itemsize, alias=True)
+    runs = 2 if corrupted else 1
+    held = runs * n * held_row
+    floor = held - n * seq * s.vocab * s.itemsize + n * _forward(s, seq, seq)   # the last unpatched run, at its peak
+    per_row = _kv(s, seq, L) + _layer_work(s, seq) + s.vocab * s.itemsize
+    return Estimate(f"patching sweep over {n} examples x {seq} positions", held, per_row, floor, rows=10 ** 9,
+                    parts={"unpatched runs": held, "patched forward, per row": per_row},
+                    per_row_layer=seq * s.d_model * s.itemsize, rows_per_layer=rows_per_layer or n, layers=L)
+
+
+def gradient(model, sites, rows: int, seq: int) -> Estimate:
+    """Attribution patching (mechanic.locate.gradient.atp) over `rows` examples of `seq` tokens, in batches. Per row:
+    a run without gradients (its site values and full logits kept) and a run with gradients at its peak, the start
+    of backward: autograd's saved tensors from the first cached layer on, the logits and their gradient, the
+    sites' values and gradients (a head's value also saves its layer's z)."""
+    s = sizes(model)
+    sites = [str(x) for x in ([sites] if isinstance(sites, str) else sites)]
+    first = min((model.check(x).layer or 0 for x in sites), default=0)
+    vals = _site_bytes(model, sites, seq, s.itemsize)
+    logits = seq * s.vocab * s.itemsize
+    heads = sum(model.check(x).kind == "head" for x in sites) * seq * s.n_heads * s.d_head * s.itemsize
+    clean = vals + logits
+    graph = _saved(s, seq, s.n_layers - first) + heads + 2 * logits + vals + _grad_bytes(model, sites, seq, s.itemsize)
+    per_row = clean + graph
+    return Estimate(f"attribution patching of {len(sites)} site(s) x {seq} positions", 0, per_row, rows=rows,
+                    parts={"run without gradients, per row": clean, "gradient run, per row": graph})
+
+
+def training(d_in: int, d_sae: int, batch: int, d_out: int | None = None, architecture: str = "topk",
+             itemsize: int = 4) -> Estimate:
+    """The first step of dictionary training (mechanic.features.trainer.Trainer, Adam), weights included. Its peak is
+    the backward (weights and their gradients, 2 x the parameters, plus the batch's [batch, d_sae] pre-activations
+    and latents, one for TopK whose backward is sparse, and a few [batch, d_in] copies: scaled inputs, the
+    reconstruction, its error), or Adam's step (weights, gradients and two moments: 4 x the parameters)."""
+    d_out = d_out or d_in
+    params = (d_in * d_sae + d_sae * d_out + d_sae + d_out) * itemsize
+    wide = {"topk": 1, "batchtopk": 2, "relu": 3, "jumprelu": 4}.get(architecture, 4)
+    per_row = (wide * d_sae + 2 * d_in + 2 * d_out) * itemsize
+    return Estimate(f"{architecture} dictionary training step ({d_in} -> {d_sae}, batch {batch})", 2 * params,
+                    per_row, floor=4 * params, rows=batch,
+                    parts={"weights and gradients": 2 * params, "batch, per row": per_row,
+                           "Adam step (weights, gradients, moments)": 4 * params})
+
+
+# ---------------------------------------------------------------- what is there
+def _cgroup_free() -> int | None:
+    """Bytes this process may still use under its cgroup's memory limit (v2 or v1), or None without one."""
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            cap = Path(limit).read_text().strip()
+            used = int(Path(usage).read_text())
+        except (OSError, ValueError):
+            continue
+        if cap != "max" and int(cap) < 2 ** 60:
+            return max(0, int(cap) - used)
+    return None
+
+
+def available(device: str | torch.device | None = None) -> int:
+    """Bytes free for new tensors on `device` now: CUDA's free memory, or the system's available memory (psutil or
+    /proc/meminfo) capped by a cgroup limit."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    except ImportError:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable"))
+        free = int(line.split()[1]) * 1024
+    cg = _cgroup_free()
+    return free if cg is None else min(free, cg)
+
+
+def budget(device: str | torch.device | None = None) -> int:
+    """The default budget: BUDGET_FRACTION of available() (MECHANIC_MEMORY_BUDGET, in bytes or e.g. '4GiB',
+    overrides it)."""
+    env = os.environ.get("MECHANIC_MEMORY_BUDGET")
+    if env:
+        return parse_bytes(env)
+    return int(BUDGET_FRACTION * available(device))
+
+
+def parse_bytes(text: str | int) -> int:
+    """Bytes from an int or a string such as '512MiB', '4GiB', '2GB'."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().lower().replace(" ", "")
+    for unit, mult in (("gib", GiB), ("mib", MiB), ("kib", 2 ** 10), ("gb", 10 ** 9), ("mb", 10 ** 6),
+                       ("kb", 10 ** 3), ("b", 1)):
+        if t.endswith(unit):
+            return int(float(t[:-len(unit)]) * mult)
+    return int(float(t))
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+
+
+# ---------------------------------------------------------------- planning
+def plan_batch(est: Estimate, budget_bytes: int | None = None, device=None, hints: str = "") -> int:
+    """The largest batch (at most est.rows) whose estimated peak fits the budget; MemoryPlanError if not even 1."""
+    cap = budget(device) if budget_bytes is None else int(budget_bytes)
+    if est.at(1) <= cap:
+        lo, hi = 1, min(est.rows, max(1, (cap - est.fixed) // max(1, est.per_row)))   # at() is monotone in the batch
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if est.at(mid) <= cap else (lo, mid - 1)
+        return int(lo)
+    parts = "; ".join(f"{k} {_fmt(v)}" for k, v in est.parts.items())
+    raise MemoryPlanError(
+        f"Not enough memory for the {est.what}: even one row at a time needs about {_fmt(est.at(1))} ({parts}), and "
+        f"the budget is {_fmt(cap)}. What would fit: {hints or 'fewer sites, rows or positions'}; a smaller dtype (load the model with "
+        "dtype=torch.bfloat16 halves every activation); or a model spread over devices and disk "
+        "(mechanic.load(..., device_map='auto', max_memory=..., offload_folder=...)). Set a larger budget with "
+        "MECHANIC_MEMORY_BUDGET only if the memory is really there.")
+
+
+__all__ = ["Estimate", "MemoryPlanError", "Sizes", "available", "budget", "cache", "gradient", "parse_bytes",
+           "patching", "plan_batch", "sizes", "training"]

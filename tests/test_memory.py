@@ -1,0 +1,222 @@
+"""Memory planning (mechanic.memory): estimates against measured peaks, planned batch sizes, the refusal when nothing
+fits, and caches spilled to disk past the budget (mechanic.model.spill)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mechanic
+from mechanic import memory
+from mechanic.locate.causal import patch
+from mechanic.locate.gradient import atp
+from mechanic.model.parallel import collect
+from mechanic.model.spill import SpilledCache
+from mechanic.tasks.task import Example, Task
+from mechanic.testing.peak import peak
+from mechanic.testing.tiny import tiny_model
+
+MB = 2 ** 20
+WORDS = "the cat sat on a mat while people in the old town walked to market and talked about rain".split()
+
+
+def wide(tok, name: str = "llama"):
+    """A random model of family `name`, wide enough that its activations dwarf the measuring noise (a few MB)."""
+    extra = {"n_embd": 256, "n_layer": 4, "n_positions": 512} if name == "gpt2" else {}
+    return mechanic.load(tiny_model(name, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=len(tok),
+                                    max_position_embeddings=512, **extra), tokenizer=tok)
+
+
+def small(tok):
+    return mechanic.load(tiny_model("llama", vocab_size=len(tok)), tokenizer=tok)
+
+
+def ids(rows: int, seq: int, vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(3, vocab, (rows, seq), generator=g)
+    return {"input_ids": t, "attention_mask": torch.ones_like(t)}
+
+
+def texts(n: int, words: int, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (words,), generator=g)) for _ in range(n)]
+
+
+def task(model, n: int, words: int):
+    """A task batch of n prompt pairs that differ in their first word and all have one token length (no padding),
+    so patching at the first differing column runs every example over (nearly) the whole prompt."""
+    from collections import Counter
+
+    tok, cands = model.tokenizer, texts(8 * n, words, seed=1)
+    size = {c: len(tok("John " + c)["input_ids"]) for c in cands}
+    same = [c for c in cands if size[c] == len(tok("dog " + c)["input_ids"])]
+    common = Counter(size[c] for c in same).most_common(1)[0][0]
+    chosen = [c for c in same if size[c] == common][:n]
+    assert len(chosen) == n
+    return Task("memory", [Example("John " + c, " Mary", " John", "dog " + c) for c in chosen]).tokenize(model)
+
+
+def first_diff(batch) -> int:
+    """The first column where the clean and corrupted prompts differ."""
+    return int((batch.clean["input_ids"] != batch.corrupted["input_ids"]).any(0).nonzero()[0])
+
+
+def close(predicted: int, measured: int, tol: float = 0.25) -> None:
+    ratio = predicted / measured
+    print(f"predicted {predicted / MB:.1f} MB, measured {measured / MB:.1f} MB, ratio {ratio:.2f}")
+    assert 1 - tol <= ratio <= 1 + tol, f"estimate {predicted / MB:.1f} MB vs measured {measured / MB:.1f} MB"
+
+
+def warm(model) -> None:
+    model.run(ids(2, 8, model.dims.vocab))
+
+
+# ---------------------------------------------------------------- estimates against measured peaks
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_cache_estimate_matches_measured_peak(name, word_tokenizer):
+    m = wide(word_tokenizer, name)
+    warm(m)
+    sites = [f"L{i}.resid_post" for i in range(m.dims.n_layers)] + ["L2.mlp_out"]
+    x = ids(96, 128, m.dims.vocab)
+    est = memory.cache(m, sites, 96, 128)
+    out, got = peak(lambda: collect(m, x, sites, batch_size=16, budget="64GiB"))
+    assert isinstance(out, dict)
+    close(est.at(16), got)
+
+
+def test_gradient_estimate_matches_measured_peak(word_tokenizer):
+    m = wide(word_tokenizer)
+    warm(m)
+    batch = task(m, 24, 100)
+    sites = [f"L{i}.head" for i in range(m.dims.n_layers)]
+    est = memory.gradient(m, sites, batch.n, batch.seq)
+    _, got = peak(lambda: atp(m, batch, "head", batch_size=8))
+    close(est.at(8), got)
+
+
+def test_patching_estimate_matches_measured_peak(word_tokenizer):
+    m = wide(word_tokenizer)
+    warm(m)
+    batch = task(m, 16, 100)
+    sites = [f"L{i}.resid_pre" for i in range(m.dims.n_layers)]
+    est = memory.patching(m, batch.n, batch.seq, sites)
+    _, got = peak(lambda: patch(m, batch, "resid_pre", positions=[first_diff(batch)], batch_size=32, progress=False))
+    close(est.at(32), got)
+
+
+def test_training_estimate_matches_measured_peak():
+    from mechanic.features.trainer import DictConfig, Trainer
+
+    d_in, d_sae, b = 256, 4096, 2048
+    x = torch.randn(b, d_in)
+    est = memory.training(d_in, d_sae, b)
+
+    def step():
+        tr = Trainer(DictConfig(site="L1.resid_post", d_sae=d_sae, k=16), d_in, d_in, 10 * b, b, 0)
+        tr.init_from(x, x)
+        tr.step(x, x)
+        return tr
+    _, got = peak(step)
+    close(est.at(b), got)
+
+
+# ---------------------------------------------------------------- planning
+def test_plan_batch_is_the_largest_that_fits():
+    est = memory.Estimate("x", fixed=1000, per_row=100, floor=0, rows=50)
+    assert memory.plan_batch(est, 1000 + 100 * 7 + 99) == 7
+    assert memory.plan_batch(est, 10 ** 9) == 50                       # never more rows than the request has
+    with pytest.raises(memory.MemoryPlanError, match="What would fit"):
+        memory.plan_batch(est, 1099)
+    with pytest.raises(memory.MemoryPlanError):                         # the floor phase alone does not fit
+        memory.plan_batch(memory.Estimate("x", 0, 1, floor=500, rows=5), 400)
+
+
+def test_planned_batches_give_the_same_results(monkeypatch, word_tokenizer):
+    m = small(word_tokenizer)
+    t = task(m, 6, 6)
+    monkeypatch.setenv("MECHANIC_MEMORY_BUDGET", "64MiB")
+    a = patch(m, t, "resid_pre", positions="all", batch_size=None, progress=False)
+    b = patch(m, t, "resid_pre", positions="all", batch_size=7, progress=False)
+    assert (a.values - b.values).abs().max() < 1e-5
+    g1 = atp(m, t, "head", batch_size=None)
+    g2 = atp(m, t, "head", batch_size=2)
+    assert (g1.values - g2.values).abs().max() < 1e-5
+    x = ids(10, 12, m.dims.vocab)
+    c1 = collect(m, x, ["L1.resid_post", "L0.head"], batch_size=None)
+    c2 = collect(m, x, ["L1.resid_post", "L0.head"], batch_size=3)
+    for s in c1:
+        assert torch.equal(c1[s], c2[s])
+
+
+def test_refuses_with_what_would_fit(monkeypatch, word_tokenizer):
+    m = small(word_tokenizer)
+    monkeypatch.setenv("MECHANIC_MEMORY_BUDGET", "20KiB")
+    with pytest.raises(memory.MemoryPlanError) as e:
+        patch(m, task(m, 4, 6), "resid_pre", batch_size=None, progress=False)
+    text = str(e.value)
+    assert "\n" not in text and "What would fit" in text and "device_map" in text and "dtype" in text
+    assert isinstance(e.value, ValueError)            # the CLI prints ValueErrors as one paragraph
+    with pytest.raises(memory.MemoryPlanError):
+        atp(m, task(m, 4, 6), "head", batch_size=None)
+
+
+def test_available_is_positive_and_bounded_by_meminfo():
+    free = memory.available()
+    total = int(next(x for x in open("/proc/meminfo") if x.startswith("MemTotal")).split()[1]) * 1024
+    assert 0 < free <= total
+    assert memory.parse_bytes("1.5GiB") == 3 * 2 ** 29 and memory.parse_bytes("512MiB") == 2 ** 29
+
+
+# ---------------------------------------------------------------- spilling to disk
+def test_cache_past_the_budget_is_spilled_and_reads_back_equal(tmp_path):
+    m = mechanic.load(tiny_model("llama"))
+    x = ids(9, 11, 101)
+    sites = ["L0.resid_pre", "L2.head", "L1.neuron"]
+    ref = collect(m, x, sites, batch_size=4)
+    budget = 3 * memory.cache(m, sites, 9, 11).fixed // 2     # the cache alone is more than half the budget
+    got = collect(m, x, sites, batch_size=4, budget=budget, spill_dir=tmp_path)
+    assert isinstance(got, SpilledCache) and set(got) == set(sites)
+    for s in sites:
+        assert torch.equal(got[s], ref[s])
+        assert torch.equal(got[s][2:5, -1], ref[s][2:5, -1])          # the same indexing as the in-memory cache
+        assert torch.equal(load_file(str(tmp_path / f"{s}.safetensors"))[s], ref[s])   # plain safetensors files
+    assert not list(tmp_path.glob(".*partial*"))                       # written atomically: nothing left over
+    again = SpilledCache(tmp_path)                                      # reopened from the folder alone
+    assert torch.equal(again["L2.head"], ref["L2.head"])
+    half = collect(m, x, sites, batch_size=None, budget=budget, dtype=torch.float16)   # a smaller dtype fits in memory
+    assert isinstance(half, dict) and half["L0.resid_pre"].dtype == torch.float16
+
+
+def test_spilled_cache_in_a_temporary_directory_is_removed_with_it():
+    m = mechanic.load(tiny_model("llama"))
+    x = ids(5, 7, 101)
+    got = collect(m, x, ["L1.resid_post"], batch_size=2, budget=1000)
+    folder = got.folder
+    value = got["L1.resid_post"].clone()
+    assert folder.exists()
+    del got
+    import gc
+
+    gc.collect()
+    assert not folder.exists()
+    assert torch.equal(value, collect(m, x, ["L1.resid_post"], batch_size=2)["L1.resid_post"])
+
+
+# ---------------------------------------------------------------- the real model
+@pytest.mark.real
+def test_estimates_match_measured_peaks_on_smollm2(smollm2):
+    m = smollm2
+    warm(m)
+    sites = [f"L{i}.resid_post" for i in range(m.dims.n_layers)]
+    x = texts(48, 50)
+    seq = m.inputs(x)["input_ids"].shape[1]
+    out, got = peak(lambda: collect(m, x, sites, batch_size=16, budget="64GiB"))
+    close(memory.cache(m, sites, 48, seq).at(16), got)
+    del out
+    batch = task(m, 8, 30)
+    heads = [f"L{i}.head" for i in range(m.dims.n_layers)]
+    _, got = peak(lambda: atp(m, batch, "head", batch_size=4))
+    close(memory.gradient(m, heads, batch.n, batch.seq).at(4), got)
+    resid = [f"L{i}.resid_pre" for i in range(m.dims.n_layers)]
+    _, got = peak(lambda: patch(m, batch, "resid_pre", positions=[first_diff(batch)], batch_size=60, progress=False))
+    close(memory.patching(m, batch.n, batch.seq, resid).at(60), got)
