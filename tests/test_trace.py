@@ -168,6 +168,23 @@ def test_settings_restricted_grid_and_seed():
     assert mlp.settings["windows"] == {"0": [0, 0], "1": [0, 1], "2": [1, 2]}
 
 
+def test_embedding_std_is_remembered_until_the_table_changes():
+    """sigma_emb is read once per embedding table; an in-place edit of the table (or a new one) is seen."""
+    m = load("llama")
+    w = m.module(m.arch.embed).weight
+    first = embedding_std(m)
+    ref = float(w.detach().double().std())  # the `embed` site of a Llama outputs the table's rows unscaled
+    assert first == pytest.approx(ref, rel=1e-12) and embedding_std(m) == first
+    with torch.no_grad():
+        w.mul_(2)
+    try:
+        assert embedding_std(m) == pytest.approx(2 * ref, rel=1e-12)
+    finally:
+        with torch.no_grad():
+            w.div_(2)
+    assert embedding_std(m) == pytest.approx(ref, rel=1e-12)
+
+
 def test_scores_round_trip(tmp_path):
     m = load("llama")
     s = causal_trace(m, IDS, 7, SUBJECT, "attn", samples=2)
@@ -297,7 +314,8 @@ def test_great_wall_last_subject_token_on_smollm2(smollm2):
 
 @pytest.mark.real
 def test_trace_equals_full_forward_trace_on_smollm2(smollm2):
-    """On the real model too: an MLP trace (window 10) at the subject's last token and the last token."""
+    """On the real model too: an MLP trace (window 10) at the subject's last token and the last token, and a hidden
+    trace at three layers (the last among them) and three tokens."""
     prompt, subject = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
     ids = torch.tensor(smollm2.tokenizer(prompt)["input_ids"])
     subj = subject_positions(smollm2, prompt, subject)
@@ -307,3 +325,9 @@ def test_trace_equals_full_forward_trace_on_smollm2(smollm2):
                                        positions=[subj[-1], ids.numel() - 1])
     assert (s.values - ref).abs().max().item() <= 1e-5 and abs(s.settings["p_noised"] - p_noised) <= 1e-5
     assert ref.abs().max().item() > 0.01  # restorations move P(Paris) (by ~0.04 with 3 samples)
+    # hidden: each restoration starts one layer above the restored one (the last layer's: no layer runs)
+    layers, positions = [0, 8, 29], [subj[1], subj[-1], ids.numel() - 1]
+    s = causal_trace(smollm2, prompt, answer, subject, samples=3, layers=layers, positions=positions)
+    ref, _ = full_forward_trace(smollm2, ids, answer, subj, "hidden", 3, s.settings["noise_std"], 0, 10,
+                                layers=layers, positions=positions)
+    assert (s.values - ref).abs().max().item() <= 1e-5 and ref.abs().max().item() > 0.1

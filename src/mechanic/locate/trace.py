@@ -18,11 +18,15 @@ so restoring them changes nothing: their effect is 0 by construction and they ar
 Fast by construction (mechanic.model.reuse, as activation patching): the noised runs (one row per
 sample) are recorded once with their key/value cache; a restoration at token i from layer l on changes
 neither the columns before i nor the layers below l, so each restoration is one batch row that computes
-columns i.. from its lowest restored layer up, and only the last position's logits.
+columns i.. from its lowest restored layer up, and only the last position's logits. A restored resid_post
+or mlp_out at that lowest layer l changes layer l's output at token i alone (the later tokens' attention
+there reads token i's unchanged input), so those rows add the difference to L{l}.resid_post and start at
+layer l + 1.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -124,18 +128,30 @@ def _label(model, token_id: int) -> str:
 
 
 def embedding_std(model) -> float:
-    """sigma_emb, which sets the noise scale: the std of every entry of the embedding table as `embed` outputs it."""
+    """sigma_emb, which sets the noise scale: the std of every entry of the embedding table as `embed` outputs it.
+
+    Remembered per embedding module while its parameters are unchanged (same storage, no in-place write), so
+    tracing many facts (ROME/MEMIT's layer choice) reads the table once."""
     emb = model.module(model.arch.embed)
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in emb.parameters())
+    hit = _STD.get(emb)
+    if hit is not None and hit[0] == key:
+        return hit[1]
     n, total, squares = 0, 0.0, 0.0
-    with torch.no_grad():  # in blocks of ids, so a large vocabulary never holds a second float32 table
+    with torch.no_grad():  # in blocks of ids, so a large vocabulary never holds a second float64 table
         for start in range(0, model.dims.vocab, 8192):
             ids = torch.arange(start, min(start + 8192, model.dims.vocab), device=model.device)
-            block = emb(ids).double()
+            block = emb(ids).double().flatten()
             n += block.numel()
             total += float(block.sum())
-            squares += float((block * block).sum())
+            squares += float(torch.dot(block, block))
     mean = total / n
-    return ((squares - n * mean * mean) / (n - 1)) ** 0.5
+    std = ((squares - n * mean * mean) / (n - 1)) ** 0.5
+    _STD[emb] = (key, std)
+    return std
+
+
+_STD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # embedding module -> (parameter state, std)
 
 
 # ---------------------------------------------------------------- last-position logits
@@ -212,31 +228,46 @@ def causal_trace(model, prompt, answer, subject, kind: str = "hidden", *, sample
 
     # clean run: the states to restore and P_clean
     need = sorted({j for l in layer_list for j in _window(l, win, n_layers)})
-    clean = model.run(ids, cache=[f"L{j}.{part}" for j in need])
+    clean = model.run(ids, cache=[f"L{j}.{part}" for j in need], last_only=True)
     p_clean = float(torch.softmax(clean.logits[0, -1].float(), -1)[ans])
 
-    # noised runs, one row per sample: P_noised, and the prefix every restoration starts from
-    base = prefix(model, ids.expand(samples, T), interventions=[add("embed", draws, pos=subj)])
+    # noised runs, one row per sample: P_noised, the prefix every restoration starts from, and (hidden / mlp)
+    # the noised state at each window's lowest layer, which a restoration there replaces
+    low = {l: min(_window(l, win, n_layers)) for l in layer_list}
+    fold = kind != "attn"
+    noised = [f"L{j}.{part}" for j in sorted(set(low.values()))] if fold else []
+    base = prefix(model, ids.expand(samples, T), cache=noised, interventions=[add("embed", draws, pos=subj)])
     p_noised = float(_prob(base.logits, ans).mean())
 
-    # one row per (layer, position, sample) worth running, in forwards that share a start column
+    # A restored resid_post / mlp_out at the window's lowest layer j changes only token t's output of layer j
+    # (the later tokens of layer j read token t's input, which is unchanged): the row adds the difference to
+    # L{j}.resid_post and starts at layer j + 1. A restored attn_out changes token t's MLP input at layer j,
+    # so that row starts at layer j.
+    start_of = {l: low[l] + fold for l in layer_list}
     first = min(subj)
     units = [(l, t) for l in layer_list for t in pos_list if t >= first]
-    chunks = _plan(units, samples, batch_size, lambda l: min(_window(l, win, n_layers)))
+    chunks = _plan(units, samples, batch_size, start_of.__getitem__)
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc=f"causal trace ({kind})")
     probs = {u: torch.zeros(samples) for u in units}
     for t, chunk in chunks:
         rows = torch.tensor([s for _, s in chunk], device=model.device)
-        start = torch.tensor([min(_window(l, win, n_layers)) for (l, _), _ in chunk])
+        start = torch.tensor([start_of[l] for (l, _), _ in chunk])
         ivs = []
         later = [k for k, q in enumerate(subj) if q >= t]  # subject tokens the suffix still holds: noised
         if later:
             ivs.append(add("embed", draws[rows][:, later], pos=[subj[k] - t for k in later]))
         for j in sorted({j for (l, _), _ in chunk for j in _window(l, win, n_layers)}):
+            site = f"L{j}.{part}"
             hit = [r for r, ((l, _), _) in enumerate(chunk) if j in _window(l, win, n_layers)]
-            ivs.append(replace(f"L{j}.{part}", clean[f"L{j}.{part}"][0, t], pos=0, rows=hit))
+            folded = [r for r in hit if fold and low[chunk[r][0][0]] == j]
+            rest = [r for r in hit if not (fold and low[chunk[r][0][0]] == j)]
+            if folded:
+                delta = clean[site][0, t] - base.cache[site][rows[folded], t]
+                ivs.append(add(f"L{j}.resid_post", delta, pos=0, rows=folded))
+            if rest:
+                ivs.append(replace(site, clean[site][0, t], pos=0, rows=rest))
         p = _prob(suffix_logits(model, base, rows, t, start, ivs), ans)
         for (unit, s), v in zip(chunk, p):
             probs[unit][s] = v
