@@ -9,14 +9,14 @@ are computed at the last position only. The model's own forward still does all t
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from transformers import DynamicCache
 
-from mechanic.model.hooks import _Session
+from mechanic.model.hooks import _Session, frozen_parameters
 from mechanic.model.interventions import Intervention
 
 
@@ -35,15 +35,19 @@ class Prefix:
     cache: dict[str, torch.Tensor]  # any extra sites asked for
 
 
-def prefix(model, inputs, cache=(), interventions: Sequence[Intervention] = ()) -> Prefix:
+def prefix(model, inputs, cache=(), interventions: Sequence[Intervention] = (), upto: int | None = None,
+           last_only: bool = False) -> Prefix:
     """Run once with a key/value cache, every layer's output and the extra `cache` sites recorded; the
-    `interventions` (e.g. noise on the subject's embeddings) are part of this base run."""
+    `interventions` (e.g. noise on the subject's embeddings) are part of this base run. `upto`: record the
+    outputs of the layers below it only (suffix runs that start there replay no later layer; saves memory);
+    `last_only`: compute the logits at the last position only (the unembedding of every position is the
+    largest tensor of a long batch)."""
     inputs = model.inputs(inputs)
-    sites = [f"L{i}.resid_post" for i in range(model.dims.n_layers)]
+    sites = [f"L{i}.resid_post" for i in range(model.dims.n_layers if upto is None else upto)]
     session = _Session(model, sites + [s for s in cache if s not in sites], list(interventions))
     session.batch_size = inputs["input_ids"].shape[0]
     with session, torch.no_grad():
-        out = model.hf(**inputs, use_cache=True)
+        out = model.hf(**inputs, use_cache=True, **({"logits_to_keep": 1} if last_only else {}))
     kv = out.past_key_values
     keys = [layer.keys for layer in kv.layers]
     values = [layer.values for layer in kv.layers]
@@ -124,6 +128,14 @@ def suffix_logits(model, base: Prefix, rows: torch.Tensor, start_pos: int, start
     """Last-position logits of the runs `rows` (indices into the prefix batch) with `interventions`,
     computing only positions >= start_pos and, for each row, layers >= its start layer (an int for all
     rows, or a LongTensor with one per row). Intervention positions are local: 0 is column start_pos."""
+    return suffix_run(model, base, rows, start_pos, start_layer, interventions)[:, -1]
+
+
+def suffix_run(model, base: Prefix, rows: torch.Tensor, start_pos: int, start_layer,
+               interventions: list[Intervention], keep: int = 1, grad: bool = False) -> torch.Tensor:
+    """suffix_logits' run, returning the logits of the last `keep` positions [rows, keep, vocab]; with
+    grad=True inside autograd (parameters frozen), so a loss on them back-propagates into the interventions'
+    values (e.g. an optimised vector added at a layer above every replayed one)."""
     p = start_pos
     start = torch.as_tensor(start_layer, dtype=torch.long).expand(len(rows)) if not torch.is_tensor(start_layer) \
         else start_layer
@@ -135,8 +147,9 @@ def suffix_logits(model, base: Prefix, rows: torch.Tensor, start_pos: int, start
         past = DynamicCache(ddp_cache_data=data, config=model.hf.config)
     session = _Session(model, [], interventions)
     session.batch_size = len(rows)
-    with session, _replay(model, base, rows, start, p, session), torch.no_grad():
+    frozen = frozen_parameters(model.hf) if grad else nullcontext()
+    with session, _replay(model, base, rows, start, p, session), frozen, torch.set_grad_enabled(grad):
         out = model.hf(input_ids=ids, attention_mask=inp["attention_mask"][rows],
                        position_ids=inp["position_ids"][rows, p:], past_key_values=past, use_cache=True,
-                       logits_to_keep=1)
-    return out.logits[:, -1]
+                       logits_to_keep=keep)
+    return out.logits

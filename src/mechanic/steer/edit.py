@@ -126,43 +126,90 @@ def _mean_at(model, inputs, sites, pos: torch.Tensor, upto: int):
 
 
 # ---------------------------------------------------------------- value optimisation
-def _optimise(model, fact: Fact, prefixes: list[str], site: str, scale_ref: float, *, steps: int, lr: float,
-              kl_factor: float, weight_decay: float, clamp: float) -> tuple[torch.Tensor, list[float]]:
-    """The delta at `site` (subject's last token) that makes target_new likely; returns it and the loss curve."""
-    texts, ends = _fact_rows(model, fact, prefixes)
-    target = _target_ids(model, fact.target_new)
-    n = len(prefixes)
-    inputs, last, reads = _batch(model, texts, ends, [target] * n + [[]])
-    ess_pos = int(inputs["attention_mask"].shape[1] - 1)
-    with torch.no_grad():
-        base = torch.log_softmax(model.run(inputs).logits[n, ess_pos].float(), -1)
-    pos_idx = torch.tensor([p for rd in reads[:n] for p, _ in rd])
-    row_idx = torch.tensor([i for i, rd in enumerate(reads[:n]) for _ in rd])
-    tok_idx = torch.tensor([t for rd in reads[:n] for _, t in rd])
-    delta = torch.zeros(model.dims.d_model, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    losses = []
-    limit = clamp * scale_ref
-    for _ in track(range(steps), f"optimising {fact.subject!r} -> {fact.target_new.strip()!r}", unit="step"):
-        opt.zero_grad()
-        parts = {}
+STOP_NLL = 5e-2     # a fact's optimisation stops once its target NLL is below this (ROME's code)
+CHUNK = 16          # facts optimised together in one batched forward (bounds the memory of a large batch)
 
-        def loss_fn(logits):
-            logp = torch.log_softmax(logits.float(), -1)
-            nll = -logp[row_idx, pos_idx, tok_idx].mean()
-            kl = torch.sum(base.exp() * (base - logp[n, ess_pos]))
-            wd = weight_decay * delta.norm() / scale_ref ** 2  # ROME's form: small next to the NLL
-            parts["nll"] = float(nll.detach())
-            return nll + kl_factor * kl + wd
-        run = model.run(inputs, interventions=[add(site, delta, pos=last)], grad=loss_fn)
-        losses.append(run.metric)
-        if parts["nll"] < 5e-2:
+
+def _optimise(model, facts: list[Fact], prefixes: list[str], site: str, scale_refs: list[float], *, steps: int,
+              lr: float, kl_factor: float, weight_decay: float, clamp: float) -> tuple[list[torch.Tensor], list]:
+    """Per fact the delta at `site` (its subject's last token) that makes target_new likely, and its loss curve.
+
+    Each fact's loss is its new target's NLL (mean over the prefixed prompts' target tokens) + kl_factor x KL on
+    "{subject} is a" + weight_decay x ||delta|| / scale_ref^2; its delta's norm is clamped to clamp x scale_ref,
+    and its optimisation stops once the NLL is below STOP_NLL. The facts run together (up to CHUNK per forward,
+    losses summed, one Adam over per-fact tensors: a fact's gradient and Adam state depend on its own rows only,
+    and a stopped fact's tensor gets no gradient, so Adam leaves it alone), and each step computes only what the
+    delta can change: the columns from the earliest subject end on (the earlier ones come from one unedited
+    run's key/value cache), the layers from the site's on (the lower ones replay that run), the logits at the
+    target positions only. tests/test_edit_speed.py checks this against the plain one-fact-at-a-time loop."""
+    deltas, curves = [], []
+    for i in range(0, len(facts), CHUNK):
+        d, c = _optimise_chunk(model, facts[i:i + CHUNK], prefixes, site, scale_refs[i:i + CHUNK], steps=steps,
+                               lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
+        deltas += d
+        curves += c
+    return deltas, curves
+
+
+def _optimise_chunk(model, facts, prefixes, site, scale_refs, *, steps, lr, kl_factor, weight_decay, clamp):
+    """_optimise for a few facts in one batched forward per step."""
+    from mechanic.model.reuse import prefix, suffix_run
+
+    n, texts, ends, targets, owner = len(prefixes), [], [], [], []
+    for i, f in enumerate(facts):
+        t, e = _fact_rows(model, f, prefixes)
+        texts, ends, owner = texts + t, ends + e, owner + [i] * (n + 1)
+        targets += [_target_ids(model, f.target_new)] * n + [[]]      # the essence row reads no target
+    inputs, last, reads = _batch(model, texts, ends, targets)
+    width = inputs["input_ids"].shape[1]
+    layer = model.check(site).layer
+    start = int(last.min())                     # no column before it depends on any delta
+    keep = width - min([p for rd in reads for p, _ in rd] + [width - 1])
+    base = prefix(model, inputs, upto=layer, last_only=True)
+    owner = torch.tensor(owner)
+    ess = [i * (n + 1) + n for i in range(len(facts))]   # each fact's essence row
+    kl_base = torch.log_softmax(base.logits[ess].float(), -1)
+    deltas = [torch.zeros(model.dims.d_model, requires_grad=True) for _ in facts]
+    opt = torch.optim.Adam(deltas, lr=lr)
+    curves: list[list[float]] = [[] for _ in facts]
+    active = list(range(len(facts)))
+    title = f"optimising {facts[0].subject!r} -> {facts[0].target_new.strip()!r}" if len(facts) == 1 else \
+        f"optimising the targets of {len(facts)} facts"
+    for _ in track(range(steps), title, unit="step"):
+        opt.zero_grad()
+        rows = torch.cat([torch.arange(i * (n + 1), (i + 1) * (n + 1)) for i in active])
+        slot = {i: j for j, i in enumerate(active)}
+        per_row = torch.stack([deltas[i] for i in active])[torch.tensor([slot[int(o)] for o in owner[rows]])]
+        logits = suffix_run(model, base, rows, start, layer, [add(site, per_row, pos=last[rows] - start)],
+                            keep=keep, grad=True)
+        logp = torch.log_softmax(logits.float(), -1)
+        at = {int(r): j for j, r in enumerate(rows)}
+        total, done = 0.0, []
+        for i in active:
+            rr = [(at[r], p - (width - keep), t) for r in range(i * (n + 1), i * (n + 1) + n) for p, t in reads[r]]
+            r_idx, p_idx, t_idx = (torch.tensor(x) for x in zip(*rr))
+            nll = -logp[r_idx, p_idx, t_idx].mean()
+            e = at[ess[i]]
+            kl = torch.sum(kl_base[i].exp() * (kl_base[i] - logp[e, -1]))
+            wd = weight_decay * deltas[i].norm() / scale_refs[i] ** 2  # ROME's form: small next to the NLL
+            loss = nll + kl_factor * kl + wd
+            curves[i].append(float(loss.detach()))
+            total = total + loss
+            if float(nll.detach()) < STOP_NLL:
+                done.append(i)
+        total.backward()
+        for i in done:
+            deltas[i].grad = None       # reached: no step (Adam skips a tensor without a gradient)
+        active = [i for i in active if i not in done]
+        if not active:
             break
         opt.step()
         with torch.no_grad():
-            if delta.norm() > limit:
-                delta.mul_(limit / delta.norm())
-    return delta.detach(), losses
+            for i in active:
+                limit = clamp * scale_refs[i]
+                if deltas[i].norm() > limit:
+                    deltas[i].mul_(limit / deltas[i].norm())
+    return [d.detach() for d in deltas], curves
 
 
 # ---------------------------------------------------------------- ROME
@@ -240,8 +287,8 @@ def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | N
     C, count = _moments(model, [layer], moments, stats_tokens)[layer]
     W = model.arch.down_weight(mod).detach().double()
     v0 = W @ k
-    delta, losses = _optimise(model, fact, prefixes, f"L{layer}.mlp_out", float(v0.norm()), steps=steps, lr=lr,
-                              kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
+    (delta,), (losses,) = _optimise(model, [fact], prefixes, f"L{layer}.mlp_out", [float(v0.norm())], steps=steps,
+                                    lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
     ck = torch.linalg.solve(C.double(), k)
     u = ck / ck.norm()
     denom = float(u @ k)
@@ -274,14 +321,10 @@ def memit_targets(model, facts: list[Fact], last_layer: int, prefixes: list[str]
         inputs, last, _ = _batch(model, texts[:n], ends[:n])
         rows.append((inputs, last))
     site = f"L{last_layer}.resid_post"
-    targets, opt_losses = [], []
-    for f, (inputs, last) in zip(facts, rows):
-        h = _mean_at(model, inputs, site, last, n)
-        delta, losses = _optimise(model, f, prefixes, site, float(h.norm()), steps=steps, lr=lr,
-                                  kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
-        targets.append(h + delta)
-        opt_losses.append(losses)
-    return rows, torch.stack(targets, 1).double(), opt_losses
+    hs = [_mean_at(model, inputs, site, last, n) for inputs, last in rows]
+    deltas, opt_losses = _optimise(model, facts, prefixes, site, [float(h.norm()) for h in hs], steps=steps, lr=lr,
+                                   kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
+    return rows, torch.stack([h + d for h, d in zip(hs, deltas)], 1).double(), opt_losses
 
 
 def spread(model, rows, Z: torch.Tensor, layers: list[int], solve, note: str):
