@@ -169,6 +169,38 @@ def test_alphaedit_steer_method_edits_the_tasks_facts_in_batches(model, tmp_path
     assert [b["facts"] for b in plan.settings["batches"]] == [2, 1] and out.data["layers"] == [0, 1]
 
 
+def test_rome_steer_method_edits_one_fact_after_another_with_one_statistics(model, tmp_path):
+    """The recipe's ROME stage is sequential ROME: its end state equals sequential(..., "rome"), and the second moment
+    is computed once on the unedited model (per fact on the edited model it was recomputed for every fact)."""
+    from types import SimpleNamespace
+
+    from mechanic.recipes.methods import run_method
+    from mechanic.recipes.schema import Strict
+
+    class Spec(Strict):
+        method: str = "rome"
+        layer: int = 0
+        n_prefixes: int = 2
+        steps: int = 3
+        stats_tokens: int = 2000
+
+    rows = [SimpleNamespace(prompt=f.prompt, answer=f.target_true, wrong=f.target_new, split="train",
+                            meta={"subject": f.subject}) for f in FACTS[:3]]
+    task = SimpleNamespace(name="tiny facts", examples=rows)
+    (tmp_path / "stage").mkdir()
+    out = run_method("steer", {"model": model, "task": task, "dir": tmp_path / "stage"}, Spec())
+    plan = Plan.load(tmp_path / "stage" / out.artifacts["plan"])
+    assert plan.method == "rome" and plan.settings["facts"] == 3
+    assert len(list((tmp_path / "stats").rglob("*.safetensors"))) == 1
+    want = sequential(model, FACTS[:3], "rome", 3, [0], n_prefixes=2, steps=3, stats_tokens=2000, progress=False)
+    before = weights(model)
+    with model.applied(plan):
+        got = weights(model)
+    with model.applied(want):
+        assert same(got, weights(model))
+    assert not same(got, before)
+
+
 def test_causal_trace_locate_method_averages_over_train_facts(model, tmp_path):
     """locate `causal_trace` with facts: N picks the layer trace_layers picks over the task's first N facts."""
     from types import SimpleNamespace

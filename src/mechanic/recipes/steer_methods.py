@@ -61,23 +61,19 @@ class Rome(Strict):
 
 @method(STEER, "rome", Rome)
 def rome(ctx) -> StageOut:
-    """Sequential ROME edits at the traced layer; the plan holds all of them."""
-    from mechanic.steer.edit import facts_from_task, rome as rome_edit
-    from mechanic.steer.plan import Plan
+    """Sequential ROME edits at the traced layer; the plan holds all of them.
+
+    The context prefixes and the second moment come from the unedited model once, as in ROME's and EasyEdit's code
+    (mechanic.steer.sequential): computed per fact on the edited model, the moment was recomputed for every fact
+    (an edited model has another fingerprint) and its cache filled with one file per fact."""
+    from mechanic.steer.edit import facts_from_task
+    from mechanic.steer.sequential import sequential
 
     s, model = ctx.settings, ctx.model
     layer = s.layer if s.layer is not None else int(_found(ctx, "layer"))
     facts = facts_from_task(ctx.task)
-    plan, handles = Plan(method="rome", fingerprint=model.fingerprint), []
-    try:
-        for f in facts:
-            p = rome_edit(model, f, layer, n_prefixes=s.n_prefixes, steps=s.steps, stats_tokens=s.stats_tokens,
-                           seed=ctx.seed)
-            handles.append(p.apply(model))
-            plan = plan + p
-    finally:
-        for h in reversed(handles):
-            h.undo()
+    plan = sequential(model, facts, "rome", len(facts), [layer], n_prefixes=s.n_prefixes, steps=s.steps,
+                      stats_tokens=s.stats_tokens, seed=ctx.seed, progress=False)
     plan.method, plan.settings = "rome", {"layer": layer, "facts": len(facts), "sequential": True}
     rows = [[f.subject, f.target_true, f.target_new] for f in facts]
     text = (f"ROME rewrote {len(facts)} facts at layer {layer}'s MLP, one after the other (each rank-one update "
