@@ -9,6 +9,7 @@ the meta device.
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -107,7 +108,38 @@ def check_map(hf: torch.nn.Module, device_map: dict, offload_folder) -> dict:
         raise DispatchError("device_map puts modules on 'disk' but no offload_folder was given; pass "
                             "offload_folder='some/dir' (converted and offloaded weights are written there; your "
                             "checkpoint files are never changed).")
-    return device_map
+    return tie_places(hf, device_map)
+
+
+def _place(device_map: dict, name: str):
+    """Where device_map puts module `name`: the value of its longest matching key."""
+    keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return device_map[max(keys, key=len)] if keys else None
+
+
+def tie_places(hf: torch.nn.Module, device_map: dict) -> dict:
+    """Tied input and output embeddings are one tensor, so they get one place: a map that splits them puts the output
+    embedding with the input embedding (transformers' own planner never splits them; accelerate cannot load a tied
+    weight split between disk and memory, and on two devices an edit would reach only one copy)."""
+    if not _tied(hf):
+        return device_map
+    names = {id(m): n for n, m in hf.named_modules()}
+    inp, out = names[id(hf.get_input_embeddings())], names[id(hf.get_output_embeddings())]
+    here, there = _place(device_map, inp), _place(device_map, out)
+    if here == there:
+        return device_map
+    if out not in device_map:
+        raise DispatchError(f"device_map puts the tied embeddings in two places ({inp} on {here!r}, {out} on "
+                            f"{there!r}); they are one tensor. Give {out!r} its own key with the same place as {inp!r}.")
+    warnings.warn(f"{out} is tied to {inp} (one tensor): placed with it on {here!r}, not on {there!r}.", stacklevel=3)
+    return {**device_map, out: here}
+
+
+def _tied(hf: torch.nn.Module) -> bool:
+    """The model's input and output embeddings share one weight."""
+    if not hasattr(hf, "get_output_embeddings") or hf.get_output_embeddings() is None:
+        return False
+    return hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
 
 
 def plan(hf: torch.nn.Module, device_map, max_memory, offload_folder) -> dict:
