@@ -67,7 +67,8 @@ def sizes(model) -> Sizes:
     else:
         top = getattr(cfg, "num_experts_per_tok", 1) or 1
         d_mlp = (d.d_expert or 0) * top + (d.d_shared or 0)
-    gated = model.layer_module(0, "mlp.gate_proj") is not None or d.d_mlp is None
+    mlp = model.layer_module(0, model.arch.mlp)
+    gated = d.d_mlp is None or any("gate" in n for n, _ in (mlp.named_children() if mlp is not None else ()))
     impl = getattr(cfg, "_attn_implementation", None) or "eager"
     return Sizes(d.n_layers, d.d_model, d.n_heads, d.n_kv_heads, d.d_head, d_mlp, d.vocab, itemsize,
                  sum(p.numel() * p.element_size() for p in params), gated, impl == "eager")
