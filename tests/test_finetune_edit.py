@@ -95,6 +95,27 @@ def test_training_loss_is_the_targets_mean_nll(word_tokenizer):
     assert abs(got - ref) < 1e-4
 
 
+def test_loss_on_the_kept_positions_equals_the_full_logits(word_tokenizer):
+    """fit reads the logits of the target positions only (kept): loss and gradient equal the full forward's."""
+    from mechanic.steer.finetune import down_param, forward, kept, requests, target_nll, trainable
+
+    m = worded("llama", word_tokenizer)
+    facts = FACTS[:3]
+    inputs, reads = requests(m, facts)
+    keep, local = kept(inputs, reads)
+    assert keep < inputs["input_ids"].shape[1]
+    _, W = down_param(m, 1)
+    out = []
+    for logits, rd in ((lambda: forward(m, inputs), reads), (lambda: forward(m, inputs, keep), local)):
+        with trainable(m, [W]):
+            loss = target_nll(logits(), rd, len(facts))
+            loss.backward()
+            out.append((float(loss.detach()), W.grad.clone()))
+    assert abs(out[0][0] - out[1][0]) < 1e-5
+    assert (out[0][1] - out[1][1]).abs().max().item() < 1e-6 * max(1.0, out[0][1].abs().max().item())
+    assert out[0][1].abs().max() > 0
+
+
 def test_clamp_linf_is_exact_in_float64():
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(200, 300, generator=g)

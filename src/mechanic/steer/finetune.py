@@ -99,9 +99,20 @@ def target_nll(logits: torch.Tensor, reads: torch.Tensor, n_facts: int) -> torch
     return (per_fact / counts).mean()
 
 
-def forward(model, inputs) -> torch.Tensor:
-    """The plain Hugging Face forward's logits (gradients reach whichever parameters require them)."""
-    return model.hf(**inputs, use_cache=False).logits
+def forward(model, inputs, keep: int = 0) -> torch.Tensor:
+    """The plain Hugging Face forward's logits (gradients reach whichever parameters require them); keep > 0: at the
+    last `keep` positions only."""
+    return model.hf(**inputs, use_cache=False, logits_to_keep=keep).logits
+
+
+def kept(inputs, reads: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(how many last positions hold every read, the reads with positions counted within them): the targets sit at
+    the end of each left-padded row, so the unembedding and softmax of the other positions can be skipped."""
+    width = inputs["input_ids"].shape[1]
+    keep = int(width - reads[:, 1].min())
+    local = reads.clone()
+    local[:, 1] -= width - keep
+    return keep, local
 
 
 def no_hooks(model, what: str) -> None:
@@ -135,9 +146,10 @@ def fit(model, params: list[torch.nn.Parameter], inputs, reads, n_facts: int, *,
     each step (FT-L's clamp). Returns the loss of every step run."""
     opt = torch.optim.Adam(params, lr=lr)
     losses: list[float] = []
+    keep, reads = kept(inputs, reads)
     for _ in track(range(steps), desc, unit="step"):
         opt.zero_grad()
-        loss = target_nll(forward(model, inputs), reads, n_facts)
+        loss = target_nll(forward(model, inputs, keep), reads, n_facts)
         losses.append(float(loss.detach()))
         if losses[-1] < STOP_LOSS:
             break
