@@ -539,7 +539,7 @@ def _edge_chunks(model, graph: ComponentGraph, batch: TaskBatch, mfn: Metric, ig
 
 @data_parallel   # under torchrun: examples split over the ranks (locate.parallel)
 def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: str | Metric | None = None,
-        batch_size: int | None = 8, features=False, latents=None, ig_batch: int = 5) -> Scores:
+        batch_size: int | None = 8, features=False, latents=None, ig_batch: int = 1) -> Scores:
     """Edge attribution patching over the component graph (EAP; EAP-IG with ig_steps), to find circuits cheaply.
 
     score(u -> v) = (z_u,corrupted - z_u,clean) . d metric / d (input of v), summed over positions and
@@ -554,7 +554,9 @@ def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: s
     again on H copies up to its o_proj) and one (EAP) or m (EAP-IG) graph forward + backward passes
     (EAP-IG's first point is the corrupted run, whose sender outputs it gives, so that run is not repeated).
     ig_batch: EAP-IG points run together as extra batch rows of one graph forward + backward (memory grows
-    with batch_size x ig_batch; the result does not depend on it).
+    with batch_size x ig_batch; the result does not depend on it). Default 1: on CPU a graph run is compute-bound
+    and costs as much per row or more when it is wider (SmolLM2 IOI, 5 points: 1.0-1.1x the CPU time of one point
+    a run, docs/BENCHMARKS.md); larger values are for accelerators, where a wider run is cheaper per row.
 
     features: False (the component graph), True (every attached dictionary), or the base sites of the
     dictionaries to use (e.g. ["L6.resid_post"]): their latents and error nodes become graph nodes in place
