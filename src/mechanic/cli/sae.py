@@ -61,8 +61,12 @@ def train(site: str = typer.Option(..., help="Site(s) to read, comma-separated (
           checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N tokens; a rerun resumes."),
           seed: int = typer.Option(0),
           as_json: bool = JSON):
-    """Train dictionaries on one pass over the text (one truncated forward feeds them all)."""
+    """Train dictionaries on one pass over the text (one truncated forward feeds them all).
+
+    Under torchrun (`torchrun --standalone --nproc-per-node N -m mechanic sae train ...`) the ranks train
+    data-parallel (DDP) and rank 0 alone writes and prints."""
     import mechanic
+    from mechanic import distributed as D
     from mechanic.features.errors import FeaturesError
     from mechanic.features.train import DictConfig, train as run_train
 
@@ -72,10 +76,13 @@ def train(site: str = typer.Option(..., help="Site(s) to read, comma-separated (
                             "site per input site.")
     cfgs = [DictConfig(s, arch, expansion=expansion, k=k, out_site=outs[i] if outs else None, skip=skip, lr=lr,
                        coef=coef) for i, s in enumerate(sites)]
+    D.init()
     m = mechanic.load(model)
     run_train(m, cfgs, out, tokens=tokens, text=list(text) if text else None, batch_size=batch_size,
               buffer_tokens=buffer_tokens, seq_len=seq_len, checkpoint_every=checkpoint_every, seed=seed,
               progress=not as_json)
+    if not D.is_main():
+        return
     summary = json.loads((out / "train.json").read_text())
     summary.pop("log")
     summary["dictionaries"] = {c.label: str(out / c.label) for c in cfgs}

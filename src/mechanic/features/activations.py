@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from mechanic import distributed as D
 from mechanic.features.errors import FeaturesError
 from mechanic.features.hooknames import parse_site, site_width
 
@@ -66,6 +67,15 @@ class SiteReader:
             t = t.reshape(*t.shape[:2], -1)[:, self.skip_first:]
             out[s] = t.reshape(-1, t.shape[-1]).float()
         return out
+
+    def read_split(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """read() of every window, each torch.distributed rank running a contiguous block of them; the rows are
+        joined in window order on every rank (all_gather), so every rank holds what one process would read."""
+        if not D.active():
+            return self.read(ids)
+        part, mine = D.shard(ids), {}
+        D.run(lambda: mine.update(self.read(part) if len(part) else {}))   # a failing rank is named everywhere
+        return {s: D.gather_rows(mine.get(s)) for s in self.sites}
 
 
 class ShuffleBuffer:

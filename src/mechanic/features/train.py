@@ -10,6 +10,12 @@ Writes `out/<label>/` (cfg.json + sae_weights.safetensors, SAELens format) per d
 buffer-refill boundaries, where the whole state is the dictionaries, their optimisers, the kept half
 of the buffer, the shuffle generator and the number of windows read: a run started again with the
 same settings continues from it and ends with the same weights as an uninterrupted run.
+
+Under torchrun (torch.distributed initialised, e.g. `mechanic.distributed.init()`) the same call trains data-parallel:
+each rank runs the forwards of its block of every forward batch's windows, the activations are joined so every rank
+holds the one-process buffer, each rank steps on its block of each batch's rows with gradients summed by
+DistributedDataParallel (see trainer.py), and rank 0 alone writes the files. The result is the one-process
+training on the same tokens with sums reordered; a checkpoint resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Callable, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
+from mechanic import distributed as D
 from mechanic.features.activations import ShuffleBuffer, SiteReader, text_windows
 from mechanic.features.dictionary import Dictionary
 from mechanic.features.errors import FeaturesError
@@ -64,6 +71,9 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
         raise FeaturesError(f"buffer_tokens ({buffer_tokens}) must hold at least two batches ({2 * batch_size}).")
     if tokens < batch_size:
         raise FeaturesError(f"tokens ({tokens}) is less than one batch ({batch_size}).")
+    if D.active() and batch_size < D.world():
+        raise FeaturesError(f"batch_size ({batch_size}) is smaller than the number of ranks ({D.world()}): every rank "
+                            "needs rows of each batch; use a larger batch or fewer processes.")
     for c in cfgs:
         site_width(model, c.site)
         if c.out_site:
@@ -78,7 +88,7 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
     buffer = ShuffleBuffer(reader.widths, buffer_tokens, gen)
     seen, windows_read, log, elapsed = 0, 0, [], 0.0
     ckpt = out / "checkpoint"
-    if checkpoint_every and (ckpt / "state.json").exists():
+    if checkpoint_every and D.decide((ckpt / "state.json").exists()):   # every rank resumes, or none
         seen, windows_read, log, elapsed = _restore(ckpt, settings, trainers, buffer, gen)
     stream = text_windows(model, text, "train", seq_len)
     for _ in range(windows_read):   # deterministic re-read up to where the checkpoint stopped
@@ -95,7 +105,7 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
                 exhausted = True
                 break
             windows_read += len(wins)
-            buffer.add(reader.read(torch.stack(wins)))
+            buffer.add(reader.read_split(torch.stack(wins)))   # windows split over ranks when distributed
         if len(buffer) < batch_size:
             break
         for batch in buffer.take_half(batch_size):
@@ -117,22 +127,25 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
             bar.update(batch_size, tok_s=round(rate), fvu=s["fvu"], l0=s["l0"], dead=s["dead"])
             if seen >= tokens:
                 break
-        if checkpoint_every and seen - last_ckpt >= checkpoint_every and seen < tokens:
+        if checkpoint_every and seen - last_ckpt >= checkpoint_every and seen < tokens and D.is_main():
             _checkpoint(ckpt, settings, trainers, buffer, gen, seen, windows_read, log, time.perf_counter() - t0)
             last_ckpt = seen
     bar.close()
-    if seen < tokens and progress:
+    if seen < tokens and progress and D.is_main():
         print(f"note: the text ran out after {seen:,} of {tokens:,} tokens; training stopped there.")
     done = [t.finished() for t in trainers]
     for d, t in zip(done, trainers):
         d.metadata.update({"trained_tokens": seen, "context_size": seq_len, "mechanic_training": t.cfg.to_json()})
-        save(d, out / t.cfg.label, model_name=model.name, overwrite=True)
-    summary = {"settings": settings, "tokens_seen": seen, "seconds": time.perf_counter() - t0,
-               "tokens_per_s": seen / max(1e-9, time.perf_counter() - t0), "log": log,
-               "final": {t.cfg.label: t.stats for t in trainers}}
-    (out / "train.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
+    if D.is_main():   # every rank holds the same weights; one writes them
+        for d, t in zip(done, trainers):
+            save(d, out / t.cfg.label, model_name=model.name, overwrite=True)
+        summary = {"settings": settings, "ranks": D.world() if D.active() else 1, "tokens_seen": seen,
+                   "seconds": time.perf_counter() - t0, "tokens_per_s": seen / max(1e-9, time.perf_counter() - t0),
+                   "log": log, "final": {t.cfg.label: t.stats for t in trainers}}
+        (out / "train.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+    D.barrier()       # the files exist when train returns on any rank
     return done
 
 

@@ -13,6 +13,9 @@ squared error summed over the vector and averaged over tokens):
                                                             billions of tokens, SAELens issue 494)
 Dead latents (not fired for `dead_after` tokens): topk/batchtopk reconstruct the residual with their top
 k_aux (AuxK); relu/jumprelu ones are resampled at the worst-reconstructed tokens of the batch (`_resample`).
+Under torch.distributed each rank computes the loss of its block of each batch's rows and DistributedDataParallel
+sums the gradients; what needs the whole batch (fired latents, AuxK's normaliser, BatchTopK's selection, the
+rows a resampling draws) is reduced first, so every rank takes the one-process step and keeps the same weights.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from mechanic import distributed as D
 from mechanic.features.dictionary import Dictionary
 from mechanic.features.errors import FeaturesError
 from mechanic.features.saelens import fold_scale
@@ -133,6 +138,33 @@ class _PreAt(torch.autograd.Function):
         return None, grad_s, grad_W, grad_b, None
 
 
+def _summed(t: torch.Tensor) -> torch.Tensor:
+    """t summed over ranks (all_reduce) under torch.distributed; t itself in one process."""
+    if D.active():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def _sum_hook(state, bucket):
+    """DDP communication hook: gradients summed over ranks, not averaged (each rank's loss already divides by
+    the whole batch's size, so the sum is the one-process gradient even when shards differ in size)."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+class _Objective(torch.nn.Module):
+    """The trained parameters as one module whose forward is Trainer._loss: what DistributedDataParallel wraps (the
+    dictionary's BatchTopK/JumpReLU threshold is set by rule, not by gradient, so it is left out)."""
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__()
+        self.trained = torch.nn.ParameterList(trainer.params())
+        self.loss = trainer._loss
+
+    def forward(self, x, y, n):
+        return self.loss(x, y, n)
+
+
 class Trainer:
     """Trains one Dictionary on (x, y) batches; y is x for an SAE and the output site for a transcoder."""
 
@@ -154,6 +186,7 @@ class Trainer:
         self.batch_threshold = 0.0
         self.seed = seed
         self.opt: torch.optim.Adam | None = None   # fused: one pass over the weights (10x the default on CPU)
+        self._ddp = None                            # DistributedDataParallel over the trained parameters, when used
         self.stats = {"fvu": float("nan"), "l0": float("nan"), "dead": 0.0}
 
     # ---- setup -----------------------------------------------------------
@@ -192,65 +225,16 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        d, cfg, arch = self.dict, self.cfg, self.cfg.architecture
+        """One optimiser step on the batch (x, y). Under torch.distributed every rank is given the same whole batch,
+        computes the loss terms of its contiguous block of rows (divided by the whole batch's size), and DDP sums
+        the gradients, so every rank takes the same step as one process on the whole batch (sums reordered)."""
+        d, arch, n = self.dict, self.cfg.architecture, x.shape[0]
         x, y = x * self.s_in, y * self.s_out
-        if arch == "topk":   # dense pre-activations without a graph; gradients only where latents are kept
-            s = d.sae_in(x)
-            with torch.no_grad():
-                pre = torch.addmm(d.b_enc, s, d.W_enc)
-        else:
-            pre = d.pre(x)
-        aux = torch.zeros(())
-        if arch == "topk":
-            idx = pre.topk(cfg.k, dim=-1, sorted=False).indices
-            vals = _PreAt.apply(pre, s, d.W_enc, d.b_enc, idx).relu()
-            recon = F.embedding_bag(idx, d.W_dec, per_sample_weights=vals, mode="sum") + d.b_dec
-            fired = torch.zeros(self.d_sae, dtype=torch.bool).index_fill_(0, idx[vals > 0].unique(), True)
-            l0 = (vals > 0).sum(-1).float().mean()
-        elif arch == "batchtopk":
-            acts = pre.relu()
-            flat = acts.flatten()
-            top = flat.topk(cfg.k * acts.shape[0], sorted=False)
-            acts = torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(acts)
-            recon = acts @ d.W_dec + d.b_dec
-            fired = (acts > 0).any(0)
-            l0 = (acts > 0).sum(-1).float().mean()
-            kept = top.values[top.values > 0]
-            if kept.numel():   # first batch sets it, then a running mean (SAELens's topk_threshold_lr = 0.01)
-                low = float(kept.min().detach())
-                self.batch_threshold = low if self.step_no == 0 else self.batch_threshold + 0.01 * (low - self.batch_threshold)
-        elif arch == "relu":
-            acts = pre.relu()
-            recon = acts @ d.W_dec + d.b_dec
-            aux = (acts * d.W_dec.norm(dim=-1)).sum(-1).mean()
-            fired = (acts > 0).any(0)
-            l0 = (acts > 0).sum(-1).float().mean()
-        else:  # jumprelu
-            theta = self.log_threshold.exp()
-            acts = _JumpReLU.apply(pre.relu(), theta, cfg.bandwidth)
-            recon = acts @ d.W_dec + d.b_dec
-            aux = _Step.apply(pre, theta, cfg.bandwidth).sum(-1).mean()
-            fired = (acts > 0).any(0)
-            l0 = (acts > 0).sum(-1).float().mean()
-        recon = recon + d.skip(x)
-        err = y - recon
-        mse = err.pow(2).sum(-1).mean()
-        self.since_fired += x.shape[0]
-        self.since_fired[fired] = 0
-        dead = self.since_fired >= cfg.dead_after
-        if arch in ("topk", "batchtopk") and dead.any():
-            k_aux = min(int(dead.sum()), max(1, d.d_in // 2))
-            masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-            av, ai = masked.topk(k_aux, dim=-1, sorted=False)
-            if arch == "topk":
-                av = _PreAt.apply(pre, s, d.W_enc, d.b_enc, ai)
-            aux_recon = F.embedding_bag(ai, d.W_dec, per_sample_weights=av.relu(), mode="sum")
-            e = err.detach()
-            aux = (e - aux_recon).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-12)
-        loss = mse + self.coef * aux
+        lo, hi = D.bounds(n) if D.active() else (0, n)
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step_no)
         self.opt.zero_grad(set_to_none=True)
+        loss, err, dead, info = self._objective()(x[lo:hi], y[lo:hi], n)
         loss.backward()
         if arch in ("topk", "batchtopk") and d.W_dec.grad is not None:   # keep rows on the unit sphere
             with torch.no_grad():
@@ -264,14 +248,96 @@ class Trainer:
                 d.threshold.fill_(self.batch_threshold)
             if arch == "jumprelu":
                 d.threshold.copy_(self.log_threshold.exp())
-        if arch in ("relu", "jumprelu") and dead.any():
-            self._resample(dead, x, err.detach())
+        if arch in ("relu", "jumprelu") and dead.any():   # the same decision on every rank (dead is global)
+            self._resample(dead, x, D.gather_rows(err) if D.active() else err)
         self.step_no += 1
         with torch.no_grad():
             var = (y - y.mean(0)).pow(2).sum(-1).mean()
-            self.stats = {"fvu": float(err.pow(2).sum(-1).mean() / var.clamp_min(1e-12)), "l0": float(l0),
-                          "dead": float(dead.float().mean()), "loss": float(loss)}
+            total = _summed(loss.detach().reshape(1))
+            self.stats = {"fvu": float(info["err2"] / n / var.clamp_min(1e-12)), "l0": float(info["l0"] / n),
+                          "dead": float(dead.float().mean()), "loss": float(total[0])}
         return self.stats
+
+    def _objective(self):
+        """The loss function: plain in one process; under torch.distributed, wrapped once in DistributedDataParallel,
+        which all-reduces the gradients of the trained parameters in buckets as backward produces them."""
+        if not D.active():
+            return self._loss
+        if self._ddp is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # no buffer syncing: the trained parameters have no buffers, and every rank already holds the same weights
+            self._ddp = DistributedDataParallel(_Objective(self), forward_sync_buffers=False)
+            self._ddp.register_comm_hook(None, _sum_hook)
+        return self._ddp
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, n: int):
+        """(loss terms of these rows / n, their errors, the dead mask, global counts) for rows of a batch of n.
+
+        What depends on the whole batch is reduced over ranks before it is used: which latents fired (so
+        `since_fired`, dead latents, AuxK and resampling agree everywhere), the squared error AuxK divides by,
+        and BatchTopK's top k*n over the batch (`_batch_keep`)."""
+        d, cfg, arch = self.dict, self.cfg, self.cfg.architecture
+        if arch == "topk":   # dense pre-activations without a graph; gradients only where latents are kept
+            s = d.sae_in(x)
+            with torch.no_grad():
+                pre = torch.addmm(d.b_enc, s, d.W_enc)
+        else:
+            pre = d.pre(x)
+        aux = torch.zeros(())
+        if arch == "topk":
+            idx = pre.topk(cfg.k, dim=-1, sorted=False).indices
+            vals = _PreAt.apply(pre, s, d.W_enc, d.b_enc, idx).relu()
+            recon = F.embedding_bag(idx, d.W_dec, per_sample_weights=vals, mode="sum") + d.b_dec
+            fired = torch.zeros(self.d_sae, dtype=torch.bool).index_fill_(0, idx[vals > 0].unique(), True)
+            l0 = (vals > 0).sum()
+        else:
+            acts = pre.relu()
+            if arch == "batchtopk":
+                acts = acts * self._batch_keep(acts.detach(), cfg.k * n)
+            elif arch == "relu":
+                aux = (acts * d.W_dec.norm(dim=-1)).sum() / n
+            else:  # jumprelu
+                theta = self.log_threshold.exp()
+                aux = _Step.apply(pre, theta, cfg.bandwidth).sum() / n
+                acts = _JumpReLU.apply(acts, theta, cfg.bandwidth)
+            recon = acts @ d.W_dec + d.b_dec
+            fired = (acts > 0).any(0)
+            l0 = (acts > 0).sum()
+        recon = recon + d.skip(x)
+        err = y - recon
+        err2 = err.pow(2).sum(-1)
+        mse = err2.sum() / n
+        counts = _summed(torch.cat([fired.double(), err2.detach().sum().double().reshape(1), l0.double().reshape(1)]))
+        fired, info = counts[:-2] > 0, {"err2": counts[-2], "l0": counts[-1]}
+        self.since_fired += n
+        self.since_fired[fired] = 0
+        dead = self.since_fired >= cfg.dead_after
+        if arch in ("topk", "batchtopk") and dead.any():
+            k_aux = min(int(dead.sum()), max(1, d.d_in // 2))
+            masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+            av, ai = masked.topk(k_aux, dim=-1, sorted=False)
+            if arch == "topk":
+                av = _PreAt.apply(pre, s, d.W_enc, d.b_enc, ai)
+            aux_recon = F.embedding_bag(ai, d.W_dec, per_sample_weights=av.relu(), mode="sum")
+            e = err.detach()
+            aux = (e - aux_recon).pow(2).sum() / n / (info["err2"].float() / n).clamp_min(1e-12)
+        return mse + self.coef * aux, err.detach(), dead, info
+
+    def _batch_keep(self, acts: torch.Tensor, keep: int) -> torch.Tensor:
+        """BatchTopK's mask: the `keep` largest activations of the whole batch (rows on every rank), and the running
+        threshold's update from the smallest positive one kept. Each rank offers its own top `keep`; every rank
+        takes the top `keep` of all offers, so the mask is the one-process top k*B (up to exact ties)."""
+        flat = acts.flatten()
+        offer = flat.topk(min(keep, flat.numel()), sorted=False).values
+        every = D.gather_rows(offer) if D.active() else offer
+        top = every if every.numel() <= keep else every.topk(keep, sorted=False).values
+        kept = top[top > 0]
+        if kept.numel():   # first batch sets it, then a running mean (SAELens's topk_threshold_lr = 0.01)
+            low = float(kept.min())
+            first, old = self.step_no == 0, self.batch_threshold
+            self.batch_threshold = low if first else old + 0.01 * (low - old)
+        return (acts >= top.min()).to(acts.dtype)
 
     @torch.no_grad()
     def _resample(self, dead: torch.Tensor, x: torch.Tensor, err: torch.Tensor) -> None:
