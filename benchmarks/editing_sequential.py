@@ -113,7 +113,7 @@ def main() -> None:
     t = time.perf_counter()
     if any(x not in TRAINED for x in methods):
         moments = second_moments(m, sorted(set(range_)), max_tokens=args.stats_tokens, progress=True,
-                                 cache=args.cached_stats)
+                                 fresh=not args.cached_stats)   # written to the cache: sequential() reads them
         result["stats_seconds"] = round(time.perf_counter() - t, 1)
         result["stats_fresh"] = not args.cached_stats
         prefixes = context_prefixes(m, 10)

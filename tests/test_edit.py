@@ -67,6 +67,12 @@ def test_second_moments_equal_plain_sum_and_are_cached(tokenizer, tmp_path, monk
     assert len(list(tmp_path.rglob("*.safetensors"))) == 2
     again, _ = second_moments(m, [2], text, seq_len=16)[2]
     assert torch.equal(again, got)
+    from safetensors.torch import save_file                 # fresh=True ignores a cached entry and rewrites it
+    path = next(q for q in tmp_path.rglob("*.safetensors") if q.name.startswith("L2."))
+    save_file({"moment": torch.zeros_like(got), "count": torch.tensor(count)}, str(path))
+    assert torch.equal(second_moments(m, [2], text, seq_len=16)[2][0], torch.zeros_like(got))
+    assert torch.equal(second_moments(m, [2], text, seq_len=16, fresh=True)[2][0], got)
+    assert torch.equal(second_moments(m, [2], text, seq_len=16)[2][0], got)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "gpt_neox"])

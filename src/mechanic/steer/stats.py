@@ -37,8 +37,12 @@ def _cached(path: Path) -> dict | None:
 
 
 def second_moments(model, layers, texts=None, *, max_tokens: int = 32768, seq_len: int = 128,
-                   batch_size: int = 8, cache: bool = True, progress: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
-    """{layer: (E[k k^T] as float32 [d_mlp, d_mlp], number of tokens)} for the down_proj inputs k of `layers`."""
+                   batch_size: int = 8, cache: bool = True, fresh: bool = False,
+                   progress: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
+    """{layer: (E[k k^T] as float32 [d_mlp, d_mlp], number of tokens)} for the down_proj inputs k of `layers`.
+
+    cache=False neither reads nor writes the cache; fresh=True computes them even when cached and writes the
+    cache (to time the one-off cost without computing it twice)."""
     from mechanic.data.text import calibration
     from mechanic.data.windows import batches, token_stream, windows
 
@@ -52,7 +56,7 @@ def second_moments(model, layers, texts=None, *, max_tokens: int = 32768, seq_le
     todo = []
     for L in layers:
         path = _key(model, tokens, L)
-        data = _cached(path) if cache else None
+        data = _cached(path) if cache and not fresh else None
         if data is not None:
             out[L] = (data["moment"], int(data["count"]))
         else:
