@@ -84,8 +84,8 @@ def main() -> None:
         one = Path(folder) / "one_prompt.json"
         one.write_text(json.dumps(json.loads(Path(args.prompts).read_text())[:1]))
         cases["one_prompt"] = make_batch(model.tokenizer, str(one))
-        out = {"model": "SmolLM2-135M-Instruct", "version": version("mechanic"), "transformers": version("transformers"),
-               "accelerate": version("accelerate"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        out = {"model": "SmolLM2-135M-Instruct", "version": version("mechanic"),
+               "transformers": version("transformers"), "accelerate": version("accelerate"), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "repeats": args.repeats, "warmup": args.warmup,
                "layers_on_disk": sum(v == "disk" for v in places.values()),
                "layers_on_cpu": sum(v == "cpu" and k.startswith(model.arch.layers) for k, v in places.items()),

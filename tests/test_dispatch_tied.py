@@ -49,7 +49,8 @@ def test_tied_embeddings_split_by_the_map_equal_the_undispatched_model(arch, pla
     ref = mechanic.load(spec())          # loaded the same way, undispatched
     assert ref.hf.get_output_embeddings().weight is ref.hf.get_input_embeddings().weight
     with pytest.warns(UserWarning, match=r"tied to .* \(one tensor\)"):
-        big = mechanic.load(spec(), device_map=split_map(ref.hf, ref.arch.layers, *places), offload_folder=tmp_path / "offload")
+        big = mechanic.load(spec(), device_map=split_map(ref.hf, ref.arch.layers, *places),
+                            offload_folder=tmp_path / "offload")
     assert big.hf.hf_device_map["lm_head"] == places[0]          # the unembedding went where the embedding is
     assert big.hf.get_output_embeddings().weight is big.hf.get_input_embeddings().weight
 
@@ -64,8 +65,10 @@ def test_tied_embeddings_split_by_the_map_equal_the_undispatched_model(arch, pla
     assert la.top == lb.top
 
     before = {n: p.detach().clone() for n, p in big.hf.state_dict().items()}
-    w = big.hf.get_input_embeddings().weight
-    edit = lambda m: Plan(edits=[WeightEdit(shared_name(m), torch.full((2, w.shape[1]), 0.5), index=([3, 5], None))])  # noqa: E731
+    width = big.hf.get_input_embeddings().weight.shape[1]
+
+    def edit(m):   # rows 3 and 5 of the shared weight: two tokens' embeddings and their two logits
+        return Plan(edits=[WeightEdit(shared_name(m), torch.full((2, width), 0.5), index=([3, 5], None))])
     plain = big.run(batch).logits
     with ref.applied(edit(ref)), big.applied(edit(big)):
         edited = big.run(batch, cache=["embed"])

@@ -130,7 +130,8 @@ def tie_places(hf: torch.nn.Module, device_map: dict) -> dict:
         return device_map
     if out not in device_map:
         raise DispatchError(f"device_map puts the tied embeddings in two places ({inp} on {here!r}, {out} on "
-                            f"{there!r}); they are one tensor. Give {out!r} its own key with the same place as {inp!r}.")
+                            f"{there!r}); they are one tensor. Give {out!r} its own key with the same place as "
+                            f"{inp!r}.")
     warnings.warn(f"{out} is tied to {inp} (one tensor): placed with it on {here!r}, not on {there!r}.", stacklevel=3)
     return {**device_map, out: here}
 
