@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mechanic
 from mechanic import replace
-from mechanic.model.reuse import prefix, suffix_logits
+from mechanic.model.reuse import packed_logits, packing, packs, prefix, suffix_logits
 from mechanic.testing.tiny import left_padded, tiny_model
 
 
@@ -32,3 +33,40 @@ def test_suffix_run_equals_full_run(arch):
     assert worst < 1e-5
     assert m.hook_count() == 0 and not any("forward" in layer.__dict__ for layer in m.layers)
     assert (base.logits - m.run(corr).logits[:, -1]).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi3", "mixtral", "qwen2_moe"])
+def test_packed_runs_equal_full_runs(arch):
+    """Runs from different columns and layers laid end to end in one sequence (attention per run through the
+    AttentionInterface) equal each run done in full, on left-padded prompts, with patches at a run's start
+    column and across all its columns; the forward and the registry are restored afterwards."""
+    m = mechanic.load(tiny_model(arch))
+    clean = left_padded([6, 5], seed=1)
+    corr = left_padded([6, 5], seed=2)
+    corr["attention_mask"] = clean["attention_mask"]
+    source = m.run(clean, cache=["L1.resid_pre", "L2.head1", "L0.mlp_out"])
+    base = prefix(m, corr)
+    assert packs(m, base)
+    # (example, start column, start layer); a whole-row head patch starts at column 0
+    runs = [(0, 3, 1), (1, 5, 1), (1, 2, 2), (0, 0, 2), (1, 0, 0), (0, 4, 0), (1, 1, 1)]
+    rows, cols, layers = (torch.tensor(x) for x in zip(*runs))
+    pk = packing(base, rows, cols, layers, m.dims.n_layers)
+    assert pk.tokens == sum(6 - c for _, c, _ in runs)
+    ivs, full_ivs = [], []
+    for i, (e, c, layer) in enumerate(runs):
+        site = {0: "L0.mlp_out", 1: "L1.resid_pre", 2: "L2.head1"}[layer]
+        if layer == 2 and c == 0:      # every column of the row at once
+            ivs.append(replace(site, source[site][e], pos=list(range(int(pk.first[i]), int(pk.first[i]) + 6))))
+            full_ivs.append(replace(site, source[site][e], rows=[i]))
+        else:
+            ivs.append(replace(site, source[site][e, c], pos=[int(pk.first[i])]))
+            full_ivs.append(replace(site, source[site][e, c], pos=c, rows=[i]))
+    before = ALL_ATTENTION_FUNCTIONS[m.hf.config._attn_implementation]
+    fast = packed_logits(m, base, pk, ivs)
+    assert ALL_ATTENTION_FUNCTIONS[m.hf.config._attn_implementation] is before
+    full_inputs = {k: v[rows] for k, v in m.inputs(corr).items()}
+    slow = m.run(full_inputs, interventions=full_ivs).logits[:, -1]
+    assert (fast - slow).abs().max().item() < 1e-5
+    assert (slow - base.logits[rows]).abs().max().item() > 1e-3    # the patches change the logits
+    assert m.hook_count() == 0 and not any("forward" in layer.__dict__ for layer in m.layers)
+    assert (m.run(corr).logits[:, -1] - base.logits).abs().max().item() == 0.0

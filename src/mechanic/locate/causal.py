@@ -17,7 +17,7 @@ from mechanic import memory
 from mechanic.locate.parallel import data_parallel
 from mechanic.locate.scores import Scores
 from mechanic.model.interventions import replace
-from mechanic.model.reuse import prefix, suffix_logits
+from mechanic.model.reuse import packed_logits, packing, packs, prefix, suffix_logits
 from mechanic.tasks import metrics as M
 from mechanic.tasks.task import Task, TaskBatch, TaskError
 
@@ -211,22 +211,29 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
     # Chunks start at their lowest layer; at SmolLM2 size, fewer and larger forwards beat finer layer
     # chunks (small matmuls run far below peak), so by default only batch_size splits the layers.
     span = layer_span or model.dims.n_layers
-    plan = _plan(pairs, batch_size, span)
-    for start_pos, chunk in tqdm(plan, desc=f"patch {kind}", disable=not progress, leave=False):
-        start_layer = torch.tensor([u.layer for u, _ in chunk])
+    packed = packs(model, target)   # runs from different columns share one forward (model.reuse)
+    for start_pos, chunk in tqdm(_plan(pairs, batch_size, span, by_column=not packed), desc=f"patch {kind}",
+                                 disable=not progress, leave=False):
         rows = torch.tensor([e for _, e in chunk])
-        ivs = []
+        layers = torch.tensor([u.layer for u, _ in chunk])
         by_site: dict[str, list[int]] = {}
         for i, (u, _) in enumerate(chunk):
             by_site.setdefault(u.site, []).append(i)
-        for site, idx in by_site.items():
-            u0 = chunk[idx[0]][0]
-            ex = rows[idx]
-            if u0.pos is None:
-                ivs.append(replace(site, src[site][ex], pos=None, rows=idx))
-            else:
-                ivs.append(replace(site, src[site][ex, u0.pos], pos=u0.pos - start_pos, rows=idx))
-        logits = suffix_logits(model, target, rows, start_pos, start_layer, ivs)
+        if packed:
+            starts = torch.tensor([u.pos or 0 for u, _ in chunk])
+            pk = packing(target, rows, starts, layers, model.dims.n_layers)
+            logits = packed_logits(model, target, pk, [_packed_patch(site, src[site], chunk, idx, rows, pk)
+                                                       for site, idx in by_site.items()])
+        else:
+            ivs = []
+            for site, idx in by_site.items():
+                u0 = chunk[idx[0]][0]
+                ex = rows[idx]
+                if u0.pos is None:
+                    ivs.append(replace(site, src[site][ex], pos=None, rows=idx))
+                else:
+                    ivs.append(replace(site, src[site][ex, u0.pos], pos=u0.pos - start_pos, rows=idx))
+            logits = suffix_logits(model, target, rows, start_pos, layers, ivs)
         vals = fn(logits, batch.select(rows))
         for (u, _), v in zip(chunk, vals):
             totals[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(v)
@@ -261,11 +268,24 @@ def _changed(pairs: list[tuple[_Unit, int]], src: dict, tgt: dict):
     return todo, same
 
 
-def _plan(pairs: list[tuple[_Unit, int]], batch_size: int, span: int):
-    """Group (unit, example) rows into forwards: one start column each, a few layers wide, at most batch_size."""
+def _packed_patch(site: str, values: torch.Tensor, chunk, idx: list[int], rows: torch.Tensor, pk):
+    """The patch of the runs `idx` at one site, at packed positions: a run's start column, or all its columns."""
+    ex = rows[idx]
+    first = pk.first[idx]
+    if chunk[idx[0]][0].pos is None:      # every column at once (such runs start at column 0)
+        seq = values.shape[1]
+        pos = (first[:, None] + torch.arange(seq)).flatten()
+        return replace(site, values[ex].flatten(0, 1), pos=pos.tolist())
+    cols = torch.tensor([chunk[i][0].pos for i in idx])
+    return replace(site, values[ex, cols], pos=first.tolist())
+
+
+def _plan(pairs: list[tuple[_Unit, int]], batch_size: int, span: int, by_column: bool = True):
+    """Group (unit, example) rows into forwards: at most batch_size, a few layers wide, and one start column
+    each unless the forward is packed (then every column at once, ordered by layer)."""
     by_col: dict[int, list] = {}
     for u, e in pairs:
-        by_col.setdefault(u.pos or 0, []).append((u, e))
+        by_col.setdefault((u.pos or 0) if by_column else 0, []).append((u, e))
     plan = []
     for col in sorted(by_col):
         us = sorted(by_col[col], key=lambda ue: ue[0].layer)

@@ -307,6 +307,8 @@ class _Session:
                 pre = self.resid_pre[L]
                 if self.row_map is not None and pre.shape[0] != t.shape[0]:  # inside a sub-batch call
                     pre = pre[self.row_map >= 0]
+                elif pre.shape[1] != t.shape[1]:   # a packed call computes a prefix of its tokens (model.reuse)
+                    pre = pre[:, :t.shape[1]]
                 x = pre + t
                 if mid.writes(self.grad):
                     new = mid.process(x, self)

@@ -4,6 +4,8 @@ A change at layer l and position p cannot alter layers below l or positions befo
 attention). So a patched run reuses the unpatched run: positions before p come from its key/value
 cache, layers below the first changed one replay its stored states instead of computing, and logits
 are computed at the last position only. The model's own forward still does all the work that is done.
+Runs that start at different columns share one forward packed end to end (packed_logits), so the
+linear layers see one large matrix instead of one small forward per column.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mechanic.model.hooks import _Session, frozen_parameters
+from mechanic.model.interfaces import override
 from mechanic.model.interventions import Intervention
 
 
@@ -153,3 +157,149 @@ def suffix_run(model, base: Prefix, rows: torch.Tensor, start_pos: int, start_la
                        position_ids=inp["position_ids"][rows, p:], past_key_values=past, use_cache=True,
                        logits_to_keep=keep)
     return out.logits
+
+
+# ------------------------------------------------------------------------------------------ packed suffixes
+# Runs that start at different columns have suffixes of different lengths; padding them to one length wastes
+# the padded tokens, one forward per column gives small matmuls. Packed: every run's suffix is laid end to end
+# in one sequence (batch 1), so the model's linear layers see one large [tokens, d] matrix; only attention
+# needs the runs apart, and it gets them through transformers' AttentionInterface: each run's queries go back
+# to their columns next to the unpatched run's keys and values of the earlier columns.
+
+
+@dataclass
+class Packing:
+    """Runs laid end to end, sorted by start layer so that the tokens any layer computes are a prefix."""
+
+    order: torch.Tensor        # packed run -> the caller's run
+    ex: torch.Tensor           # per packed run: its row in the prefix batch
+    first: torch.Tensor        # per caller's run: packed index of its first token (its start column)
+    tok_run: torch.Tensor      # per token: its packed run
+    tok_ex: torch.Tensor       # per token: its row in the prefix batch
+    tok_col: torch.Tensor      # per token: its column
+    active: list[int]          # per layer: tokens it computes (those of the runs starting at or below it)
+    active_runs: list[int]     # per layer: runs it computes
+    last: torch.Tensor         # per packed run: packed index of its last token
+
+    @property
+    def tokens(self) -> int:
+        return len(self.tok_col)
+
+
+def packing(base: Prefix, rows: torch.Tensor, start_pos: torch.Tensor, start_layer: torch.Tensor,
+            n_layers: int) -> Packing:
+    """The packed layout of runs `rows` (indices into the prefix batch), each from its column and layer on."""
+    seq = base.inputs["input_ids"].shape[1]
+    order = torch.sort(start_layer, stable=True).indices
+    lengths = seq - start_pos[order]
+    ends = lengths.cumsum(0)
+    starts = ends - lengths
+    tok_run = torch.repeat_interleave(torch.arange(len(order)), lengths)
+    tok_col = start_pos[order][tok_run] + torch.arange(int(ends[-1])) - starts[tok_run]
+    first = torch.empty_like(starts)
+    first[order] = starts
+    layers = start_layer[order]
+    runs = [int((layers <= i).sum()) for i in range(n_layers)]
+    return Packing(order, rows[order], first, tok_run, rows[order][tok_run], tok_col,
+                   [int(ends[r - 1]) if r else 0 for r in runs], runs, ends - 1)
+
+
+def packs(model, base: Prefix) -> bool:
+    """Whether packed runs apply: attention through a registered AttentionInterface function (not eager) and
+    every layer's cache holding all columns (no sliding-window cache)."""
+    impl = model.hf.config._attn_implementation
+    seq = base.inputs["input_ids"].shape[1]
+    return impl != "eager" and impl in ALL_ATTENTION_FUNCTIONS and all(k.shape[2] == seq for k in base.keys)
+
+
+def packed_logits(model, base: Prefix, pk: Packing, interventions: list[Intervention]) -> torch.Tensor:
+    """Last-position logits of every packed run, in the caller's order. Intervention positions are packed
+    indices (Packing.first[run] + column - start column), on batch row 0."""
+    ids = base.inputs["input_ids"][pk.tok_ex, pk.tok_col][None]
+    pos = base.inputs["position_ids"][pk.tok_ex, pk.tok_col][None]
+    session = _Session(model, [], interventions)
+    session.batch_size = 1
+    with _packed_attention(model, base, pk), session, _packed_layers(model, base, pk), torch.no_grad():
+        out = model.hf(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=pk.last)
+    back = torch.empty_like(pk.order)
+    back[pk.order] = torch.arange(len(pk.order))
+    return out.logits[0][back]
+
+
+def _head(obj, n: int, N: int):
+    """obj with every token-second tensor ([1, N, ...]) cut to its first n tokens."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:, :n] if obj.dim() >= 2 and obj.shape[1] == N else obj
+    if isinstance(obj, tuple):
+        return tuple(_head(o, n, N) for o in obj)
+    return obj
+
+
+@contextmanager
+def _packed_layers(model, base: Prefix, pk: Packing):
+    """Layer i computes its active prefix of tokens; the tokens of runs starting above it take the unpatched
+    run's output of layer i. A layer no run has reached does not run at all."""
+    saved = []
+    N = pk.tokens
+    try:
+        for i, layer in enumerate(model.layers):
+            n = pk.active[i]
+            if n == N:
+                continue
+            stored = base.states[i][pk.tok_ex[n:], pk.tok_col[n:]][None]
+            saved.append((layer, layer.__dict__.get("forward")))
+            if n == 0:
+                layer.forward = lambda *a, _s=stored, **k: _s
+                continue
+            orig = type(layer).forward.__get__(layer)
+
+            def partial(*args, _n=n, _s=stored, _orig=orig, **kwargs):
+                out = _orig(*_head(args, _n, N), **{k: _head(v, _n, N) for k, v in kwargs.items()})
+                return torch.cat([out[0] if isinstance(out, tuple) else out, _s], 1)
+            layer.forward = partial
+        yield
+    finally:
+        for layer, fwd in saved:
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
+
+
+@contextmanager
+def _packed_attention(model, base: Prefix, pk: Packing):
+    """This model's attention, run by the registered function on each active run apart: [runs, heads, seq,
+    d_head] with its queries at their columns and the unpatched run's keys/values before its start column."""
+    impl = model.hf.config._attn_implementation
+    fn = ALL_ATTENTION_FUNCTIONS[impl]
+    layer_of = {id(model.layer_module(L, model.arch.attn)): L for L in range(model.dims.n_layers)}
+    seq = base.inputs["input_ids"].shape[1]
+    real = base.inputs["attention_mask"].bool()
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        L = layer_of.get(id(module))
+        if L is None:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        n, R = query.shape[2], pk.active_runs[L]
+        run, col, ex = pk.tok_run[:n].to(query.device), pk.tok_col[:n].to(query.device), pk.ex[:R]
+
+        def spread(full, new):   # the packed [1, heads, n, d] into its runs' columns of [R, heads, seq, d]
+            full[run, :, col] = new[0].transpose(0, 1)
+            return full
+        q = spread(query.new_zeros(R, query.shape[1], seq, query.shape[3]), query)
+        k = spread(base.keys[L][ex].to(key.device), key)
+        v = spread(base.values[L][ex].to(value.device), value)
+        i = torch.arange(seq, device=query.device)
+        allowed = (i[:, None] >= i[None, :]) & real[ex].to(query.device)[:, None, None, :]
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        if window:
+            allowed = allowed & (i[:, None] - i[None, :] < window)
+        allowed = allowed | torch.eye(seq, dtype=torch.bool, device=query.device)  # padding queries see themselves
+        out, _ = fn(module, q, k, v, allowed, **kwargs)     # [R, seq, heads, d]
+        return out[run, col][None], None
+
+    undo = override(ALL_ATTENTION_FUNCTIONS, impl, attention)
+    try:
+        yield
+    finally:
+        undo()
