@@ -89,3 +89,26 @@ def test_a_split_the_map_cannot_mend_says_how_to_fix_it(tmp_path):
     with pytest.raises(DispatchError, match="Give 'lm_head' its own key") as e:
         mechanic.load(hf, device_map={"transformer": "disk", "": "cpu"}, offload_folder=tmp_path / "offload")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.real
+def test_smollm2_embedding_on_disk_and_lm_head_in_memory_equals_the_undispatched_model(smollm2, tmp_path):
+    """SmolLM2 ties its embeddings: the map that failed to load before now loads and equals the default model."""
+    assert smollm2.hf.get_output_embeddings().weight is smollm2.hf.get_input_embeddings().weight
+    with pytest.warns(UserWarning, match=r"\(one tensor\)"):
+        big = mechanic.load("smollm2", device_map=split_map(smollm2.hf, smollm2.arch.layers, "disk", "cpu"),
+                            offload_folder=tmp_path / "offload")
+    assert big.hf.hf_device_map["lm_head"] == big.hf.hf_device_map["model.embed_tokens"] == "disk"
+    prompts = ["The capital of France is", "Water boils at"]
+    sites = ["embed", "final"]
+    a, b = smollm2.run(prompts, cache=sites), big.run(prompts, cache=sites)
+    assert torch.equal(a.logits, b.logits) and all(torch.equal(a[s], b[s]) for s in sites)
+    token = smollm2.tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
+
+    def plan(m):   # zero the " Paris" row of the shared weight
+        return Plan(edits=[WeightEdit(shared_name(m), torch.zeros(1, m.dims.d_model), index=([token], None))])
+    with smollm2.applied(plan(smollm2)), big.applied(plan(big)):
+        edited = big.run(prompts).logits
+        assert torch.equal(edited, smollm2.run(prompts).logits)
+        assert (edited[:, -1, token] == 0).all()           # the zeroed row is also the unembedding of " Paris"
+    assert torch.equal(big.run(prompts).logits, b.logits)
