@@ -88,7 +88,7 @@ def test_gradient_estimate_matches_measured_peak(word_tokenizer):
     m = wide(word_tokenizer)
     warm(m)
     batch = task(m, 24, 100)
-    sites = [f"L{i}.head" for i in range(m.dims.n_layers)]
+    sites = [f"L{i}.head.z" for i in range(m.dims.n_layers)]     # what atp caches for heads
     est = memory.gradient(m, sites, batch.n, batch.seq)
     _, got = peak(lambda: atp(m, batch, "head", batch_size=8))
     close(est.at(8), got)
@@ -214,7 +214,7 @@ def test_estimates_match_measured_peaks_on_smollm2(smollm2):
     close(memory.cache(m, sites, 48, seq).at(16), got)
     del out
     batch = task(m, 8, 30)
-    heads = [f"L{i}.head" for i in range(m.dims.n_layers)]
+    heads = [f"L{i}.head.z" for i in range(m.dims.n_layers)]     # what atp caches for heads
     _, got = peak(lambda: atp(m, batch, "head", batch_size=4))
     close(memory.gradient(m, heads, batch.n, batch.seq).at(4), got)
     resid = [f"L{i}.resid_pre" for i in range(m.dims.n_layers)]

@@ -136,11 +136,13 @@ def _site_bytes(model, sites, positions: int, itemsize: int, alias: bool = False
 
 
 def _grad_bytes(model, sites, seq: int, itemsize: int) -> int:
-    """Bytes of one row's gradients at `sites`: a head's is a view of its layer's attention-output gradient."""
+    """Bytes of one row's gradients at `sites`: a head contribution's is a view of its layer's attention-output
+    gradient."""
     total = 0
     for site in sites:
         s = model.check(site)
-        total += seq * model.dims.d_model if s.kind == "head" else math.prod(model.shape(s, 1, seq))
+        contribution = s.kind == "head" and s.part is None
+        total += seq * model.dims.d_model if contribution else math.prod(model.shape(s, 1, seq))
     return total * itemsize
 
 
@@ -209,13 +211,14 @@ def gradient(model, sites, rows: int, seq: int) -> Estimate:
     """Attribution patching (mechanic.locate.gradient.atp) over `rows` examples of `seq` tokens, in batches. Per row:
     a run without gradients (its site values and full logits kept) and a run with gradients at its peak, the start
     of backward: autograd's saved tensors from the first cached layer on, the logits and their gradient, the
-    sites' values and gradients (a head's value also saves its layer's z)."""
+    sites' values and gradients (a head contribution also saves its layer's z). atp caches `L{l}.head.z` for heads."""
     s = sizes(model)
     sites = [str(x) for x in ([sites] if isinstance(sites, str) else sites)]
     first = min((model.check(x).layer or 0 for x in sites), default=0)
     vals = _site_bytes(model, sites, seq, s.itemsize)
     logits = seq * s.vocab * s.itemsize
-    heads = sum(model.check(x).kind == "head" for x in sites) * seq * s.n_heads * s.d_head * s.itemsize
+    heads = sum(model.check(x).kind == "head" and model.check(x).part is None for x in sites) \
+        * seq * s.n_heads * s.d_head * s.itemsize
     clean = vals + logits
     graph = _saved(s, seq, s.n_layers - first) + heads + 2 * logits + vals + _grad_bytes(model, sites, seq, s.itemsize)
     per_row = clean + graph

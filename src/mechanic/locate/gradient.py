@@ -182,6 +182,7 @@ def atp(model, task: Task | TaskBatch, kind: str | Iterable[str] = "head", *, me
         for s in cache:
             cell = _per_cell(s, clean[s] - corr[s], grads[s]).sum(0)  # [pos, rows]: summed over examples
             totals[s] = cell if s not in totals else totals[s] + cell
+        del clean, corr, grads      # not alive while the next chunk runs (its peak is one chunk's, as planned)
     out = {}
     labels = position_labels(batch)
     meta = dict(task=task_name, metric=mname, model=model.name, fingerprint=model.fingerprint)
