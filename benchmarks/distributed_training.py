@@ -6,9 +6,12 @@
 Each setting runs in fresh processes (1: a plain process; 2: torchrun --standalone, gloo), OMP_NUM_THREADS=1, and
 times only the train call (model loaded, ranks lined up by a barrier first): reading the default corpus, the
 forwards that fill the activation buffer (split over ranks) and the SAE steps (rows split, gradients summed by
-DistributedDataParallel). Efficiency = T1 / (2 x T2). The script also compares the two saved dictionaries (max abs
-difference per tensor, and relative to the tensor's largest entry) and their final training FVU. --save writes
-benchmarks/results/distributed_training.json. Run it on a quiet machine: other load makes the ranks wait.
+DistributedDataParallel). Efficiency = T1 / (2 x T2) in wall time. CPU efficiency = the one process's CPU seconds /
+the two ranks' CPU seconds summed (every thread, gloo's too): the work the split adds (duplicated Adam steps and
+corpus reading, communication), which other load on the machine does not change, unlike waiting. The script also
+compares the two saved dictionaries (max abs difference per tensor, and relative to the tensor's largest entry) and
+their final training FVU. --save writes benchmarks/results/distributed_training.json. Run it on a quiet machine:
+other load makes the ranks wait for each other.
 """
 
 from __future__ import annotations
@@ -39,14 +42,15 @@ def worker(args) -> None:
     m = mechanic.load("smollm2")
     cfg = DictConfig(args.site, "topk", d_sae=args.d_sae, k=args.k)
     D.barrier()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     train(m, cfg, args.dir, tokens=args.tokens, batch_size=args.batch_size, buffer_tokens=args.buffer_tokens,
           seq_len=args.seq_len, forward_batch=args.forward_batch, progress=False)
     D.barrier()
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, D.gather(time.process_time() - cpu)   # CPU: every thread of each rank
     if D.is_main():
         summary = json.loads((Path(args.dir) / "train.json").read_text())
-        Path(args.out).write_text(json.dumps({"seconds": seconds, "ranks": D.world(), "label": cfg.label,
+        Path(args.out).write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "ranks": D.world(),
+                                              "label": cfg.label,
                                               "tokens_seen": summary["tokens_seen"],
                                               "final": summary["final"][cfg.label]}))
 
@@ -90,11 +94,14 @@ def main() -> None:
     diff = {k: (a[k] - b[k]).abs().max().item() for k in a}
     rel = {k: diff[k] / max(1e-12, a[k].abs().max().item()) for k in a}
     eff = one["seconds"] / (2 * two["seconds"])
+    cpu1, cpu2 = sum(one["cpu_seconds"]), sum(two["cpu_seconds"])
     res = {"what": f"TopK SAE (d_sae {args.d_sae}, k {args.k}) on SmolLM2-135M {args.site}, {args.tokens} tokens of "
                    "the default corpus, fp32, CPU",
            **{s: getattr(args, s) for s in SETTINGS},
            "seconds_1proc_1thread": round(one["seconds"], 2), "seconds_2proc_1thread": round(two["seconds"], 2),
            "speedup": round(one["seconds"] / two["seconds"], 3), "parallel_efficiency": round(eff, 3),
+           "cpu_seconds_1proc": round(cpu1, 2), "cpu_seconds_2proc_by_rank": [round(c, 2) for c in two["cpu_seconds"]],
+           "cpu_efficiency": round(cpu1 / cpu2, 3),
            "max_abs_diff": max(diff.values()), "max_abs_diff_by_tensor": diff,
            "max_rel_diff_by_tensor": rel, "final_1proc": one["final"], "final_2proc": two["final"],
            "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0], "cpus": os.cpu_count()}
