@@ -53,7 +53,8 @@ def step_job():
 def train_job():
     """Dictionaries of every trained architecture from one pass over 64 windows of random ids, batches of 101 rows and
     forwards of 5 windows (uneven shards), latents dead after 101-150 tokens and JumpReLU thresholds that start high
-    (AuxK and resampling run). Every rank's weights, rank 0's files and log, and the buffer reader's split read."""
+    (AuxK and resampling run). Every rank's weights, rank 0's files and log, the buffer reader's split read, and a
+    second training with checkpoints stopped on every rank at 808 tokens (its directory, to resume elsewhere)."""
     import mechanic
     from mechanic.features import load
     from mechanic.features.activations import SiteReader
@@ -67,14 +68,30 @@ def train_job():
             DictConfig("L1.resid_post", "relu", expansion=2, lr=3e-3),
             DictConfig("L2.resid_post", "jumprelu", expansion=2, lr=3e-3, dead_after=101, init_threshold=2.0),
             DictConfig("L0.mlp_in", "topk", expansion=2, k=4, out_site="L0.mlp_out", skip=True, lr=3e-3)]
-    dicts = train(m, cfgs, out, tokens=1212, text=ids, batch_size=101, buffer_tokens=404, seq_len=33, forward_batch=5,
-                  progress=False)
+    dicts = train(m, cfgs, out, **train_kw(ids))
     weights = D.gather({c.label: {k: v.detach().clone() for k, v in d.state_dict().items()}
                         for c, d in zip(cfgs, dicts)})
     saved = {c.label: {k: v.clone() for k, v in load(out / c.label).state_dict().items()} for c in cfgs}
     read = SiteReader(m, ["L1.resid_post", "L0.mlp_in"]).read_split(ids[:5])
+
+    def stop(row):
+        if row["tokens"] == 808:
+            raise Stop
+    cut = Path(D.decide(tempfile.mkdtemp()))
+    with pytest.raises(Stop):
+        train(m, cfgs, cut, checkpoint_every=202, on_step=stop, **train_kw(ids))
+    D.barrier()
     return {"ranks": weights, "saved": saved, "log": json.loads((out / "train.json").read_text()),
-            "files": sorted(p.name for p in out.iterdir()), "read": read}
+            "files": sorted(p.name for p in out.iterdir()), "read": read, "cfgs": cfgs, "cut": cut}
+
+
+class Stop(Exception):
+    """Stops a training mid-run (on_step)."""
+
+
+def train_kw(ids) -> dict:
+    """The training settings train_job uses (and a resume must repeat)."""
+    return dict(tokens=1212, text=ids, batch_size=101, buffer_tokens=404, seq_len=33, forward_batch=5, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +134,22 @@ def test_whole_training_equals_one_process_and_rank_0_writes(ranks):
         assert max(r[k] for r in rows_one for k in r if k.endswith(f".{arch}.dead")) > 0, arch
     for site, v in one["read"].items():               # windows read on 2 ranks (3 + 2) and joined: one read
         assert two["read"][site].shape == v.shape == (5 * 32, 64) and (two["read"][site] - v).abs().max() <= TOL
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(ranks):
+    import mechanic
+    from mechanic.features.train import train
+
+    two, one = ranks["train_job"], train_job()
+    cut = two["cut"]
+    assert sorted(p.name for p in cut.iterdir()) == ["checkpoint"]           # rank 0's checkpoint, nothing else
+    assert json.loads((cut / "checkpoint" / "state.json").read_text())["seen"] == 606
+    ids = torch.randint(3, 101, (64, 33), generator=torch.Generator().manual_seed(0))
+    resumed = train(mechanic.load(tiny_model("llama")), two["cfgs"], cut, checkpoint_every=202, **train_kw(ids))
+    for c, d in zip(two["cfgs"], resumed):
+        for name, w in one["saved"][c.label].items():
+            assert (d.state_dict()[name] - w).abs().max().item() <= 1e-4 * scale(w), (c.label, name)
+    assert not (cut / "checkpoint").exists()
 
 
 def test_batch_smaller_than_the_ranks_is_refused(monkeypatch, tmp_path):
