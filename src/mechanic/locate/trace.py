@@ -236,7 +236,8 @@ def causal_trace(model, prompt, answer, subject, kind: str = "hidden", *, sample
     low = {l: min(_window(l, win, n_layers)) for l in layer_list}
     fold = kind != "attn"
     noised = [f"L{j}.{part}" for j in sorted(set(low.values()))] if fold else []
-    base = prefix(model, ids.expand(samples, T), cache=noised, interventions=[add("embed", draws, pos=subj)])
+    base = prefix(model, ids.expand(samples, T), cache=noised, interventions=[add("embed", draws, pos=subj)],
+                  last_only=True)
     p_noised = float(_prob(base.logits, ans).mean())
 
     # A restored resid_post / mlp_out at the window's lowest layer j changes only token t's output of layer j
