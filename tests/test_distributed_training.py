@@ -162,3 +162,34 @@ def test_batch_smaller_than_the_ranks_is_refused(monkeypatch, tmp_path):
     with pytest.raises(FeaturesError, match="smaller than the number of ranks"):
         train(mechanic.load(tiny_model("llama")), DictConfig("L1.resid_post"), tmp_path, tokens=8, batch_size=2,
               buffer_tokens=4, progress=False)
+
+
+def test_sae_train_under_torchrun_writes_and_prints_once(tmp_path, word_tokenizer):
+    import os
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from mechanic.cli import app
+    from mechanic.data.text import calibration
+
+    model = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=len(word_tokenizer)).save_pretrained(model)
+    word_tokenizer.save_pretrained(model)
+    (tmp_path / "text.txt").write_text("\n\n".join(calibration()[:40]))
+    args = ["sae", "train", "--site", "L1.resid_post", "--model", str(model), "--text", str(tmp_path / "text.txt"),
+            "--expansion", "2", "--k", "4", "--tokens", "1024", "--batch-size", "128", "--buffer-tokens", "512",
+            "--seq-len", "32", "--json"]
+    one = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "mechanic", *args, "-o", str(tmp_path / "two")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads(one.output[one.output.index("{"):])
+    b = json.loads(two.stdout[two.stdout.index("{"):])         # one JSON document: rank 0 alone printed
+    assert a["tokens_seen"] == b["tokens_seen"] == 1024 and b["ranks"] == 2 and a["ranks"] == 1
+    for label, s in a["final"].items():
+        assert abs(b["final"][label]["fvu"] - s["fvu"]) <= 1e-4 and b["final"][label]["dead"] == s["dead"], label
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
