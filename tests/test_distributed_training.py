@@ -2,7 +2,8 @@
 
 Each step's summed gradients equal the one-process gradients to 1e-6 (of the tensor's scale) for every architecture,
 with AuxK and resampling running; a whole training from text gives every rank the same weights bit for bit, rank 0
-alone writes the files, the same latents are dead at every step, and the weights agree with one process to 1e-4.
+alone writes the files, the same latents are dead at every step, and the weights agree with one process to 1e-4;
+its checkpoint resumes in one process, and `mechanic sae train` under torchrun writes and prints once.
 Why not 1e-6 for whole trainings: Adam divides each gradient entry by its running RMS plus eps = 1e-8, so an entry
 within a few eps of zero moves by up to lr depending on its last bits, which a reordered sum changes; the steps'
 gradients (checked to 1e-6) are where the reduction acts.
