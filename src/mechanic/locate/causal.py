@@ -179,8 +179,8 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
         batch_size = memory.plan_batch(est, device=model.device,
                                        hints="fewer examples per call (every example's unpatched runs are held), "
                                              "shorter prompts")
-    clean_base = prefix(model, batch.clean, cache=needed)
-    corr_base = prefix(model, batch.corrupted, cache=needed) if batch.corrupted is not None else None
+    clean_base = prefix(model, batch.clean, cache=needed, last_only=True)
+    corr_base = prefix(model, batch.corrupted, cache=needed, last_only=True) if batch.corrupted is not None else None
     m_clean = fn(clean_base.logits, batch).mean()
     m_corr = fn(corr_base.logits, batch).mean() if corr_base is not None else torch.tensor(0.0)
     target = corr_base if (ablation is None and direction == "denoise") else clean_base
