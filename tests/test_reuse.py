@@ -35,14 +35,16 @@ def test_suffix_run_equals_full_run(arch):
     assert (base.logits - m.run(corr).logits[:, -1]).abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi3", "mixtral", "qwen2_moe"])
-def test_packed_runs_equal_full_runs(arch):
+@pytest.mark.parametrize("arch,lengths", [(a, [6, 5]) for a in ["llama", "gpt2", "gpt_neox", "phi3", "mixtral",
+                                                                  "qwen2_moe"]] + [("llama", [6, 6])])
+def test_packed_runs_equal_full_runs(arch, lengths):
     """Runs from different columns and layers laid end to end in one sequence (attention per run through the
-    AttentionInterface) equal each run done in full, on left-padded prompts, with patches at a run's start
-    column and across all its columns; the forward and the registry are restored afterwards."""
+    AttentionInterface) equal each run done in full, on left-padded prompts (and unpadded ones: plain causal
+    attention), with patches at a run's start column and across all its columns; the forward and the registry
+    are restored afterwards."""
     m = mechanic.load(tiny_model(arch))
-    clean = left_padded([6, 5], seed=1)
-    corr = left_padded([6, 5], seed=2)
+    clean = left_padded(lengths, seed=1)
+    corr = left_padded(lengths, seed=2)
     corr["attention_mask"] = clean["attention_mask"]
     source = m.run(clean, cache=["L1.resid_pre", "L2.head1", "L0.mlp_out"])
     base = prefix(m, corr)
