@@ -187,20 +187,22 @@ def cache(model, sites, rows: int, seq: int, pos=None, dtype: torch.dtype | None
                     work + row_run, rows=rows, parts=parts)
 
 
-def patching(model, n: int, seq: int, sites=(), corrupted: bool = True, rows_per_layer: int | None = None) -> Estimate:
+def patching(model, n: int, seq: int, sites=(), corrupted: bool = True, rows_per_layer: int | None = None,
+             full_logits: bool = False) -> Estimate:
     """A patching sweep (mechanic.locate.causal.patch) over `n` examples of `seq` tokens. Held throughout: the
-    unpatched runs it reuses (key/value cache, every layer's output, full logits and the patched sites' values,
-    clean and corrupted). Per patched row, counted as a forward from column 0 (the widest): the new keys/values of
+    unpatched runs it reuses (key/value cache, every layer's output, the patched sites' values, and their logits:
+    at the last position, or at every one with full_logits; clean and corrupted). Per patched row, counted as a forward from column 0 (the widest): the new keys/values of
     every layer, one layer's forward, last-position logits, and a copy of the stored output of each layer the
     batch's rows start below (a batch of b rows spans about b / rows_per_layer layers; rows_per_layer is the
     patched runs per layer, by default n: one unit per layer at one column)."""
     s = sizes(model)
     L = s.n_layers
-    held_row = _kv(s, seq, L) + L * seq * s.d_model * s.itemsize + seq * s.vocab * s.itemsize \
+    logits = (seq if full_logits else 1) * s.vocab * s.itemsize
+    held_row = _kv(s, seq, L) + L * seq * s.d_model * s.itemsize + logits \
         + _site_bytes(model, list(sites), seq, s.itemsize, alias=True)
     runs = 2 if corrupted else 1
     held = runs * n * held_row
-    floor = held - n * seq * s.vocab * s.itemsize + n * _forward(s, seq, seq)   # the last unpatched run, at its peak
+    floor = held - n * logits + n * _forward(s, seq, seq if full_logits else 1)   # the last unpatched run at its peak
     per_row = _kv(s, seq, L) + _layer_work(s, seq) + s.vocab * s.itemsize
     return Estimate(f"patching sweep over {n} examples x {seq} positions", held, per_row, floor, rows=10 ** 9,
                     parts={"unpatched runs": held, "patched forward, per row": per_row},
