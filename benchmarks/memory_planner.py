@@ -1,0 +1,153 @@
+"""Memory planner: mechanic.memory's predicted peak against the measured peak of each planned operation (issue 15).
+
+    nice -n 19 .venv/bin/python benchmarks/run.py --only memory_planner     # -> results/memory_planner.json + page
+    .venv/bin/python benchmarks/memory_planner.py --model smollm2 --out /tmp/m.json   # by hand
+
+On SmolLM2-135M-Instruct (fp32, CPU), in one process, after one warm-up forward (the weights are memory-mapped
+from safetensors, so the first forward pages them in): each operation's peak resident growth is measured with
+mechanic.testing.peak.peak (VmHWM reset through /proc/self/clear_refs, after gc and malloc_trim) and set against
+the estimate of mechanic.memory for the same request and batch. The goal: within 25% on every operation.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+OPS = ("cache_resid", "cache_heads_last", "patch_resid", "atp_heads", "train_topk")
+
+
+def prompts(n: int, words: int, seed: int = 0) -> list[str]:
+    """n prose prompts of about `words` words (same length in tokens for the same n of words is not needed: padded)."""
+    import random
+
+    vocab = ("the cat sat on a mat while people in the old town walked to market and talked about rain wind "
+             "boats fish bread music school river light stone garden").split()
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(vocab) for _ in range(words)) for _ in range(n)]
+
+
+def task(model, n: int, words: int):
+    """n prompt pairs that differ in their first word and all have one token length (no padding), so patching at
+    the first differing column runs every example over the whole prompt (the widest patched forward)."""
+    from collections import Counter
+
+    from mechanic.tasks.task import Example, Task
+
+    tok, cands = model.tokenizer, prompts(8 * n, words, seed=1)
+    size = {c: len(tok("John " + c)["input_ids"]) for c in cands}
+    same = [c for c in cands if size[c] == len(tok("dog " + c)["input_ids"])]
+    common = Counter(size[c] for c in same).most_common(1)[0][0]
+    chosen = [c for c in same if size[c] == common][:n]
+    return Task("memory", [Example("John " + c, " Mary", " John", "dog " + c) for c in chosen]).tokenize(model)
+
+
+def first_diff(batch) -> int:
+    """The first column where the clean and corrupted prompts differ."""
+    return int((batch.clean["input_ids"] != batch.corrupted["input_ids"]).any(0).nonzero()[0])
+
+
+def measure(model, op: str, size: dict) -> dict:
+    """(predicted, measured) peak bytes of one operation."""
+    from mechanic import memory
+    from mechanic.testing.peak import peak
+
+    if op in ("cache_resid", "cache_heads_last"):
+        from mechanic.model.parallel import collect
+
+        texts = prompts(size["rows"], size["words"])
+        seq = model.inputs(texts)["input_ids"].shape[1]
+        if op == "cache_resid":
+            sites, pos = [f"L{i}.resid_post" for i in range(model.dims.n_layers)], None
+        else:
+            sites, pos = [f"L{i}.head" for i in range(model.dims.n_layers)], -1
+        est = memory.cache(model, sites, len(texts), seq, pos)
+        b = size["batch"]
+        out, got = peak(lambda: collect(model, texts, sites, batch_size=b, pos=pos, budget="100GiB"))
+        del out
+        request = {"sites": len(sites), "rows": len(texts), "positions": seq if pos is None else 1, "batch": b}
+    elif op == "patch_resid":
+        from mechanic.locate.causal import patch
+
+        batch = task(model, size["examples"], size["words"])
+        sites = [f"L{i}.resid_pre" for i in range(model.dims.n_layers)]
+        est = memory.patching(model, batch.n, batch.seq, sites)
+        b = size["batch"]
+        _, got = peak(lambda: patch(model, batch, "resid_pre", positions=[first_diff(batch)], batch_size=b,
+                                     progress=False))
+        request = {"examples": batch.n, "positions": batch.seq, "patched_rows": model.dims.n_layers * batch.n,
+                   "batch": b}
+    elif op == "atp_heads":
+        from mechanic.locate.gradient import atp
+
+        batch = task(model, size["examples"], size["words"])
+        sites = [f"L{i}.head.z" for i in range(model.dims.n_layers)]     # what atp caches for heads
+        est = memory.gradient(model, sites, batch.n, batch.seq)
+        b = size["batch"]
+        _, got = peak(lambda: atp(model, batch, "head", batch_size=b))
+        request = {"examples": batch.n, "positions": batch.seq, "batch": b}
+    elif op == "train_topk":
+        from mechanic.features.trainer import DictConfig, Trainer
+
+        d_in, d_sae, b = model.dims.d_model, size["d_sae"], size["batch"]
+        x = torch.randn(b, d_in)
+        est = memory.training(d_in, d_sae, b, architecture="topk")
+
+        def step():
+            tr = Trainer(DictConfig(site="L6.resid_post", d_sae=d_sae, k=32), d_in, d_in, 10 * b, b, 0)
+            tr.init_from(x, x)
+            tr.step(x, x)
+            return tr
+        _, got = peak(step)
+        request = {"d_in": d_in, "d_sae": d_sae, "batch": b, "k": 32}
+    else:
+        raise ValueError(f"unknown operation {op!r}; choose from {', '.join(OPS)}")
+    pred = est.at(request["batch"])
+    return {"op": op, "what": est.what, "request": request, "predicted_mib": round(pred / 2 ** 20, 1),
+            "measured_mib": round(got / 2 ** 20, 1), "ratio": round(pred / got, 3)}
+
+
+SIZES = {"cache_resid": {"rows": 64, "words": 60, "batch": 16},
+         "cache_heads_last": {"rows": 256, "words": 60, "batch": 32},
+         "patch_resid": {"examples": 8, "words": 40, "batch": 60},
+         "atp_heads": {"examples": 16, "words": 40, "batch": 8},
+         "train_topk": {"d_sae": 9216, "batch": 4096}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.environ.get("BENCH_MODEL", "smollm2"))
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--out", default=None)
+    args, _ = p.parse_known_args()
+    import mechanic
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    model = mechanic.load(args.model)
+    model.run(prompts(2, 20))            # page the memory-mapped weights in before measuring anything
+    rows = []
+    for op in args.ops.split(","):
+        t0 = time.perf_counter()
+        row = measure(model, op, SIZES[op])
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    result = {"what": "peak resident growth of each planned operation on SmolLM2-135M-Instruct (fp32, CPU) against "
+                      "mechanic.memory's estimate for the same request and batch", "model": args.model,
+              "torch": torch.__version__, "goal": "predicted / measured within 0.75 .. 1.25", "operations": rows,
+              "within_25pct": all(0.75 <= r["ratio"] <= 1.25 for r in rows)}
+    if args.out:
+        from mechanic.files import write_text
+
+        write_text(args.out, json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
