@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import time
 
 import torch
@@ -13,7 +15,7 @@ import mechanic
 from mechanic.locate.causal import patch
 from mechanic.locate.acdc import acdc
 from mechanic.locate.circuit import faithfulness, faithfulness_curve, top_edges
-from mechanic.locate.gradient import ComponentGraph, atp, eap
+from mechanic.locate.gradient import ComponentGraph, atp, eap, prepare_graph_inputs, receiver_grads
 from mechanic.tasks.builtin import load_task
 from mechanic.tasks.metrics import logit_diff
 
@@ -23,12 +25,43 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
+def eap_ig_loop(m, b, steps: int, size: int = 8) -> torch.Tensor:
+    """EAP-IG as mechanic computed it before its points were batched (the "before" of the timing): per chunk the
+    clean and corrupted graph runs, then one graph forward + backward per point."""
+    g = ComponentGraph(m)
+    total = 0
+    for start in range(0, b.n, size):
+        sub = b.select(slice(start, start + size))
+        x0c, x0x, calls, _, _ = prepare_graph_inputs(m, g, sub)
+        with torch.no_grad():
+            s_corr, _ = g.execute(x0x, calls)
+            s_clean, _ = g.execute(x0c, calls)
+        G = 0
+        for k in range(steps):
+            G = G + receiver_grads(g, x0x + (k / steps) * (x0c - x0x), calls,
+                                   lambda lg, sub=sub: logit_diff(lg, sub).sum())[1]
+        total = total + torch.einsum("ubpd,vbpd->uv", s_corr - s_clean, G / steps).double()
+    return (total / b.n).float() * g.upstream
+
+
+def timed(fn):
+    """(result, wall seconds, CPU seconds of this process)."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--n", type=int, default=16, help="IOI examples, spread over templates and name orders")
     p.add_argument("--acdc-start", type=int, default=300, help="ACDC prunes the top-n EAP-IG circuit")
     p.add_argument("--acdc-threshold", type=float, default=0.01)
+    p.add_argument("--eap-rounds", type=int, default=2, help="interleaved rounds of the EAP-IG variants")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))  # benchmarks/run.py --threads
     m = mechanic.load(args.model)
@@ -51,9 +84,24 @@ def main() -> None:
     exact = patch(m, b, "head", positions=None, progress=False)
     t_exact = time.perf_counter() - t
     g = ComponentGraph(m)
-    t = time.perf_counter()
-    edges = eap(m, b, ig_steps=5)
-    t_eap = time.perf_counter() - t
+    # EAP-IG, 5 points, in interleaved rounds: the former loop (one graph run per point, the corrupted run repeated),
+    # eap as it is called by default, and eap with the 5 points as batch rows of one graph run
+    runs = {"loop": lambda: eap_ig_loop(m, b, 5), "default": lambda: eap(m, b, ig_steps=5),
+            "rows": lambda: eap(m, b, ig_steps=5, ig_batch=5)}
+    ig = {"steps": 5, "rounds": args.eap_rounds, "threads": torch.get_num_threads(), "uptime_start": uptime(),
+          "wall_s": {k: [] for k in runs}, "cpu_s": {k: [] for k in runs}}
+    out = {}
+    for _ in range(args.eap_rounds):
+        for k, fn in runs.items():
+            out[k], w, c = timed(fn)
+            ig["wall_s"][k].append(w)
+            ig["cpu_s"][k].append(c)
+    ig["uptime_end"] = uptime()
+    ref = out["loop"]
+    edges = out["default"]
+    ig["max_abs_diff"] = {k: float((out[k].values - ref).abs().max()) for k in ("default", "rows")}
+    ig["largest_edge"] = float(ref.abs().max())
+    t_eap = statistics.median(ig["wall_s"]["default"])
     curve = faithfulness_curve(m, b, edges, [0, 100, 300, 1000, 3000, 10000, g.n_edges])
     start = top_edges(edges, args.acdc_start)
     t = time.perf_counter()
@@ -65,7 +113,7 @@ def main() -> None:
     print(json.dumps({
         "examples": b.n, "heads": len(approx.sites),
         "spearman_atp_vs_exact": spearman(approx.values, exact.values),
-        "atp_s": t_atp, "fwd_bwd_s": t_fb, "exact_head_patching_s": t_exact, "eap_ig_s": t_eap,
+        "atp_s": t_atp, "fwd_bwd_s": t_fb, "exact_head_patching_s": t_exact, "eap_ig_s": t_eap, "eap_ig": ig,
         "metric_clean": exact.settings["metric_clean"], "metric_corrupted": exact.settings["metric_corrupted"],
         "edges_total": g.n_edges, "faithfulness": curve, "acdc": acdc_row,
         "top_heads_exact": exact.top(5), "top_heads_atp": approx.top(5)}))

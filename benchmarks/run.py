@@ -373,17 +373,32 @@ def ioi_lines(r: dict, meta: dict) -> list[str]:
     """AtP vs exact patching and the EAP-IG faithfulness curve on the IOI suite."""
     if "error" in r:
         return ["", f"IOI locate benchmark failed: {' '.join(r['error'])}"]
+    ig = r.get("eap_ig")
     lines = ["", f"## Locate on the IOI suite ({r['examples']} examples, SmolLM2)", "", provenance(meta, "locate_ioi"), "",
              "Timing: AtP and the forward+backward are one timed run each after one untimed warm-up run; exact head "
-             "patching, EAP-IG and ACDC are one timed run each.", "",
+             f"patching{'' if ig else ', EAP-IG'} and ACDC are one timed run each.", "",
              f"Logit difference clean {r['metric_clean']:.2f}, corrupted {r['metric_corrupted']:.2f}.", "",
              "| measure | value | goal |", "|---|---|---|",
              f"| Spearman, head AtP vs exact head patching ({r['heads']} heads) | {r['spearman_atp_vs_exact']:.3f} | >= 0.8 |",
              f"| AtP for all heads / one forward+backward | {r['atp_s'] / r['fwd_bwd_s']:.2f}x "
              f"({r['atp_s']:.2f} s / {r['fwd_bwd_s']:.2f} s) | <= 3x |",
              f"| exact head patching, all heads (fast patching) | {r['exact_head_patching_s']:.1f} s | |",
-             f"| EAP-IG edge scores (5 steps, {r['edges_total']} edges) | {r['eap_ig_s']:.1f} s | |",
-             "", "EAP-IG circuit faithfulness (every edge outside the circuit carries its corrupted value;",
+             f"| EAP-IG edge scores (5 steps, {r['edges_total']} edges) | {r['eap_ig_s']:.1f} s | |"]
+    if ig:
+        w, c = ({k: med(v) for k, v in ig[x].items()} for x in ("wall_s", "cpu_s"))
+        row = lambda name, k, goal="": f"| {name} | {w[k]:.1f} s ({c[k]:.1f} CPU s) | {goal} |"  # noqa: E731
+        lines[-1] = row(f"EAP-IG edge scores (5 steps, {r['edges_total']} edges), `eap(ig_steps=5)`", "default",
+                        "<= 15 s")
+        lines += [row("EAP-IG, one graph run per point and the corrupted run repeated (before)", "loop"),
+                  row("EAP-IG, the 5 points as batch rows of one graph run (`ig_batch=5`)", "rows"), "",
+                  f"EAP-IG timing: {plural(ig['rounds'], 'round')} in one process at {plural(ig['threads'], 'torch thread')}, "
+                  "each round the three in table order (medians). CPU seconds / before: "
+                  f"`eap(ig_steps=5)` {c['default'] / c['loop']:.2f}x, batch rows {c['rows'] / c['loop']:.2f}x "
+                  f"(wall {w['default'] / w['loop']:.2f}x, {w['rows'] / w['loop']:.2f}x). Max abs diff vs before: "
+                  f"{ig['max_abs_diff']['default']:.1e} and {ig['max_abs_diff']['rows']:.1e} (largest edge "
+                  f"{ig['largest_edge']:.2f}). Load at the start: `{ig['uptime_start']}`; at the end: "
+                  f"`{ig['uptime_end']}`."]
+    lines += ["", "EAP-IG circuit faithfulness (every edge outside the circuit carries its corrupted value;",
              "1.0 = the clean behaviour, 0.0 = the corrupted one):", "",
              "| top edges requested | edges kept (connected) | nodes | faithfulness |", "|---|---|---|---|"]
     for c in r["faithfulness"]:
