@@ -195,7 +195,8 @@ SECTIONS = {"resid_cache": resid_cache, "loading": loading, "patching": patching
             "locate_outliers": _ours("locate_outliers_mechanic.py"), "steer_generate": steer_generate,
             "steer_edit": _ours("steer_edit_mechanic.py"), "sae_smollm2": sae_smollm2,
             "dispatch_overhead": _ours("dispatch_overhead.py"),
-            "sae_throughput": _ours("sae_throughput.py"), "graph_smollm2": _ours("graph_smollm2.py")}
+            "sae_throughput": _ours("sae_throughput.py"), "graph_smollm2": _ours("graph_smollm2.py"),
+            "graph_circuit_tracer": _ours("graph_circuit_tracer.py")}
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -729,6 +730,59 @@ def dispatch_lines(r: dict | None, meta: dict) -> list[str]:
     return lines
 
 
+def graph_ct_lines(r: dict | None, meta: dict) -> list[str]:
+    """One attribution graph built by mechanic and by circuit-tracer with the same transcoders: edges and time."""
+    lines = ["", "## Attribution graph against circuit-tracer (SmolLM2, same transcoders)", ""]
+    if r is None:
+        return lines + not_yet_run("graph_circuit_tracer")
+    lines += [provenance(meta, "graph_circuit_tracer"), ""]
+    if "circuit_tracer_error" in r:
+        return lines + [f"circuit-tracer could not build a graph on this machine: `{r['circuit_tracer_error']}`"]
+    ag, s, v = r["agreement"], r["settings"], r["circuit_tracer"]["versions"]
+    lines += [f"`benchmarks/graph_circuit_tracer.py`: {r['what']}. Prompt {r['prompt']!r} ({r['tokens']} tokens with "
+              "the special token circuit-tracer prepends; mechanic gets the same ids), "
+              f"{r['transcoder_layers']} transcoders `{r['transcoder']}` from `{r['transcoders']}`, written in "
+              "circuit-tracer's transcoder_set format by `save_circuit_tracer` and read by its own loader (TopK "
+              f"activation set to its TopK + ReLU). Same settings: batch size {s['batch_size']}, at most "
+              f"{s['max_logits']} logits covering {s['logit_mass']} of the probability, no feature cap, position 0 "
+              f"without features. circuit-tracer {v['circuit-tracer']} with nnsight {v['nnsight']} and transformers "
+              f"{v['transformers']} in its own venv, in one long-lived process; both tools in the same run, "
+              f"{plural(r['warmup'], 'warm-up graph')} then {plural(r['repeats'], 'timed graph')} each, interleaved "
+              f"(the order alternates), {plural(r['threads'], 'torch thread')} each, at nice 19. Load at the start: "
+              f"`{r['load_start']['uptime']}`; at the end: `{r['load_end']['uptime']}`."
+              + (f" Cut off: {r['cut_off']}." if r.get("cut_off") else ""), "",
+              "| tool | nodes | median wall s | median CPU s | every graph, wall / CPU s (warm-up first) |",
+              "|---|---|---|---|---|"]
+    for t, name in (("mechanic", "mechanic"), ("circuit_tracer", "circuit-tracer")):
+        each = ", ".join(f"{x[t]['wall_seconds']:.0f} / {x[t]['cpu_seconds']:.0f}" for x in r["rounds"])
+        lines.append(f"| {name} | {r['nodes'][t]:,} | {r['median_wall_seconds'][t]:.1f} | "
+                     f"{r['median_cpu_seconds'][t]:.1f} | {each} |")
+    c, f = ag["compared"], ag["features"]
+    ok_edges = ag["edge_max_abs_diff"] <= 1e-4
+    ok_time = r["ratio_cpu_seconds"] >= 2
+    lines += ["", f"Time per graph: circuit-tracer / mechanic = {r['ratio_cpu_seconds']:.2f}x in CPU seconds, "
+              f"{r['ratio_wall_seconds']:.2f}x in wall seconds (goal >= 2x: {'met' if ok_time else 'not met'}).", "",
+              f"Edges: {c['edges']:,} edges compared ({c['targets']:,} targets x {c['sources']:,} sources; "
+              f"{f['shared']:,} features shared of {f['mechanic']:,} in mechanic's graph and {f['circuit_tracer']:,} "
+              f"in circuit-tracer's): max abs difference {ag['edge_max_abs_diff']:.2g} with edges up to "
+              f"{ag['edge_max_abs']:.3g} (goal 1e-4: {'met' if ok_edges else 'not met'}). Feature activations differ "
+              f"by at most {ag['activation_max_abs_diff']:.2g}, the two real forwards' last logits by "
+              f"{ag['real_logits_max_abs_diff']:.2g}, the logit probabilities by {ag['logit_prob_max_abs_diff']:.2g}. "
+              "Not compared: position 0's error nodes, which circuit-tracer zeroes (its largest edge there "
+              f"{ag['position0_error_edges']['circuit_tracer_max_abs']:.2g}) while mechanic keeps position 0's MLP "
+              f"output in them (largest edge {ag['position0_error_edges']['mechanic_max_abs']:.3g})."]
+    x = r.get("longer_prompt_cut_off")
+    if x:
+        m, c = x["rounds"][0]["mechanic"], x["rounds"][0]["circuit_tracer"]
+        lines += ["", f"Longer prompt {x['prompt']!r} ({x['tokens']} tokens, {m['nodes']:,} nodes in both graphs): "
+                  f"{x['note']}. Its one graph each: mechanic {m['wall_seconds']:.0f} s wall / {m['cpu_seconds']:.0f} s "
+                  f"CPU, circuit-tracer {c['wall_seconds']:.0f} s / {c['cpu_seconds']:.0f} s "
+                  f"({c['cpu_seconds'] / m['cpu_seconds']:.2f}x in CPU seconds, {c['wall_seconds'] / m['wall_seconds']:.2f}x "
+                  "in wall seconds); circuit-tracer's peak RSS "
+                  f"{c['peak_rss_mb'] / 1024:.1f} GB."]
+    return lines
+
+
 def load_results(results: Path = RESULTS) -> tuple[dict, dict]:
     """Every section's raw result (None when it has not been run yet) and meta.json (when and where each was)."""
     data = {name: json.loads((results / f"{name}.json").read_text()) if (results / f"{name}.json").exists() else None
@@ -764,7 +818,7 @@ def render(data: dict, meta: dict) -> str:
         locate2_lines(data["locate_neurons"], data["locate_outliers"], meta) + \
         steer_lines(data["steer_generate"], meta) + edit_lines(data["steer_edit"], meta) + \
         sae_lines(data["sae_smollm2"], meta) + sae_throughput_lines(data["sae_throughput"], meta) + \
-        graph_lines(data["graph_smollm2"], meta)
+        graph_lines(data["graph_smollm2"], meta) + graph_ct_lines(data["graph_circuit_tracer"], meta)
     lines += dispatch_lines(data["dispatch_overhead"], meta)
     return "\n".join(lines) + "\n"
 
