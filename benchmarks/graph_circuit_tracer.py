@@ -170,6 +170,9 @@ def main() -> None:
     p.add_argument("--logit-mass", type=float, default=0.95)
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 1)))
     p.add_argument("--work", default=None, help="keep the exported transcoders and graphs here (default: a temp dir)")
+    p.add_argument("--finish", default=None, metavar="LOG",
+                   help="finish a run that was cut off: the rounds its stderr LOG holds and the circuit-tracer graph it "
+                        "saved in --work; mechanic's graph (deterministic) is rebuilt for the edge comparison")
     a = p.parse_args()
 
     import torch
@@ -197,6 +200,19 @@ def main() -> None:
                         "max_feature_nodes": None, "position0_features": "none (both zero it)"},
            "threads": a.threads, "repeats": a.repeats, "warmup": 1, "load_start": load_now()}
     req = {"ids": ids.tolist(), "batch_size": a.batch_size, "max_logits": a.max_logits, "logit_mass": a.logit_mass}
+    if a.finish:
+        rounds = [json.loads(x) for x in Path(a.finish).read_text().splitlines() if x.startswith('{"round"')]
+        versions = subprocess.run([str(CT_PY), "-c", "import importlib.metadata as m, json; print(json.dumps({k: "
+                                   "m.version(k) for k in ('circuit-tracer', 'nnsight', 'transformers', 'torch')}))"],
+                                  capture_output=True, text=True, check=True).stdout
+        out |= {"circuit_tracer": {"versions": json.loads(versions)}, "repeats": len(rounds) - 1,
+                "warmup": int(rounds[0]["warmup"]), "cut_off": f"the run stopped after {len(rounds)} of "
+                f"{1 + a.repeats} rounds (a foreground job took both cores); its rounds are reported as they ran, and "
+                "mechanic's graph was rebuilt (it is deterministic) for the comparison with circuit-tracer's saved graph"}
+        first = rounds[0][rounds[0]["order"][0]]["loadavg_1m_before"]
+        out["load_start"] = {"loadavg": [first], "uptime": f"1-minute load average {first} (the run's first graph)"}
+        keep, _ = mechanic_graph(model, tcs, ids[None], a)
+        return finish(out, rounds, model, ids, keep, work)
     try:
         ct = CircuitTracer(ct_model, work / "transcoders", a.threads, work / "circuit_tracer.log")
     except RuntimeError as e:
@@ -221,6 +237,13 @@ def main() -> None:
         rounds.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     ct.close()
+    finish(out, rounds, model, ids, keep, work)
+
+
+def finish(out: dict, rounds: list, model, ids, keep, work: Path) -> None:
+    """Compare the graphs, summarise the rounds (the timed ones, or every round when none is), print the JSON."""
+    import torch
+
     out["rounds"] = rounds
     with torch.no_grad():
         real = model.hf(input_ids=ids[None]).logits[0, -1]
