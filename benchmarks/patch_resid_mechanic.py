@@ -57,6 +57,50 @@ def plain_runs(model, pair, batch_rows: int) -> torch.Tensor:
     return out
 
 
+def flop_floor(model, pair, computed_cells) -> dict:
+    """FLOPs each way of computing the grid, counted from the model's shapes (multiply-adds x 2).
+
+    floor: what causal reuse must compute, the patched run (l, p) recomputing layers l.. at columns p.. (its
+    linear layers, and attention over columns 0..q for each query column q) and the unembedding at the last
+    column only; naive: every run a full forward of every column with logits at the last column."""
+    hf, L = model.hf, model.dims.n_layers
+    S = len(pair["clean_ids"])
+    linear = 2 * sum(m.weight.numel() for m in model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    attn = 2 * 2 * model.dims.n_heads * model.dims.d_head             # q.k and p.v, per query column per key
+    unembed = 2 * hf.get_output_embeddings().weight.numel()
+
+    def run(l, p):   # layers l.., columns p..
+        return (L - l) * sum(linear + attn * (q + 1) for q in range(p, S)) + unembed
+    floor = sum(run(l, p) for l, p in computed_cells)
+    naive = L * S * run(0, 0)
+    return {"linear_flop_per_token_layer": linear, "unembed_flop_per_token": unembed,
+            "floor_gflop": floor / 1e9, "naive_gflop": naive / 1e9}
+
+
+def matmul_speed(repeats: int = 20) -> float:
+    """GFLOP/s of an MLP-shaped fp32 matmul ([512, 576] x [576, 1536]) in this process now (median)."""
+    import time
+
+    x, w = torch.randn(512, 576), torch.randn(1536, 576)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        times.append(time.perf_counter() - t)
+    return 2 * 512 * 576 * 1536 / sorted(times)[len(times) // 2] / 1e9
+
+
+def counted_gflop(fn) -> float:
+    """GFLOP torch's FLOP counter sees in one call of fn (matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True)
@@ -87,6 +131,15 @@ def main() -> None:
               "every_s": times["every"], "every_values": outs["every"].values.tolist(),
               "every_runs_computed": outs["every"].settings["runs_computed"],
               "batched64_s": times["batched64"], "batched64_values": outs["batched64"].tolist()}
+    tool = outs["tool"]
+    # the cells whose patch changes something: the residual differs at every layer from the first differing
+    # column on, and at layer 0 (the embedding) wherever the tokens differ
+    c, k = pair["clean_ids"], pair["corrupted_ids"]
+    shared = next((i for i, (a, b) in enumerate(zip(c, k)) if a != b), len(c))
+    cells = [(l, p) for l in range(model.dims.n_layers) for p in range(shared, len(c)) if l > 0 or c[p] != k[p]]
+    assert len(cells) == tool.settings["runs_computed"], (len(cells), tool.settings["runs_computed"])
+    result["flops"] = {**flop_floor(model, pair, cells), "tool_counted_gflop": counted_gflop(fns["tool"]),
+                       "matmul_gflops": matmul_speed(), "threads": torch.get_num_threads()}
     if args.naive:
         result["naive_s"] = times["naive"]
         result["naive_values"] = outs["naive"].tolist()
