@@ -70,6 +70,7 @@ def main() -> None:
         return worker(args)
     import torch
 
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         one = setting(1, args, Path(tmp) / "one.json")
         two = setting(2, args, Path(tmp) / "two.json")
@@ -79,7 +80,9 @@ def main() -> None:
            "kind": args.kind, "patched_runs": one["runs"], "seconds_1proc_1thread": round(one["seconds"], 2),
            "seconds_2proc_1thread": round(two["seconds"], 2), "speedup": round(one["seconds"] / two["seconds"], 3),
            "parallel_efficiency": round(eff, 3), "max_abs_diff": diff,
-           "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
+           "load_average_start": load_start, "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=HERE).stdout.strip()}
     print(json.dumps(res, indent=1))
     if args.save:
         (HERE / "results" / "distributed_patching.json").write_text(json.dumps(res, indent=1) + "\n")
