@@ -15,33 +15,15 @@ import mechanic
 from mechanic.locate.causal import patch
 from mechanic.locate.acdc import acdc
 from mechanic.locate.circuit import faithfulness, faithfulness_curve, top_edges
-from mechanic.locate.gradient import ComponentGraph, atp, eap, prepare_graph_inputs, receiver_grads
+from mechanic.locate.gradient import ComponentGraph, atp, eap
 from mechanic.tasks.builtin import load_task
 from mechanic.tasks.metrics import logit_diff
+from mechanic.testing.reference import eap_ig_loop
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = a.argsort().argsort().float(), b.argsort().argsort().float()
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
-def eap_ig_loop(m, b, steps: int, size: int = 8) -> torch.Tensor:
-    """EAP-IG as mechanic computed it before its points were batched (the "before" of the timing): per chunk the
-    clean and corrupted graph runs, then one graph forward + backward per point."""
-    g = ComponentGraph(m)
-    total = 0
-    for start in range(0, b.n, size):
-        sub = b.select(slice(start, start + size))
-        x0c, x0x, calls, _, _ = prepare_graph_inputs(m, g, sub)
-        with torch.no_grad():
-            s_corr, _ = g.execute(x0x, calls)
-            s_clean, _ = g.execute(x0c, calls)
-        G = 0
-        for k in range(steps):
-            G = G + receiver_grads(g, x0x + (k / steps) * (x0c - x0x), calls,
-                                   lambda lg, sub=sub: logit_diff(lg, sub).sum())[1]
-        total = total + torch.einsum("ubpd,vbpd->uv", s_corr - s_clean, G / steps).double()
-    return (total / b.n).float() * g.upstream
 
 
 def timed(fn):

@@ -204,25 +204,10 @@ def test_eap_equals_explicit_per_edge_first_order_terms(ig_steps):
 
 
 def loop_eap_ig(m, b, steps, size):
-    """EAP-IG as computed before its points were batched: a graph forward + backward per point, the corrupted
-    run separately (the reference the batched points must equal)."""
-    from mechanic.locate.gradient import ComponentGraph, prepare_graph_inputs, receiver_grads
-    from mechanic.tasks.metrics import logit_diff
+    """EAP-IG as computed before its points were batched (the reference the batched points must equal)."""
+    from mechanic.testing.reference import eap_ig_loop
 
-    g = ComponentGraph(m)
-    total = 0
-    for start in range(0, b.n, size):
-        sub = b.select(slice(start, start + size))
-        x0c, x0x, calls, _, _ = prepare_graph_inputs(m, g, sub)
-        with torch.no_grad():
-            s_corr, _ = g.execute(x0x, calls)
-            s_clean, _ = g.execute(x0c, calls)
-        G = 0
-        for k in range(steps):
-            G = G + receiver_grads(g, x0x + (k / steps) * (x0c - x0x), calls,
-                                   lambda lg, sub=sub: logit_diff(lg, sub).sum())[1]
-        total = total + torch.einsum("ubpd,vbpd->uv", s_corr - s_clean, G / steps).double()
-    return ((total / b.n).float() * g.upstream).float()
+    return eap_ig_loop(m, b, steps, size)
 
 
 def test_eap_ig_points_as_batch_rows_equal_the_loop_float64():

@@ -120,11 +120,7 @@ def _replay(model, base: Prefix, rows: torch.Tensor, start: torch.Tensor, p: int
             layer.forward = partial
         yield
     finally:
-        for layer, fwd in saved:
-            if fwd is None:
-                del layer.forward
-            else:
-                layer.forward = fwd
+        _restore_forwards(saved)
 
 
 def suffix_logits(model, base: Prefix, rows: torch.Tensor, start_pos: int, start_layer,
@@ -235,6 +231,15 @@ def _head(obj, n: int, N: int):
     return obj
 
 
+def _restore_forwards(saved: list) -> None:
+    """Undo per-instance `forward` overrides: (layer, its own forward before, or None for the class's)."""
+    for layer, fwd in saved:
+        if fwd is None:
+            del layer.forward
+        else:
+            layer.forward = fwd
+
+
 @contextmanager
 def _packed_layers(model, base: Prefix, pk: Packing):
     """Layer i computes its active prefix of tokens; the tokens of runs starting above it take the unpatched
@@ -259,11 +264,7 @@ def _packed_layers(model, base: Prefix, pk: Packing):
             layer.forward = partial
         yield
     finally:
-        for layer, fwd in saved:
-            if fwd is None:
-                del layer.forward
-            else:
-                layer.forward = fwd
+        _restore_forwards(saved)
 
 
 @contextmanager
