@@ -767,8 +767,9 @@ def graph_ct_lines(r: dict | None, meta: dict) -> list[str]:
               f"{s['max_logits']} logits covering {s['logit_mass']} of the probability, no feature cap, position 0 "
               f"without features. circuit-tracer {v['circuit-tracer']} with nnsight {v['nnsight']} and transformers "
               f"{v['transformers']} in its own venv, in one long-lived process; both tools in the same run, "
-              f"{plural(r['warmup'], 'warm-up graph')} then {plural(r['repeats'], 'timed graph')} each, interleaved "
-              f"(the order alternates), {plural(r['threads'], 'torch thread')} each, at nice 19. Load at the start: "
+              + (f"{plural(r['warmup'], 'warm-up graph')} then {plural(r['repeats'], 'timed graph')} each, interleaved "
+                 "(the order alternates)" if r["repeats"] else "one graph each (the first round), one after the other")
+              + f", {plural(r['threads'], 'torch thread')} each, at nice 19. Load at the start: "
               f"`{r['load_start']['uptime']}`; at the end: `{r['load_end']['uptime']}`."
               + (f" Cut off: {r['cut_off']}." if r.get("cut_off") else ""), "",
               "| tool | nodes | median wall s | median CPU s | every graph, wall / CPU s (warm-up first) |",
