@@ -192,7 +192,8 @@ def sae_smollm2(model_dir: Path, args) -> dict:
 
 SECTIONS = {"resid_cache": resid_cache, "loading": loading, "patching": patching,
             "locate_ioi": _ours("locate_ioi_mechanic.py"), "locate_neurons": locate_neurons,
-            "locate_outliers": _ours("locate_outliers_mechanic.py"), "steer_generate": steer_generate,
+            "locate_outliers": _ours("locate_outliers_mechanic.py"), "trace_acdc": _ours("locate_trace_acdc.py"),
+            "steer_generate": steer_generate,
             "steer_edit": _ours("steer_edit_mechanic.py"), "sae_smollm2": sae_smollm2,
             "dispatch_overhead": _ours("dispatch_overhead.py"),
             "sae_throughput": _ours("sae_throughput.py"), "graph_smollm2": _ours("graph_smollm2.py"),
@@ -531,6 +532,46 @@ def steer_lines(rows: list[dict], meta: dict) -> list[str]:
     return lines
 
 
+def trace_acdc_lines(r: dict | None, meta: dict) -> list[str]:
+    """Causal tracing and greedy ACDC against the former implementations (kept as test references), one process."""
+    lines = ["", "## Causal tracing and greedy ACDC on SmolLM2 (reuse against the former full runs)", ""]
+    if r is None:
+        return lines + not_yet_run("trace_acdc")
+    lines += [provenance(meta, "trace_acdc"), "",
+              "`benchmarks/locate_trace_acdc.py`: each method's new implementation (which runs only what a "
+              "restoration or a removed edge changes, from the noised / corrupted run's key/value cache and stored "
+              "layers) and its former one (kept as the test reference: `full_forward_trace` in tests/test_trace.py, "
+              "every restoration a full forward of the prompt; `loop_acdc` in tests/test_acdc.py, one run per "
+              "candidate edge), one after the other in the same process, one timed run each (the trace after one "
+              "untimed warm-up). GFLOP: torch's FLOP counter on a separate untimed run (independent of the load). "
+              "CPU seconds are this process's own; with the cores oversubscribed, wall seconds mostly measure the "
+              "other work.", "",
+              "| method | case | old CPU s | new CPU s | CPU ratio | old wall s | new wall s | GFLOP old / new | "
+              "agreement |", "|---|---|---|---|---|---|---|---|---|"]
+    for case, x in r.get("trace", {}).items():
+        lines.append(f"| causal trace | {x['what']} | {x['old_cpu_s']:.1f} | {x['new_cpu_s']:.1f} | "
+                     f"{x['ratio_cpu']:.2f}x | {x['old_wall_s']:.1f} | {x['new_wall_s']:.1f} | {x['old_gflop']:,.0f} / "
+                     f"{x['new_gflop']:,.0f} ({x['ratio_gflop']:.2f}x) | max abs diff {x['max_abs_diff']:.1e} "
+                     f"(largest effect {x['largest_effect']:.3g}) |")
+    a = r.get("acdc")
+    if a:
+        lines.append(f"| greedy ACDC | {a['what']}; {a['runs']} runs | {a['old_cpu_s']:.1f} | {a['new_cpu_s']:.1f} | "
+                     f"{a['ratio_cpu']:.2f}x | {a['old_wall_s']:.1f} | {a['new_wall_s']:.1f} | | "
+                     f"{'same' if a['same_edge_set'] else 'different'} edge set ({a['edges_start']} -> "
+                     f"{a['edges_end']} edges), {'same' if a['same_decisions'] else 'different'} decisions, metric "
+                     f"max abs diff {a['max_abs_diff_metric']:.1e} |")
+    one = r.get("trace", {}).get("one_token")
+    if one:
+        lines += ["", f"Issue 15's goal for the one-token MLP trace is <= 3 s: {one['new_cpu_s']:.1f} CPU s here on "
+                  f"{plural(meta['sections']['trace_acdc']['threads'], 'thread')} ({one['new_gflop']:,.0f} GFLOP; at "
+                  f"240 GFLOP/s, this machine's fp32 matmul peak on 2 cores, that is {one['new_gflop'] / 240:.1f} s), "
+                  f"{one['new_wall_s']:.1f} s wall under the load below."]
+    timed = [(f"the {case.replace('_', '-')} trace", x) for case, x in r.get("trace", {}).items()]
+    lines += ["", "Load (`uptime`) at the start and end of each timing: " + "; ".join(
+        f"{name}: `{x['uptime_start']}`, `{x['uptime_end']}`" for name, x in timed + ([("ACDC", a)] if a else [])) + "."]
+    return lines
+
+
 def edit_lines(r: dict, meta: dict) -> list[str]:
     """ROME / MEMIT cost and CounterFact scores on shipped facts."""
     lines = ["", "## Weight editing on SmolLM2: ROME and MEMIT", "", provenance(meta, "steer_edit"), ""]
@@ -859,7 +900,7 @@ def render(data: dict, meta: dict) -> str:
                   "so compare seconds only within a section; the ratios carry across."]
     lines += resid_cache_lines(data["resid_cache"], meta) + loading_lines(data["loading"], meta) + \
         patching_lines(data["patching"], meta) + ioi_lines(data["locate_ioi"], meta) + \
-        locate2_lines(data["locate_neurons"], data["locate_outliers"], meta) + \
+        locate2_lines(data["locate_neurons"], data["locate_outliers"], meta) + trace_acdc_lines(data["trace_acdc"], meta) + \
         steer_lines(data["steer_generate"], meta) + edit_lines(data["steer_edit"], meta) + \
         sae_lines(data["sae_smollm2"], meta) + sae_throughput_lines(data["sae_throughput"], meta) + \
         graph_lines(data["graph_smollm2"], meta) + graph_ct_lines(data["graph_circuit_tracer"], meta)
