@@ -67,7 +67,8 @@ def test_sentiment_vector_turns_negative_reviews_positive(tmp_path):
     select = next(s for s in res["stages"] if s["name"] == "select")
     helped = [c for c in select["data"]["candidates"] if c["label"] == "helped"]
     assert helped and select["data"]["choice"] == max(helped, key=lambda c: c["gain"])["settings"]
-    assert res["verdict"]["improved"] == ["sentiment.logit_diff"]
+    # the logit difference and the two-way accuracy (how many negative reviews now read positive) both improve
+    assert res["verdict"]["improved"] == ["sentiment.logit_diff", "sentiment.pair_accuracy"]
     assert res["summary"]["label"] in ("helped", "improved at a cost")
     assert "prompt" in res["baselines"] and random_rows(res, "sentiment.logit_diff")["percentile"] == 100.0
     sweep = next(s for s in res["stages"] if s["name"] == "locate")
