@@ -7,7 +7,9 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,7 +20,9 @@ from mechanic.locate.circuit import faithfulness, faithfulness_curve, top_edges
 from mechanic.locate.gradient import ComponentGraph, atp, eap
 from mechanic.tasks.builtin import load_task
 from mechanic.tasks.metrics import logit_diff
-from mechanic.testing.reference import eap_ig_loop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_gradient import loop_eap_ig  # noqa: E402  (the test's reference: the loop before points were batched)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,7 +72,7 @@ def main() -> None:
     g = ComponentGraph(m)
     # EAP-IG, 5 points, in interleaved rounds: the former loop (one graph run per point, the corrupted run repeated),
     # eap as it is called by default, and eap with the 5 points as batch rows of one graph run
-    runs = {"loop": lambda: eap_ig_loop(m, b, 5), "default": lambda: eap(m, b, ig_steps=5),
+    runs = {"loop": lambda: loop_eap_ig(m, b, 5), "default": lambda: eap(m, b, ig_steps=5),
             "rows": lambda: eap(m, b, ig_steps=5, ig_batch=5)}
     ig = {"steps": 5, "rounds": args.eap_rounds, "threads": torch.get_num_threads(), "uptime_start": uptime(),
           "wall_s": {k: [] for k in runs}, "cpu_s": {k: [] for k in runs}}
