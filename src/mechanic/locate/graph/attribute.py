@@ -154,9 +154,8 @@ class _Rows:
         nodes, L, F = self.nodes, self.nodes.L, self.nodes.F
         out = torch.zeros(len(targets), nodes.N)
         where = {int(t): r for r, t in enumerate(targets.tolist())}
-        start = 0
+        start, need = 0, self.need[targets]
         for n in self.ends:
-            need = self.need[targets]
             mine = targets[(need > start) & (need <= n)]
             start = n
             if not len(mine):
@@ -196,7 +195,7 @@ def _edges(rep: Replacement, nodes: _Nodes, batch_size: int, clock, buckets: int
     rows = _Rows(rep, nodes, batch_size, clock, buckets)
     if max_features is None or max_features >= F:
         known = rows(torch.arange(F + K), keep=False)
-        kept = torch.arange(F)
+        kept, order = torch.arange(F), torch.arange(F + K)
     else:
         known = torch.zeros(max_features + K, nodes.N)       # rows in the order computed: logits, then features
         targets = torch.empty(max_features + K, dtype=torch.long)
@@ -216,13 +215,14 @@ def _edges(rep: Replacement, nodes: _Nodes, batch_size: int, clock, buckets: int
         kept = visited.nonzero().flatten()
         rank = torch.empty(F + K, dtype=torch.long)
         rank[targets] = torch.arange(len(targets))
-        known = known[rank[torch.cat([kept, torch.arange(F, F + K)])]]
-    # the graph's node order: kept features, errors, tokens, logits; rows of errors and tokens are zero
+        order = rank[torch.cat([kept, torch.arange(F, F + K)])]     # row of `known` for each kept feature, logit
+    # the graph's node order: kept features, errors, tokens, logits; rows of errors and tokens are zero.
+    # One gather per block straight from `known` (no reordered copy of all its rows first).
     cols = torch.cat([kept, torch.arange(F, nodes.N)])
     M = len(cols)
     adjacency = torch.zeros(M, M)
-    adjacency[:len(kept)] = known[:len(kept)][:, cols]
-    adjacency[M - K:] = known[len(kept):][:, cols]
+    adjacency[:len(kept)] = known[order[:len(kept), None], cols]
+    adjacency[M - K:] = known[order[len(kept):, None], cols]
     return adjacency, kept
 
 
