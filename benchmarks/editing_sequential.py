@@ -2,8 +2,9 @@
 on the same test facts of the `facts_large` suite in batches; after every batch, over the facts edited so far,
 CounterFact ES / PS / NS, EasyEdit locality against the unedited model's own tokens, fluency and held-out perplexity,
 each with a 95% bootstrap CI (mechanic.improve.edit_metrics.curve_scores). Layers from causal tracing averaged over
-train facts (FT-L and LoRA train ROME's layer), AlphaEdit's threshold and alpha chosen on validation facts. Writes
-the raw results as JSON (benchmarks/plot_editing.py draws them)."""
+train facts (FT-L and LoRA train ROME's layer); on validation facts, prompt_key (the bare prompt's key held besides
+the averaged one) chosen for ROME, MEMIT and AlphaEdit, and AlphaEdit's threshold and alpha. Writes the raw results
+as JSON (benchmarks/plot_editing.py draws them)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from mechanic.improve.edit_metrics import counterfact, curve_scores
 from mechanic.improve.evaluate import NEUTRAL_OPENINGS
 from mechanic.locate.trace import subject_positions
 from mechanic.steer.alphaedit import NullSpaces, alphaedit_update
-from mechanic.steer.edit import context_prefixes, facts_from_task, layer_range, memit_targets, spread, trace_layers
+from mechanic.steer.edit import (context_prefixes, facts_from_task, layer_range, memit_targets, rome, spread,
+                                 trace_layers)
 from mechanic.steer.plan import Plan, PlanError
 from mechanic.steer.sequential import sequential
 from mechanic.steer.stats import second_moments
@@ -44,30 +46,63 @@ def top1(m, prompts: list[str]) -> list[int]:
     return [int(m.run(p, last_only=True).logits[0, -1].argmax()) for p in prompts]
 
 
-def calibrate(m, facts, layers, moments, prefixes, thresholds, alphas) -> list[dict]:
-    """AlphaEdit's score on validation facts (one batch) for each (threshold, alpha): the targets are optimised
-    once, only the closed-form solve changes."""
-    rows, Z, _ = memit_targets(m, facts, layers[-1], prefixes, **OPT)
+def _scored(m, edits, facts) -> dict:
+    with m.applied(Plan(edits=edits)):
+        return counterfact(m, facts)
+
+
+def calibrate(m, facts, layers, moments, prefixes, thresholds, alphas, lam) -> list[dict]:
+    """MEMIT's and AlphaEdit's settings scored on validation facts (one batch): prompt_key (the bare prompt's key
+    held too) x, for AlphaEdit, (threshold, alpha). The targets are optimised once, with the bare prompt's
+    columns, which are dropped when prompt_key is off; only the closed-form solve changes."""
+    rows, Z, _ = memit_targets(m, facts, layers[-1], prefixes, prompt_key=True, **OPT)
     out = []
-    for thr in thresholds:
-        state = NullSpaces(thr)
-        try:
-            for L in layers:
-                state.projection(L, moments[L][0])
-        except PlanError as e:  # no eigenvalue below this threshold at some layer
-            out.append({"threshold": thr, "error": str(e)})
-            continue
-        for a in alphas:
-            def solve(L, K, R):
-                return alphaedit_update(state.projection(L, moments[L][0]), K, R, None, a)
-            edits, _ = spread(m, rows, Z, layers, solve, "calibration")
-            plan = Plan(edits=edits)
-            with m.applied(plan):
-                s = counterfact(m, facts)
-            out.append({"threshold": thr, "alpha": a, "null_dims": dict(state.dims), **s})
-            print(f"calibrate threshold {thr:g} alpha {a:g}: ES {s['es']:.2f} PS {s['ps']:.2f} NS {s['ns']:.2f}",
-                  flush=True)
+    for pk in (False, True):
+        z = Z if pk else Z[:, ::2]
+
+        def memit_solve(L, K, R):
+            return torch.linalg.solve(lam * moments[L][0].double() + K @ K.T, K @ R.T).T
+        s = _scored(m, spread(m, rows, z, layers, memit_solve, "calibration", pk)[0], facts)
+        out.append({"method": "memit", "prompt_key": pk, "lam": lam, **s})
+        print(f"calibrate memit prompt_key {pk}: ES {s['es']:.2f} PS {s['ps']:.2f} NS {s['ns']:.2f}", flush=True)
+        for thr in thresholds:
+            state = NullSpaces(thr)
+            try:
+                for L in layers:
+                    state.projection(L, moments[L][0])
+            except PlanError as e:  # no eigenvalue below this threshold at some layer
+                out.append({"method": "alphaedit", "prompt_key": pk, "threshold": thr, "error": str(e)})
+                continue
+            for a in alphas:
+                def solve(L, K, R):
+                    return alphaedit_update(state.projection(L, moments[L][0]), K, R, None, a)
+                s = _scored(m, spread(m, rows, z, layers, solve, "calibration", pk)[0], facts)
+                out.append({"method": "alphaedit", "prompt_key": pk, "threshold": thr, "alpha": a,
+                            "null_dims": dict(state.dims), **s})
+                print(f"calibrate alphaedit prompt_key {pk} threshold {thr:g} alpha {a:g}: ES {s['es']:.2f} "
+                      f"PS {s['ps']:.2f} NS {s['ns']:.2f}", flush=True)
     return out
+
+
+def calibrate_rome(m, facts, layer, moments, prefixes) -> list[dict]:
+    """ROME one fact at a time on validation facts, without and with the bare prompt's key."""
+    out = []
+    for pk in (False, True):
+        edits = []
+        for f in facts:    # each edit alone on the unedited model; scored together (they touch one layer each)
+            p = rome(m, f, layer, prefixes=prefixes, moments=moments, prompt_key=pk, **OPT)
+            with m.applied(p):
+                edits.append(counterfact(m, [f]))
+        s = {k: sum(e[k] or 0 for e in edits) / max(1, sum(e[k] is not None for e in edits)) for k in ("es", "ps", "ns")}
+        s["score"] = 3 / sum(1 / max(v, 1e-9) for v in s.values())
+        out.append({"method": "rome", "prompt_key": pk, **s})
+        print(f"calibrate rome prompt_key {pk}: ES {s['es']:.2f} PS {s['ps']:.2f} NS {s['ns']:.2f}", flush=True)
+    return out
+
+
+def best(grid: list[dict], method: str) -> dict:
+    """The validation-best setting of a method: highest CounterFact score (harmonic mean), then ES."""
+    return max((r for r in grid if r["method"] == method and "error" not in r), key=lambda r: (r["score"], r["es"]))
 
 
 def main() -> None:
@@ -79,11 +114,13 @@ def main() -> None:
     p.add_argument("--ft", default="5e-3,5e-3,25", help="FT-L's 'eps,lr,steps'")
     p.add_argument("--lora", default="8,5e-3,50", help="LoRA's 'rank,lr,steps' (alpha = 2 x rank)")
     p.add_argument("--trace-facts", type=int, default=8)
-    p.add_argument("--calibration-facts", type=int, default=5)
+    p.add_argument("--calibration-facts", type=int, default=10)
     p.add_argument("--stats-tokens", type=int, default=16384)
     p.add_argument("--lam", type=float, default=1000.0)
     p.add_argument("--layer", type=int, help="skip the averaged trace: ROME's layer (MEMIT/AlphaEdit end there)")
     p.add_argument("--alphaedit", help="skip the calibration: 'threshold,alpha' for AlphaEdit")
+    p.add_argument("--prompt-key", choices=["yes", "no"], help="skip the calibration: prompt_key for ROME, MEMIT and "
+                   "AlphaEdit")
     p.add_argument("--windows", type=int, default=8, help="held-out windows of 128 tokens for perplexity")
     p.add_argument("--openings", type=int, default=8, help="neutral openings generated for fluency")
     p.add_argument("--n-boot", type=int, default=2000)
@@ -117,16 +154,22 @@ def main() -> None:
         result["stats_seconds"] = round(time.perf_counter() - t, 1)
         result["stats_fresh"] = not args.cached_stats
         prefixes = context_prefixes(m, 10)
-    if "alphaedit" not in methods:
-        best = {"threshold": None, "alpha": None}
-    elif args.alphaedit is None:
-        grid = calibrate(m, val, range_, moments, prefixes, [2e-2, 5e-3, 1e-3], [10.0, 1.0, 0.1])
-        best = max((r for r in grid if "error" not in r), key=lambda r: (r["score"], r["es"]))
-        result["alphaedit_calibration"] = grid
-    else:
+    chosen = {}
+    if args.alphaedit is None or args.prompt_key is None:    # settings chosen on validation facts
+        grid = calibrate(m, val, range_, moments, prefixes, [2e-2, 5e-3, 1e-3], [10.0, 1.0, 0.1], args.lam)
+        if "rome" in methods:
+            grid += calibrate_rome(m, val, top, {top: moments[top]}, prefixes)
+        result["calibration"] = grid
+        chosen = {meth: best(grid, meth) for meth in ("rome", "memit", "alphaedit") if meth in methods}
+    if args.alphaedit is not None:
         thr, a = (float(x) for x in args.alphaedit.split(","))
-        best = {"threshold": thr, "alpha": a}
-    result["alphaedit_chosen"] = {"threshold": best["threshold"], "alpha": best["alpha"]}
+        chosen["alphaedit"] = chosen.get("alphaedit", {}) | {"threshold": thr, "alpha": a}
+    if args.prompt_key is not None:
+        for meth in ("rome", "memit", "alphaedit"):
+            chosen[meth] = chosen.get(meth, {}) | {"prompt_key": args.prompt_key == "yes"}
+    keep = ("prompt_key", "threshold", "alpha")
+    result["chosen"] = {meth: {k: v for k, v in c.items() if k in keep} for meth, c in chosen.items()}
+    print(f"chosen on validation facts: {result['chosen']}", flush=True)
     nb = [q for f in test for q in f.neighborhood]
     t = time.perf_counter()
     scores = curve_scores(m, test, fluency_prompts=list(NEUTRAL_OPENINGS[:args.openings]), windows=args.windows,
@@ -141,9 +184,7 @@ def main() -> None:
            "lora": {"rank": int(rank), "lr": lora_lr, "steps": int(lora_steps)}}
     for method in methods:
         layers = [top] if method in ("rome", *TRAINED) else range_
-        extra = {"lam": args.lam} if method == "memit" else {}
-        if method == "alphaedit":
-            extra = {"threshold": best["threshold"], "alpha": best["alpha"]}
+        extra = ({"lam": args.lam} if method == "memit" else {}) | result["chosen"].get(method, {})
         t = time.perf_counter()
         if method in TRAINED:
             plan = sequential(m, test, method, args.batch, layers, on_batch=scores, **own[method])

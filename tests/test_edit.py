@@ -97,6 +97,62 @@ def test_edit_errors(tokenizer):
         rome(m, FACT, layer=0, prefixes=[""])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rome_prompt_key_holds_the_update_at_both_keys(arch, tokenizer, tmp_path, monkeypatch):
+    """prompt_key: W' k = W k + delta at the averaged key and at the bare prompt's own key, still a rank-one
+    update (both keys get the same delta); without it the bare prompt's key gets another share of delta."""
+    monkeypatch.setenv("MECHANIC_CACHE", str(tmp_path))
+    m = worded(arch, tokenizer)
+    prefixes = ["", "I think so. ", "The weather was fine. "]
+    W0 = m.arch.down_weight(m.layer_module(1, m.arch.down_proj)).detach().clone().double()
+    plan = rome(m, FACT, layer=1, prefixes=prefixes, steps=5, stats_tokens=2000, prompt_key=True)
+    assert plan.settings["prompt_key"] is True
+    texts, ends = _fact_rows(m, FACT, prefixes)
+    inputs, last, _ = _batch(m, texts[:3], ends[:3])
+    keys = m.run(inputs, cache=["L1.neuron"])["L1.neuron"][torch.arange(3), last].double()
+    delta = torch.tensor(plan.settings["delta"], dtype=torch.float64)
+    with m.applied(plan):
+        W1 = m.arch.down_weight(m.layer_module(1, m.arch.down_proj)).detach().double()
+    tol = 1e-3 * delta.abs().max().item()
+    for k in (keys.mean(0), keys[0]):
+        assert (W1 @ k - (W0 @ k + delta)).abs().max().item() < tol
+    assert torch.linalg.matrix_rank(W1 - W0, rtol=1e-5).item() == 1
+    one = rome(m, FACT, layer=1, prefixes=prefixes, steps=5, stats_tokens=2000)
+    assert one.settings["prompt_key"] is False
+    with m.applied(one):
+        W2 = m.arch.down_weight(m.layer_module(1, m.arch.down_proj)).detach().double()
+    assert ((W2 - W0) @ keys[0] - delta).abs().max().item() > 20 * tol    # the papers' key alone misses it
+    with pytest.raises(PlanError, match="prompt_key"):
+        rome(m, FACT, layer=1, prefixes=["I think so. ", ""], steps=1, stats_tokens=2000, prompt_key=True)
+
+
+def test_memit_prompt_key_adds_a_column_per_fact(tokenizer, tmp_path, monkeypatch):
+    """MEMIT / AlphaEdit with prompt_key solve for two keys per fact (averaged, bare prompt): the bare prompt's
+    output at the last edited layer moves further toward its target than with the averaged key alone."""
+    from mechanic.steer.edit import memit_targets, spread
+
+    monkeypatch.setenv("MECHANIC_CACHE", str(tmp_path))
+    m = worded("llama", tokenizer)
+    prefixes = ["", "I think so. ", "The weather was fine. "]
+    facts = [FACT, Fact("The Colosseum is located in the city of", "The Colosseum", " Paris", " Rome")]
+    C = {L: second_moments(m, [L], max_tokens=2000)[L] for L in (0, 1)}
+    opt = dict(steps=5, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp=4.0)
+    rows, Z, _ = memit_targets(m, facts, 1, prefixes, prompt_key=True, **opt)
+    assert Z.shape[1] == 4
+    gaps = {}
+    for two in (False, True):
+        def solve(L, K, R):
+            assert K.shape[1] == (4 if two else 2)
+            return torch.linalg.solve(10.0 * C[L][0].double() + K @ K.T, K @ R.T).T
+        cols = Z if two else Z[:, ::2]
+        edits, keys = spread(m, rows, cols, [0, 1], solve, "test", two)
+        plan = mechanic.steer.plan.Plan(edits=edits)
+        with m.applied(plan):
+            h = torch.stack([m.run(inp, cache=["L1.resid_post"])["L1.resid_post"][0, last[0]] for inp, last in rows], 1)
+        gaps[two] = float((h.double() - Z[:, 1::2]).norm())
+    assert gaps[True] < gaps[False]
+
+
 def _logprob(m, prompt, target):
     lg = m.run(prompt, last_only=True).logits[0, -1]
     return float(torch.log_softmax(lg, -1)[m.tokenizer(target, add_special_tokens=False)["input_ids"][0]])

@@ -158,6 +158,9 @@ def edit(model: str = MODEL,
          layers: str = typer.Option(None, help="Layer(s) to edit (default: from causal tracing)."),
          save_model: bool = typer.Option(True, help="Also write the edited model to OUT/model."),
          stats_tokens: int = typer.Option(32768, help="Tokens of shipped text for the key statistics (cached)."),
+         prompt_key: bool = typer.Option(False, help="Also hold the edit at the bare prompt's own key (helps models "
+                                         "without BOS, e.g. SmolLM2, where the prompt's key differs from the "
+                                         "prefixed ones)."),
          out: Path = OUT, as_json: bool = JSON):
     """ROME or MEMIT: write new facts into the weights; shows log p(new) vs log p(true) before and after."""
     import mechanic
@@ -177,8 +180,8 @@ def edit(model: str = MODEL,
     if method == "rome" and len(facts) != 1:
         raise PlanError(f"ROME edits one fact; this request has {len(facts)}. Use --method memit or --n 1.")
     chosen = _ints(layers)
-    plan = (rome(m, facts[0], chosen[0] if chosen else None, stats_tokens=stats_tokens) if method == "rome"
-            else memit(m, facts, chosen, stats_tokens=stats_tokens))
+    plan = (rome(m, facts[0], chosen[0] if chosen else None, stats_tokens=stats_tokens, prompt_key=prompt_key)
+            if method == "rome" else memit(m, facts, chosen, stats_tokens=stats_tokens, prompt_key=prompt_key))
     for f in facts:  # the old answer: what the model says now, if the fact does not name it
         if f.target_true is None:
             import dataclasses

@@ -43,11 +43,13 @@ def random_direction(v: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _edit_layers(ctx) -> list[int] | None:
-    """MEMIT/AlphaEdit layers: as set, else the five around the traced layer (clipped), else the method's default."""
+    """MEMIT/AlphaEdit layers: as set, else the five ending at the traced layer (MEMIT's range, as
+    mechanic.steer.edit.layer_range and sequential editing choose it), else the method's default."""
+    from mechanic.steer.edit import layer_range
+
     if ctx.settings.layers is not None or ctx.found is None or "layer" not in ctx.found.data:
         return ctx.settings.layers
-    L = int(ctx.found.data["layer"])
-    return [x for x in range(L - 2, L + 3) if 0 <= x < ctx.model.dims.n_layers]
+    return layer_range(int(ctx.found.data["layer"]))
 
 
 class Rome(Strict):
@@ -57,6 +59,7 @@ class Rome(Strict):
     n_prefixes: int = Field(10, ge=0)
     steps: int = Field(25, ge=1)
     stats_tokens: int = Field(32768, ge=512)
+    prompt_key: bool = False       # also hold each edit at the bare prompt's own key (models without BOS)
 
 
 @method(STEER, "rome", Rome)
@@ -73,7 +76,7 @@ def rome(ctx) -> StageOut:
     layer = s.layer if s.layer is not None else int(_found(ctx, "layer"))
     facts = facts_from_task(ctx.task)
     plan = sequential(model, facts, "rome", len(facts), [layer], n_prefixes=s.n_prefixes, steps=s.steps,
-                      stats_tokens=s.stats_tokens, seed=ctx.seed, progress=False)
+                      stats_tokens=s.stats_tokens, seed=ctx.seed, progress=False, prompt_key=s.prompt_key)
     plan.method, plan.settings = "rome", {"layer": layer, "facts": len(facts), "sequential": True}
     rows = [[f.subject, f.target_true, f.target_new] for f in facts]
     text = (f"ROME rewrote {len(facts)} facts at layer {layer}'s MLP, one after the other (each rank-one update "
@@ -90,11 +93,12 @@ class Memit(Strict):
     n_prefixes: int = Field(10, ge=0)
     steps: int = Field(25, ge=1)                 # optimisation steps of each fact's target
     stats_tokens: int = Field(32768, ge=512)
+    prompt_key: bool = False       # also hold each edit at the bare prompt's own key (models without BOS)
 
 
 @method(STEER, "memit", Memit)
 def memit(ctx) -> StageOut:
-    """MEMIT for every fact of the task, spread over `layers` (default around the traced layer), at once or in batches."""
+    """MEMIT for every fact of the task, spread over `layers` (default: five ending at the traced layer), at once or in batches."""
     from mechanic.steer.edit import facts_from_task
     from mechanic.steer.sequential import sequential
 
@@ -102,7 +106,8 @@ def memit(ctx) -> StageOut:
     facts = facts_from_task(ctx.task)
     batch = s.batch_size or len(facts)
     plan = sequential(model, facts, "memit", batch, _edit_layers(ctx), lam=s.lam, n_prefixes=s.n_prefixes,
-                      steps=s.steps, stats_tokens=s.stats_tokens, seed=ctx.seed, progress=False)
+                      steps=s.steps, stats_tokens=s.stats_tokens, seed=ctx.seed, progress=False,
+                      prompt_key=s.prompt_key)
     layers = plan.settings["layers"]
     how = "at once" if batch >= len(facts) else f"in sequential batches of {batch}"
     return _out(ctx, plan, f"MEMIT rewrote {len(facts)} facts {how} over layers {layers}.", data={"layers": layers})
@@ -118,11 +123,12 @@ class AlphaEdit(Strict):
     n_prefixes: int = Field(10, ge=0)
     steps: int = Field(25, ge=1)
     stats_tokens: int = Field(32768, ge=512)
+    prompt_key: bool = False       # also hold each edit at the bare prompt's own key (models without BOS)
 
 
 @method(STEER, "alphaedit", AlphaEdit)
 def alphaedit(ctx) -> StageOut:
-    """AlphaEdit over `layers` (default around the traced layer), all facts at once or in sequential batches."""
+    """AlphaEdit over `layers` (default: five ending at the traced layer), all facts at once or in sequential batches."""
     from mechanic.steer.edit import facts_from_task
     from mechanic.steer.sequential import sequential
 
@@ -131,7 +137,8 @@ def alphaedit(ctx) -> StageOut:
     facts = facts_from_task(ctx.task)
     batch = s.batch_size or len(facts)
     plan = sequential(model, facts, "alphaedit", batch, layers, threshold=s.threshold, alpha=s.alpha, seed=ctx.seed,
-                      n_prefixes=s.n_prefixes, steps=s.steps, stats_tokens=s.stats_tokens, progress=False)
+                      n_prefixes=s.n_prefixes, steps=s.steps, stats_tokens=s.stats_tokens, progress=False,
+                      prompt_key=s.prompt_key)
     text = (f"AlphaEdit rewrote {len(facts)} facts over layers {plan.settings['layers']} in batches of {batch}, each "
             "update confined to the null space of the preserved keys' second moment.")
     return _out(ctx, plan, text, data={"layers": plan.settings["layers"]})

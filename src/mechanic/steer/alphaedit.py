@@ -68,12 +68,13 @@ def alphaedit(model, facts: list[Fact], layers: list[int] | None = None, *, thre
               alpha: float = 10.0, state: NullSpaces | None = None, prefixes: list[str] | None = None,
               n_prefixes: int = 10, steps: int = 25, lr: float = 0.5, kl_factor: float = 0.0625,
               weight_decay: float = 0.5, clamp: float = 4.0, stats_tokens: int = 32768, moments: dict | None = None,
-              seed: int = 0) -> Plan:
+              seed: int = 0, prompt_key: bool = False) -> Plan:
     """Many facts at once over `layers` (default: 5 layers ending at the first fact's traced layer), each layer's
     update in the null space of the preserved keys. The authors' defaults: threshold 2e-2, alpha 10.
 
     Sequential editing: pass one `state` to every batch; its projections are computed once, and this batch's
     keys are added to its preserved keys on return, so apply the returned plan before the next batch.
+    prompt_key: each fact also contributes its bare prompt's key and residual (see mechanic.steer.edit.rome).
     """
     if not facts:
         raise PlanError("AlphaEdit needs at least one Fact.")
@@ -81,16 +82,16 @@ def alphaedit(model, facts: list[Fact], layers: list[int] | None = None, *, thre
     if state.threshold != threshold:
         raise PlanError(f"The state's null spaces were computed with threshold {state.threshold:g}, not "
                         f"{threshold:g}; use one threshold for a whole sequence (or a new NullSpaces).")
-    layers, prefixes, moments, rows, Z, opt_losses = prepare(
+    layers, prefixes, moments, rows, Z, opt_losses, two = prepare(
         model, facts, layers, prefixes, moments, n_prefixes=n_prefixes, stats_tokens=stats_tokens, seed=seed,
-        steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
+        steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp, prompt_key=prompt_key)
 
     def solve(L, K, R):
         return alphaedit_update(state.projection(L, moments[L][0]), K, R, state.previous.get(L), alpha)
 
-    edits, keys = spread(model, rows, Z, layers, solve, f"AlphaEdit {len(facts)} facts:")
+    edits, keys = spread(model, rows, Z, layers, solve, f"AlphaEdit {len(facts)} facts:", two)
     settings = {"layers": layers, "facts": [_fact_dict(f) for f in facts], "prefixes": prefixes,
-                "threshold": threshold, "alpha": alpha, "null_dims": {L: state.dims[L] for L in layers},
+                "threshold": threshold, "alpha": alpha, "prompt_key": two, "null_dims": {L: state.dims[L] for L in layers},
                 "previous_edits": bool(state.previous), "losses": opt_losses,
                 "stats_tokens": {L: moments[L][1] for L in layers}, "steps": steps, "lr": lr,
                 "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp, "seed": seed}

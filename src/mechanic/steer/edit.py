@@ -8,7 +8,9 @@ ROME (Meng et al. 2022) on down_proj W of layer l, as in METHODS.md:
   target's NLL + kl_factor x KL on "{subject} is a" + weight_decay x ||delta|| / ||W k*||^2, its norm
   clamped to clamp x ||W k*||;
 - update W <- W + v u^T with u = C^-1 k* / ||C^-1 k*|| and v = delta / (u . k*), the same averaged k*
-  in both places (the tiny-divisor failure of using a different key in the denominator cannot happen).
+  in both places (the tiny-divisor failure of using a different key in the denominator cannot happen);
+  prompt_key=True also holds the update at the bare prompt's own key (same rank one), which a model without BOS
+  needs: there the prompt's key, near the attention sink, is far from k* (rome's docstring).
 MEMIT (Meng et al. 2023) optimises a residual target at the last layer of a range and spreads it over
 the range: delta_l = R K^T (lambda C + K K^T)^-1, layer by layer (memit_targets and spread, shared with
 AlphaEdit). Both return a Plan of weight edits. trace_layers chooses the layer once per model, from causal
@@ -116,13 +118,27 @@ def _fact_rows(model, fact: Fact, prefixes: list[str]):
     return texts + [essence], ends + [len(fact.subject)]
 
 
-def _mean_at(model, inputs, sites, pos: torch.Tensor, upto: int):
-    """Each site's value at one position per row, averaged over the first `upto` rows (one forward for all);
-    a single site name gives a single tensor."""
-    names = [sites] if isinstance(sites, str) else list(sites)
-    run = model.run(inputs, cache=names, stop_at="auto")
-    out = [run[s][torch.arange(len(pos)), pos][:upto].mean(0) for s in names]
-    return out[0] if isinstance(sites, str) else out
+def _columns(model, inputs, sites: list[str], pos: torch.Tensor, upto: int, prompt_key: bool) -> list[torch.Tensor]:
+    """Each site's columns for one fact, [d, 1 or 2] (one forward): its value at `pos` averaged over the first
+    `upto` rows (the papers' key), then with prompt_key its value on row 0 alone: the bare prompt, whose subject
+    sits near the start, where a model without BOS gives keys unlike the prefixed ones."""
+    run = model.run(inputs, cache=list(sites), stop_at="auto")
+    out = []
+    for s in sites:
+        v = run[s][torch.arange(len(pos)), pos]
+        out.append(torch.stack([v[:upto].mean(0)] + ([v[0]] if prompt_key else []), 1))
+    return out
+
+
+def _prompt_key(prefixes: list[str], prompt_key: bool) -> bool:
+    """Whether a bare-prompt column is added: asked for, and the prefixes hold "" first and something else."""
+    if not prompt_key:
+        return False
+    if not prefixes or prefixes[0] != "":
+        raise PlanError("prompt_key=True holds the edit at the bare prompt's key, read from the first prefix, which "
+                        f"must be \"\" (context_prefixes puts it first); the prefixes given start with "
+                        f"{(prefixes or ['(none)'])[0]!r}. Pass prefixes=[\"\", ...] or prompt_key=False.")
+    return len(prefixes) > 1     # with "" alone the mean key is the prompt's key
 
 
 # ---------------------------------------------------------------- value optimisation
@@ -261,10 +277,15 @@ def layer_range(top: int, n: int = 5) -> list[int]:
 
 def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | None = None, n_prefixes: int = 10,
          steps: int = 25, lr: float = 0.5, kl_factor: float = 0.0625, weight_decay: float = 0.5,
-         clamp: float = 4.0, stats_tokens: int = 32768, moments: dict | None = None, seed: int = 0) -> Plan:
+         clamp: float = 4.0, stats_tokens: int = 32768, moments: dict | None = None, seed: int = 0,
+         prompt_key: bool = False) -> Plan:
     """A rank-one edit of one fact into layer `layer`'s down_proj (chosen by causal tracing when None).
 
     `moments` ({layer: (C, count)}, from second_moments) skips reading the statistics (sequential edits).
+    prompt_key: ROME's equality constraint W' k = W k + delta held at two keys, the averaged k* and the bare
+    prompt's own key (ROME's closed form with K = [k*, k_prompt]; still rank one, as both get the same delta,
+    with u chosen so that u . k* = u . k_prompt): on a model without BOS the bare prompt's key, near the
+    attention sink, gets only a fraction of a k*-only update (on SmolLM2 layer 5, 0.22-1.02 of it).
 
     A subject that is the prompt's first token is a poor key on models whose first token is an
     attention sink (SmolLM2 has no BOS): its key differs from the averaged one and the edit barely
@@ -279,7 +300,9 @@ def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | N
     prefixes = prefixes if prefixes is not None else context_prefixes(model, n_prefixes, seed=seed)
     texts, ends = _fact_rows(model, fact, prefixes)
     inputs, last, _ = _batch(model, texts, ends)
-    k = _mean_at(model, inputs, f"L{layer}.neuron", last, len(prefixes)).double()
+    two = _prompt_key(prefixes, prompt_key)
+    K = _columns(model, inputs, [f"L{layer}.neuron"], last, len(prefixes), two)[0].double()   # [d_mlp, 1 or 2]
+    k = K[:, 0]
     first = False
     if "" in prefixes:  # the bare prompt: is the subject's last token its first token?
         i = prefixes.index("")
@@ -289,20 +312,25 @@ def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | N
     v0 = W @ k
     (delta,), (losses,) = _optimise(model, [fact], prefixes, f"L{layer}.mlp_out", [float(v0.norm())], steps=steps,
                                     lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
-    ck = torch.linalg.solve(C.double(), k)
+    CK = torch.linalg.solve(C.double(), K)
+    ck = CK[:, 0]
     u = ck / ck.norm()
     denom = float(u @ k)
     if denom <= 1e-8 * float(k.norm()):
         raise PlanError(f"ROME at layer {layer}: u . k* = {denom:.3g} is too small for a stable update (the second "
                         "moment is degenerate along the key); use more statistics text or another layer.")
-    v = delta.double() / denom
-    new = W + torch.outer(v, u)
+    if K.shape[1] == 1:
+        v = delta.double() / denom
+        new = W + torch.outer(v, u)
+    else:  # delta at every key: Delta = D (K^T C^-1 K)^-1 (C^-1 K)^T
+        D = delta.double()[:, None].expand(-1, K.shape[1])
+        new = W + D @ torch.linalg.solve(K.T @ CK, CK.T)
     edit = down_proj_edit(model, layer, new.float(), f"ROME: {fact.subject} -> {fact.target_new!r}")
     settings = {"layer": layer, "fact": _fact_dict(fact),
                 "prefixes": prefixes, "key_norm": float(k.norm()), "value_norm": float(v0.norm()),
                 "delta_norm": float(delta.norm()), "delta": delta.tolist(), "u_dot_k": denom, "losses": losses, "stats_tokens": count,
                 "steps": steps, "lr": lr, "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp,
-                "seed": seed, "layer_from_trace": trace is not None,
+                "seed": seed, "layer_from_trace": trace is not None, "prompt_key": two,
                 "subject_at_first_token": first}
     if trace is not None:
         settings["trace"] = trace.values[:, 0].tolist()
@@ -311,9 +339,11 @@ def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | N
 
 # ---------------------------------------------------------------- MEMIT
 def memit_targets(model, facts: list[Fact], last_layer: int, prefixes: list[str], *, steps: int, lr: float,
-                  kl_factor: float, weight_decay: float, clamp: float):
+                  kl_factor: float, weight_decay: float, clamp: float, prompt_key: bool = False):
     """Per fact its prompt rows (inputs, subject positions) and the optimised residual target z at `last_layer`
-    (stacked [d_model, facts]), with the optimisation losses: MEMIT's first step, shared with AlphaEdit."""
+    (stacked [d_model, facts], or [d_model, 2 x facts] with prompt_key: each fact's averaged column, then its
+    bare prompt's, both moved by the same delta), with the optimisation losses: MEMIT's first step, shared with
+    AlphaEdit."""
     n = len(prefixes)
     rows = []
     for f in facts:
@@ -321,26 +351,28 @@ def memit_targets(model, facts: list[Fact], last_layer: int, prefixes: list[str]
         inputs, last, _ = _batch(model, texts[:n], ends[:n])
         rows.append((inputs, last))
     site = f"L{last_layer}.resid_post"
-    hs = [_mean_at(model, inputs, site, last, n) for inputs, last in rows]
-    deltas, opt_losses = _optimise(model, facts, prefixes, site, [float(h.norm()) for h in hs], steps=steps, lr=lr,
-                                   kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
-    return rows, torch.stack([h + d for h, d in zip(hs, deltas)], 1).double(), opt_losses
+    two = _prompt_key(prefixes, prompt_key)
+    hs = [_columns(model, inputs, [site], last, n, two)[0] for inputs, last in rows]
+    deltas, opt_losses = _optimise(model, facts, prefixes, site, [float(h[:, 0].norm()) for h in hs], steps=steps,
+                                   lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
+    return rows, torch.cat([h + d[:, None] for h, d in zip(hs, deltas)], 1).double(), opt_losses
 
 
-def spread(model, rows, Z: torch.Tensor, layers: list[int], solve, note: str):
+def spread(model, rows, Z: torch.Tensor, layers: list[int], solve, note: str, prompt_key: bool = False):
     """MEMIT's second step: layer by layer, the remaining residual (Z minus the current output at the last layer)
     divided over the remaining layers, turned into a down_proj update by solve(layer, K, R) -> [d_model, d_mlp].
     Returns the weight edits and each layer's keys K [d_mlp, facts] (read with the earlier layers edited);
-    the model is left unedited."""
+    the model is left unedited. prompt_key: two columns per fact, as memit_targets made Z (the rows' row 0 is
+    the bare prompt)."""
     site = f"L{layers[-1]}.resid_post"
     edits: list[WeightEdit] = []
     applied, keys = [], {}
     try:
         for i, L in enumerate(layers):
-            pairs = [_mean_at(model, inp, [f"L{L}.neuron", site], last, int(last.numel()))
+            pairs = [_columns(model, inp, [f"L{L}.neuron", site], last, int(last.numel()), prompt_key)
                      for inp, last in rows]  # one forward each
-            K = torch.stack([k for k, _ in pairs], 1).double()
-            cur = torch.stack([h for _, h in pairs], 1).double()
+            K = torch.cat([k for k, _ in pairs], 1).double()
+            cur = torch.cat([h for _, h in pairs], 1).double()
             R = (Z - cur) / (len(layers) - i)
             delta_w = solve(L, K, R)
             mod, _ = _down(model, L)
@@ -367,7 +399,7 @@ def _moments(model, layers: list[int], moments: dict | None, stats_tokens: int) 
 
 
 def prepare(model, facts: list[Fact], layers: list[int] | None, prefixes: list[str] | None, moments: dict | None, *,
-            n_prefixes: int, stats_tokens: int, seed: int, **optimise):
+            n_prefixes: int, stats_tokens: int, seed: int, prompt_key: bool = False, **optimise):
     """What MEMIT and AlphaEdit share before their per-layer solve: the layers (default: 5 ending at the first
     fact's traced layer), prefixes, second moments and the optimised targets (see memit_targets)."""
     if layers is None:
@@ -377,8 +409,9 @@ def prepare(model, facts: list[Fact], layers: list[int] | None, prefixes: list[s
         _down(model, L)
     prefixes = prefixes if prefixes is not None else context_prefixes(model, n_prefixes, seed=seed)
     moments = _moments(model, layers, moments, stats_tokens)
-    rows, Z, losses = memit_targets(model, facts, layers[-1], prefixes, **optimise)
-    return layers, prefixes, moments, rows, Z, losses
+    two = _prompt_key(prefixes, prompt_key)
+    rows, Z, losses = memit_targets(model, facts, layers[-1], prefixes, prompt_key=two, **optimise)
+    return layers, prefixes, moments, rows, Z, losses, two
 
 
 def _fact_dict(f: Fact) -> dict:
@@ -388,26 +421,27 @@ def _fact_dict(f: Fact) -> dict:
 def memit(model, facts: list[Fact], layers: list[int] | None = None, *, prefixes: list[str] | None = None,
           n_prefixes: int = 10, steps: int = 25, lr: float = 0.5, kl_factor: float = 0.0625,
           weight_decay: float = 0.5, clamp: float = 4.0, lam: float = 1000.0, stats_tokens: int = 32768,
-          moments: dict | None = None, seed: int = 0) -> Plan:
+          moments: dict | None = None, seed: int = 0, prompt_key: bool = False) -> Plan:
     """Many facts at once, spread over `layers` (default: 5 layers ending at the traced layer of the first fact).
 
     lam weighs the preserved keys (C) against the new ones; both scale with the keys squared, so it is
     scale-free but model-dependent: MEMIT used 15000 on GPT-J; on SmolLM2 that leaves edits too weak
     (efficacy 1/4 on four facts over layers 1-5) where 1000 gives 3/4 with the fourth a near tie.
     `moments` ({layer: (C, count)}, from second_moments) and `prefixes` skip recomputing them (sequential edits).
+    prompt_key: each fact also contributes its bare prompt's key and residual (see rome).
     """
     if not facts:
         raise PlanError("MEMIT needs at least one Fact.")
-    layers, prefixes, moments, rows, Z, opt_losses = prepare(
+    layers, prefixes, moments, rows, Z, opt_losses, two = prepare(
         model, facts, layers, prefixes, moments, n_prefixes=n_prefixes, stats_tokens=stats_tokens, seed=seed,
-        steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp)
+        steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp, prompt_key=prompt_key)
 
     def solve(L, K, R):  # R K^T (lam C + K K^T)^-1
         return torch.linalg.solve(lam * moments[L][0].double() + K @ K.T, K @ R.T).T
 
-    edits, _ = spread(model, rows, Z, layers, solve, f"MEMIT {len(facts)} facts:")
+    edits, _ = spread(model, rows, Z, layers, solve, f"MEMIT {len(facts)} facts:", two)
     settings = {"layers": layers, "facts": [_fact_dict(f) for f in facts],
-                "prefixes": prefixes, "lam": lam, "losses": opt_losses,
+                "prefixes": prefixes, "lam": lam, "losses": opt_losses, "prompt_key": two,
                 "stats_tokens": {L: moments[L][1] for L in layers}, "steps": steps, "lr": lr,
                 "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp, "seed": seed}
     return Plan(edits=edits, method="memit", fingerprint=model.fingerprint, settings=settings)
