@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mechanic
+from conftest import ARCHS
 from mechanic.improve.edit_metrics import counterfact, target_logprobs
 from mechanic.steer.edit import Fact
 from mechanic.testing.tiny import tiny_model
@@ -42,3 +43,16 @@ def test_counterfact_counts(worded):
     assert r["n"] == {"es": 1, "ps": 2, "ns": 1}
     with pytest.raises(ValueError, match="target_true"):
         counterfact(worded, [Fact("Paris is in", "Paris", " Italy")])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_run_keeps_the_last_k_logits(arch):
+    """run(last_only=k) computes the unembedding at the last k positions only, equal to the full logits there
+    (teacher_forced reads the targets at the end of left-padded rows this way)."""
+    m = mechanic.load(tiny_model(arch))
+    ids = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    full = m.run(ids).logits
+    for k in (1, 3):
+        got = m.run(ids, last_only=k).logits
+        assert got.shape[1] == k
+        assert (got - full[:, -k:]).abs().max().item() < 1e-5

@@ -37,9 +37,10 @@ def teacher_forced(model, prompts: list[str], targets: list[str], batch_size: in
             a, b = tok(p)["input_ids"], tok(t, add_special_tokens=False)["input_ids"] if t else []
             rows.append(a + b)
             spans.append((len(a), b))
-        inputs = model.inputs(rows)  # left padded
-        width = inputs["input_ids"].shape[1]
-        logp = torch.log_softmax(model.run(inputs).logits.float(), -1)
+        inputs = model.inputs(rows)  # left padded: every target ends the row, so the last k positions hold them
+        k = max(max(1, len(tgt)) for _, tgt in spans) + 1
+        logp = torch.log_softmax(model.run(inputs, last_only=k).logits.float(), -1)
+        width = logp.shape[1]
         for i, (r, (start, tgt)) in enumerate(zip(rows, spans)):
             pos = torch.arange(max(1, len(tgt))) + width - len(r) + start - 1
             sums.append(float(logp[i, pos[:len(tgt)], torch.tensor(tgt, dtype=torch.long)].sum()))

@@ -416,7 +416,7 @@ def frozen_parameters(module: torch.nn.Module):
 
 def run(model, inputs, cache: Iterable = (), interventions: Iterable[Intervention] = (),
         stop_at: int | str | None = None, grad: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        pos=None, rows=None, capture_calls: Iterable[str] = (), last_only: bool = False,
+        pos=None, rows=None, capture_calls: Iterable[str] = (), last_only: bool | int = False,
         cache_device: str | torch.device | None = None) -> Run:
     """Run the model once.
 
@@ -425,8 +425,9 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
     stop_at: a layer index, or "auto" to stop after the last layer any site needs (logits are None then).
     grad: metric(logits) -> scalar; gradients of it w.r.t. every cached site land in `Run.grads`.
     Parameters get no gradients and nothing upstream of the first cached site is kept for backward.
-    last_only: compute logits at the last position only (shape [batch, 1, vocab]); the unembedding is
-    often the largest matmul of a short prompt, and most metrics read only the last position.
+    last_only: compute logits at the last position only (shape [batch, 1, vocab]), or at the last k
+    positions when an int k; the unembedding is often the largest matmul of a short prompt, and most
+    metrics read only the last position (or a short target at the end).
     capture_calls: dotted module paths (e.g. "model.layers.3"); `Run.calls[path]` lists the (args, kwargs)
     of each call of that module (tensors detached), so a module can be called again exactly as the model did.
     cache_device: where cached values (and gradients) land, e.g. "cpu" for a model on accelerators; default:
@@ -442,7 +443,7 @@ def run(model, inputs, cache: Iterable = (), interventions: Iterable[Interventio
                        _device(cache_device))
     session.batch_size = batch["input_ids"].shape[0]
     logits, metric = None, None
-    keep = {"logits_to_keep": 1} if last_only else {}
+    keep = {"logits_to_keep": int(last_only)} if last_only else {}
     paths = [capture_calls] if isinstance(capture_calls, str) else list(capture_calls)
     with session, _capture(model, paths) as calls:
         if grad is None:
