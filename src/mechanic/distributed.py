@@ -188,6 +188,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+def each(jobs: list) -> list:
+    """Every job's result (jobs: callables of no argument), in order; under torchrun the jobs are dealt round-robin
+    over the ranks, each run whole by one rank (inside `local`), and the results gathered on every rank.
+
+    A job's result is the one-process result bit for bit (the same computation); a rank that raises is named.
+    """
+    if not active():
+        return [job() for job in jobs]
+    r, w = rank(), world()
+
+    def mine():
+        with local():
+            return {i: job() for i, job in enumerate(jobs) if i % w == r}
+    parts = run(mine)
+    return [parts[i % w][i] for i in range(len(jobs))]
+
+
 def weighted_mean(values: list[torch.Tensor], weights: list[int]) -> torch.Tensor:
     """sum_i w_i v_i / sum_i w_i in float64, in the given order: per-shard means -> the mean over all items."""
     total = sum(weights)
@@ -199,5 +216,5 @@ def weighted_mean(values: list[torch.Tensor], weights: list[int]) -> torch.Tenso
     return acc / total
 
 
-__all__ = ["DistributedError", "active", "barrier", "bounds", "decide", "gather", "gather_rows", "init",
+__all__ = ["DistributedError", "active", "barrier", "bounds", "decide", "each", "gather", "gather_rows", "init",
            "is_distributed", "is_main", "local", "rank", "run", "shard", "weighted_mean", "world"]

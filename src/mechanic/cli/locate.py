@@ -37,7 +37,8 @@ app.add_typer(locate_app, name="locate")
 @locate_app.callback()
 def _ranks() -> None:
     """Under torchrun (`torchrun --nproc-per-node N -m mechanic locate ...`) join the process group: patch, atp,
-    eap and neurons split their examples over the ranks, and rank 0 alone writes and prints (main())."""
+    eap and neurons split their examples over the ranks, trace its restorations, outliers its calibration batches
+    and perplexity checks; rank 0 alone writes and prints (main())."""
     from mechanic import distributed as D
 
     D.init()

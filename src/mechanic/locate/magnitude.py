@@ -9,6 +9,11 @@
 Every statistic streams over token windows (mechanic.data.windows), so calibration over many
 tokens keeps one batch of activations in memory. Weights are only changed inside `zeroed_weight`,
 which restores them bit for bit.
+
+Under torchrun (mechanic.distributed) every statistic splits its batches of windows over the ranks and
+reduces what they found (maxima with their place, histogram counts, sums), and the perplexity checks (a
+super weight and its random controls, each pruned expert) are dealt over the ranks whole; the results equal
+one process (whole batches per rank: bit for bit but for the order of the sinks' float64 sums).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mechanic import distributed as D
 from mechanic.data.windows import batches, windows
 from mechanic.model.perplexity import perplexity
 from mechanic.locate.scores import Scores
@@ -39,6 +45,30 @@ def _token(model, tid: int) -> str:
 
 def _provenance(model) -> dict:
     return {"model": model.name, "fingerprint": model.fingerprint}
+
+
+# ---------------------------------------------------------------- ranks
+def _share(wins, batch_size: int, split: bool) -> list[tuple[int, torch.Tensor]]:
+    """(index of its first window, [b, L] batch) of each batch this rank computes.
+
+    One process: every batch. Split over ranks: a contiguous block of whole batches, so each forward is the
+    one-process forward; with fewer batches than ranks, a contiguous block of each batch's windows instead
+    (smaller forwards: equal to ~1e-7)."""
+    out, start = [], 0
+    for ids in batches(wins, batch_size):
+        out.append((start, ids))
+        start += ids.shape[0]
+    if not split:
+        return out
+    if len(out) >= D.world():
+        lo, hi = D.bounds(len(out))
+        return out[lo:hi]
+    return [(s + lo, ids[lo:hi]) for s, ids in out for lo, hi in [D.bounds(ids.shape[0])] if hi > lo]
+
+
+def _ranks(fn, split: bool) -> list:
+    """[fn()] in one process; split over ranks, every rank's fn() in rank order (a rank that raises is named)."""
+    return D.run(fn) if split else [fn()]
 
 
 # ---------------------------------------------------------------- massive activations
@@ -88,28 +118,37 @@ def massive_activations(model, texts, *, seq_len: int = 128, batch_size: int = 8
     (Sun et al. 2024: > 100 and about 1000x). Medians come from a log-spaced streaming histogram
     (relative error recorded in settings); maxima are exact.
     """
+    split = D.active()
     wins = windows(model, texts, seq_len, max_tokens)
     L, d = model.dims.n_layers, model.dims.d_model
-    best = torch.zeros(L, d)
-    signed = torch.zeros(L, d)
-    where = torch.zeros(L, d, 2, dtype=torch.long)  # (window, position)
-    hist = _LogHistogram(L)
     sites = [f"L{l}.resid_post" for l in range(L)]
-    start = 0
-    for ids in batches(wins, batch_size):
-        run = model.run(ids.to(model.device), cache=sites, interventions=_ivs(interventions), stop_at="auto")
-        b, P = ids.shape
-        for l in range(L):
-            h = run[sites[l]].float().cpu().reshape(b * P, d)
-            a = h.abs()
-            hist.add(l, a)
-            m, idx = a.max(0)
-            up = m > best[l]
-            best[l] = torch.where(up, m, best[l])
-            signed[l] = torch.where(up, h.gather(0, idx[None])[0], signed[l])
-            where[l, up, 0] = start + idx[up] // P
-            where[l, up, 1] = idx[up] % P
-        start += b
+
+    def maxima():
+        best = torch.zeros(L, d)
+        signed = torch.zeros(L, d)
+        where = torch.zeros(L, d, 2, dtype=torch.long)  # (window, position)
+        hist = _LogHistogram(L)
+        for start, ids in _share(wins, batch_size, split):
+            run = model.run(ids.to(model.device), cache=sites, interventions=_ivs(interventions), stop_at="auto")
+            b, P = ids.shape
+            for l in range(L):
+                h = run[sites[l]].float().cpu().reshape(b * P, d)
+                a = h.abs()
+                hist.add(l, a)
+                m, idx = a.max(0)
+                up = m > best[l]
+                best[l] = torch.where(up, m, best[l])
+                signed[l] = torch.where(up, h.gather(0, idx[None])[0], signed[l])
+                where[l, up, 0] = start + idx[up] // P
+                where[l, up, 1] = idx[up] % P
+        return best, signed, where, hist
+
+    (best, signed, where, hist), *later = _ranks(maxima, split)
+    for b2, s2, w2, h2 in later:   # later ranks hold later windows: a tie keeps the earlier place, as one process
+        up = b2 > best
+        best, signed = torch.where(up, b2, best), torch.where(up, s2, signed)
+        where[up] = w2[up]
+        hist.counts += h2.counts
     medians = [hist.median(l) for l in range(L)]
     top = []
     for l in range(L):
@@ -178,25 +217,36 @@ def _dense_layers(model) -> list[int]:
     return [l for l in range(model.dims.n_layers) if not model.is_moe(l)]
 
 
-def _down_proj_stats(model, wins, layers: list[int], batch_size: int) -> dict[int, dict]:
+def _down_proj_stats(model, wins, layers: list[int], batch_size: int, split: bool = False) -> dict[int, dict]:
     """Per layer: max |down_proj output| with its dim and token, and the largest |input| neuron at that token."""
     a = model.arch
     sites = [f"L{l}.neuron" for l in layers]
-    stats = {l: {"out": -1.0, "in": 0.0, "row": 0, "col": 0, "max_in": 0.0} for l in layers}
-    for ids in batches(wins, batch_size):
-        run = model.run(ids.to(model.device), cache=sites, stop_at="auto")
-        for l, s in zip(layers, sites):
-            mod = model.layer_module(l, a.down_proj)
-            x = run[s].reshape(-1, run[s].shape[-1])
-            with torch.no_grad():
-                y = torch.nn.functional.linear(x, a.down_weight(mod), getattr(mod, "bias", None))
+
+    def maxima():
+        stats = {l: {"out": -1.0, "in": 0.0, "row": 0, "col": 0, "max_in": 0.0} for l in layers}
+        for _, ids in _share(wins, batch_size, split):
+            run = model.run(ids.to(model.device), cache=sites, stop_at="auto")
+            for l, s in zip(layers, sites):
+                mod = model.layer_module(l, a.down_proj)
+                x = run[s].reshape(-1, run[s].shape[-1])
+                with torch.no_grad():
+                    y = torch.nn.functional.linear(x, a.down_weight(mod), getattr(mod, "bias", None))
+                st = stats[l]
+                st["max_in"] = max(st["max_in"], float(x.abs().max()))
+                m = float(y.abs().max())
+                if m > st["out"]:
+                    t, j = divmod(int(y.abs().argmax()), y.shape[-1])
+                    kk = int(x[t].abs().argmax())
+                    st.update(out=m, row=j, col=kk, **{"in": float(x[t, kk].abs())})
+        return stats
+
+    stats, *later = _ranks(maxima, split)
+    for other in later:           # in rank order: a tie keeps the earlier token, as one process
+        for l, o in other.items():
             st = stats[l]
-            st["max_in"] = max(st["max_in"], float(x.abs().max()))
-            m = float(y.abs().max())
-            if m > st["out"]:
-                t, j = divmod(int(y.abs().argmax()), y.shape[-1])
-                kk = int(x[t].abs().argmax())
-                st.update(out=m, row=j, col=kk, **{"in": float(x[t, kk].abs())})
+            st["max_in"] = max(st["max_in"], o["max_in"])
+            if o["out"] > st["out"]:
+                st.update(out=o["out"], row=o["row"], col=o["col"], **{"in": o["in"]})
     return stats
 
 
@@ -241,6 +291,7 @@ def super_weights(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     if max_iter < 1 or n_random < 0:
         raise MagnitudeError(f"super_weights needs max_iter >= 1 search passes and n_random >= 0 random controls; "
                              f"got max_iter={max_iter}, n_random={n_random}.")
+    split = D.active()
     layers = _dense_layers(model)
     if not layers:
         raise MagnitudeError("This model has no dense FFN layer (every layer is mixture-of-experts), so it has no "
@@ -250,7 +301,7 @@ def super_weights(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     first = None
     with _all_zeroed(model, found) as zero_next:
         for it in range(max_iter):
-            stats = _down_proj_stats(model, wins, layers, batch_size)
+            stats = _down_proj_stats(model, wins, layers, batch_size, split)
             first = first or stats
             l = _spike(stats, spike_ratio, min_value)
             if l is None:
@@ -269,14 +320,19 @@ def super_weights(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     if verify and found:
         held = heldout if heldout is not None else texts
         ppl = lambda: perplexity(model, held, seq_len, batch_size, verify_tokens).ppl  # noqa: E731
-        base = ppl()
+
+        def zeroed_ppl(layer: int, row: int, col: int):
+            def job():
+                with zeroed_weight(model, layer, row, col):
+                    return ppl()
+            return job
         for c in found:
-            with zeroed_weight(model, c.layer, c.row, c.col):
-                c.ppl = ppl()
             c.random_weights = _matched_random(model, c.layer, c.row, c.col, n_random, seed)
-            for j, kk, _ in c.random_weights:
-                with zeroed_weight(model, c.layer, j, kk):
-                    c.ppl_random.append(ppl())
+        jobs = [ppl] + [zeroed_ppl(c.layer, j, kk) for c in found
+                        for j, kk in [(c.row, c.col)] + [(j, kk) for j, kk, _ in c.random_weights]]
+        base, *ppls = D.each(jobs)     # independent perplexities: dealt over the ranks under torchrun
+        for c in found:
+            c.ppl, c.ppl_random, ppls = ppls[0], ppls[1:1 + len(c.random_weights)], ppls[1 + len(c.random_weights):]
             worst = max([abs(p - base) for p in c.ppl_random], default=0.0)
             c.verified = (c.ppl - base) > verify_factor * worst and c.ppl > base
     settings = {"spike_ratio": spike_ratio, "min_value": min_value, "max_iter": max_iter, "n_random": n_random,
@@ -333,24 +389,32 @@ def attention_sinks(model, texts, interventions=(), *, seq_len: int = 128, batch
     sink_tokens: strings that are one token each (e.g. "\\n", ".") or token ids; their column is the
     mass on every later occurrence of that token. Run once without and once with `interventions` to compare.
     """
+    split = D.active()
     wins = windows(model, texts, seq_len, max_tokens)
     d = model.dims
     sink_ids = [_one_token(model, s) for s in sink_tokens]
     sites = [f"L{l}.head.pattern" for l in range(d.n_layers)]
-    total = torch.zeros(d.n_layers, d.n_heads, 1 + len(sink_ids), dtype=torch.float64)
-    count = 0
-    for ids in batches(wins, batch_size):
-        if ids.shape[1] < 2:
-            continue
-        run = model.run(ids.to(model.device), cache=sites, interventions=_ivs(interventions), stop_at="auto")
-        for l, s in enumerate(sites):
-            p = run[s][:, 1:].double().cpu()             # [b, q >= 1, H, k]
-            total[l, :, 0] += p[..., 0].sum((0, 1))
-            for i, tid in enumerate(sink_ids):
-                keys = (ids == tid).clone()
-                keys[:, 0] = False
-                total[l, :, 1 + i] += (p * keys[:, None, None, :].double()).sum(-1).sum((0, 1))
-        count += ids.shape[0] * (ids.shape[1] - 1)
+
+    def sums():
+        total = torch.zeros(d.n_layers, d.n_heads, 1 + len(sink_ids), dtype=torch.float64)
+        count = 0
+        for _, ids in _share(wins, batch_size, split):
+            if ids.shape[1] < 2:
+                continue
+            run = model.run(ids.to(model.device), cache=sites, interventions=_ivs(interventions), stop_at="auto")
+            for l, s in enumerate(sites):
+                p = run[s][:, 1:].double().cpu()             # [b, q >= 1, H, k]
+                total[l, :, 0] += p[..., 0].sum((0, 1))
+                for i, tid in enumerate(sink_ids):
+                    keys = (ids == tid).clone()
+                    keys[:, 0] = False
+                    total[l, :, 1 + i] += (p * keys[:, None, None, :].double()).sum(-1).sum((0, 1))
+            count += ids.shape[0] * (ids.shape[1] - 1)
+        return total, count
+
+    (total, count), *later = _ranks(sums, split)
+    for t2, c2 in later:
+        total, count = total + t2, count + c2
     if count == 0:
         raise MagnitudeError("No window has two tokens; give more text.")
     values = (total / count).reshape(d.n_layers * d.n_heads, -1)
@@ -417,11 +481,18 @@ def super_experts(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     shared = bool(model.arch.shared_expert)
     names = [f"L{l}.expert{e}" for l in moe for e in range(d.n_experts)] + \
             ([f"L{l}.shared_expert" for l in moe] if shared else [])
-    M = {n: 0.0 for n in names}
+    split = D.active()
     wins = windows(model, texts, seq_len, max_tokens)
-    probes = [apply_fn(n, _max_probe(M, n)) for n in names]
-    for ids in batches(wins, batch_size):
-        model.run(ids.to(model.device), interventions=probes, stop_at="auto")
+
+    def maxima():
+        M = {n: 0.0 for n in names}
+        probes = [apply_fn(n, _max_probe(M, n)) for n in names]
+        for _, ids in _share(wins, batch_size, split):
+            model.run(ids.to(model.device), interventions=probes, stop_at="auto")
+        return M
+
+    parts = _ranks(maxima, split)
+    M = {n: max(p[n] for p in parts) for n in names}
     limit = layer_fraction * d.n_layers
     pool = [n for n in names if int(n[1:n.index(".")]) < limit]
     vals = torch.tensor([M[n] for n in pool], dtype=torch.float64)
@@ -443,15 +514,17 @@ def super_experts(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
             sink = attention_sinks(model, held, ivs, seq_len=seq_len, batch_size=batch_size,
                                    max_tokens=prune_tokens).settings["mean_first_mass"]
             return ppl, sink
-        baseline["ppl"], baseline["sink"] = measure([])
+        prunes = []
         for s in sup[:max_prune]:
-            modes = {"zero": zero(s["site"])}
+            prunes.append((s, "zero", zero(s["site"])))
             if s["expert"] is not None:
-                modes["router_mask"] = router_mask(s["layer"], s["expert"])
-            for mode, iv in modes.items():
-                ppl, sink = measure([iv])
-                pruning.append({"site": s["site"], "mode": mode, "ppl": ppl, "ppl_change": ppl - baseline["ppl"],
-                                "sink": sink, "sink_change": sink - baseline["sink"]})
+                prunes.append((s, "router_mask", router_mask(s["layer"], s["expert"])))
+        # independent measurements: dealt over the ranks under torchrun
+        (baseline["ppl"], baseline["sink"]), *measured = D.each(
+            [lambda: measure([])] + [lambda iv=iv: measure([iv]) for _, _, iv in prunes])
+        for (s, mode, _), (ppl, sink) in zip(prunes, measured):
+            pruning.append({"site": s["site"], "mode": mode, "ppl": ppl, "ppl_change": ppl - baseline["ppl"],
+                            "sink": sink, "sink_change": sink - baseline["sink"]})
     settings.update(super=sup, pruning=pruning, baseline=baseline)
     scores = Scores(torch.tensor([M[n] for n in names]), names, "super_experts", metric="max |expert output|",
                     settings=settings, **_provenance(model))

@@ -15,6 +15,12 @@ P is the answer's softmax probability at the last position, averaged over the no
 indirect effect of (l, i) is P_restored - P_noised. Tokens before the first subject token see no noise,
 so restoring them changes nothing: their effect is 0 by construction and they are not run.
 
+Under torchrun (mechanic.distributed) the restorations are split over the ranks: every rank runs the clean
+and noised runs, then the rows ((layer, token), sample) of each token are dealt round-robin over the ranks
+(a balanced share of every start layer), each rank restores its rows, and every rank gathers all the
+probabilities and averages them as one process does. A row's probability depends only on its own inputs, so
+the result equals one process up to the batching of the rows (~1e-7).
+
 Fast by construction (mechanic.model.reuse, as activation patching): the noised runs (one row per
 sample) are recorded once with their key/value cache; a restoration at token i from layer l on changes
 neither the columns before i nor the layers below l, so each restoration is one batch row that computes
@@ -31,6 +37,7 @@ from typing import Sequence
 
 import torch
 
+from mechanic import distributed as D
 from mechanic.locate.scores import Scores
 from mechanic.model.interventions import add, replace
 from mechanic.model.reuse import prefix, suffix_logits
@@ -170,11 +177,14 @@ def _prob(logits: torch.Tensor, answer: int) -> torch.Tensor:
     return torch.softmax(logits.float(), -1)[:, answer].cpu()
 
 
-def _plan(units: list, samples: int, batch_size: int, low) -> list:
-    """Forwards of at most batch_size rows ((layer, position), sample): one restored column each, by start layer."""
+def _plan(units: list, samples: int, batch_size: int, low, rank: int = 0, world: int = 1) -> list:
+    """Forwards of at most batch_size rows ((layer, position), sample): one restored column each, by start layer.
+
+    With world > 1, rank `rank`'s share: every world-th row of each column's rows in start-layer order."""
     plan = []
     for t in sorted({t for _, t in units}):
         rows = sorted(((u, s) for u in units if u[1] == t for s in range(samples)), key=lambda r: low(r[0][0]))
+        rows = rows[rank::world]
         plan += [(t, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     return plan
 
@@ -226,51 +236,63 @@ def causal_trace(model, prompt, answer, subject, kind: str = "hidden", *, sample
     dtype = next(model.hf.parameters()).dtype
     draws = draws.to(device=model.device, dtype=dtype)
 
-    # clean run: the states to restore and P_clean
-    need = sorted({j for l in layer_list for j in _window(l, win, n_layers)})
-    clean = model.run(ids, cache=[f"L{j}.{part}" for j in need], last_only=True)
-    p_clean = float(torch.softmax(clean.logits[0, -1].float(), -1)[ans])
-
-    # noised runs, one row per sample: P_noised, the prefix every restoration starts from, and (hidden / mlp)
-    # the noised state at each window's lowest layer, which a restoration there replaces
-    low = {l: min(_window(l, win, n_layers)) for l in layer_list}
-    fold = kind != "attn"
-    noised = [f"L{j}.{part}" for j in sorted(set(low.values()))] if fold else []
-    base = prefix(model, ids.expand(samples, T), cache=noised, interventions=[add("embed", draws, pos=subj)],
-                  last_only=True)
-    p_noised = float(_prob(base.logits, ans).mean())
-
     # A restored resid_post / mlp_out at the window's lowest layer j changes only token t's output of layer j
     # (the later tokens of layer j read token t's input, which is unchanged): the row adds the difference to
     # L{j}.resid_post and starts at layer j + 1. A restored attn_out changes token t's MLP input at layer j,
     # so that row starts at layer j.
+    low = {l: min(_window(l, win, n_layers)) for l in layer_list}
+    fold = kind != "attn"
     start_of = {l: low[l] + fold for l in layer_list}
     first = min(subj)
     units = [(l, t) for l in layer_list for t in pos_list if t >= first]
-    chunks = _plan(units, samples, batch_size, start_of.__getitem__)
-    if progress:
-        from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc=f"causal trace ({kind})")
+    split = D.active()   # under torchrun, and not inside one rank's share of other work (D.local)
+
+    def forwards() -> tuple[float, float, list]:
+        """P_clean, P_noised and (unit, sample, P_restored) of this rank's rows: every forward of the trace."""
+        # clean run: the states to restore and P_clean
+        need = sorted({j for l in layer_list for j in _window(l, win, n_layers)})
+        clean = model.run(ids, cache=[f"L{j}.{part}" for j in need], last_only=True)
+        p_clean = float(torch.softmax(clean.logits[0, -1].float(), -1)[ans])
+
+        # noised runs, one row per sample: P_noised, the prefix every restoration starts from, and (hidden / mlp)
+        # the noised state at each window's lowest layer, which a restoration there replaces
+        noised = [f"L{j}.{part}" for j in sorted(set(low.values()))] if fold else []
+        base = prefix(model, ids.expand(samples, T), cache=noised, interventions=[add("embed", draws, pos=subj)],
+                      last_only=True)
+        p_noised = float(_prob(base.logits, ans).mean())
+
+        chunks = _plan(units, samples, batch_size, start_of.__getitem__,
+                       *((D.rank(), D.world()) if split else (0, 1)))
+        if progress:
+            from tqdm.auto import tqdm
+            chunks = tqdm(chunks, desc=f"causal trace ({kind})")
+        out = []
+        for t, chunk in chunks:
+            rows = torch.tensor([s for _, s in chunk], device=model.device)
+            start = torch.tensor([start_of[l] for (l, _), _ in chunk])
+            ivs = []
+            later = [k for k, q in enumerate(subj) if q >= t]  # subject tokens the suffix still holds: noised
+            if later:
+                ivs.append(add("embed", draws[rows][:, later], pos=[subj[k] - t for k in later]))
+            for j in sorted({j for (l, _), _ in chunk for j in _window(l, win, n_layers)}):
+                site = f"L{j}.{part}"
+                hit = [r for r, ((l, _), _) in enumerate(chunk) if j in _window(l, win, n_layers)]
+                folded = [r for r in hit if fold and low[chunk[r][0][0]] == j]
+                rest = [r for r in hit if not (fold and low[chunk[r][0][0]] == j)]
+                if folded:
+                    delta = clean[site][0, t] - base.cache[site][rows[folded], t]
+                    ivs.append(add(f"L{j}.resid_post", delta, pos=0, rows=folded))
+                if rest:
+                    ivs.append(replace(site, clean[site][0, t], pos=0, rows=rest))
+            p = _prob(suffix_logits(model, base, rows, t, start, ivs), ans)
+            out += [(unit, s, float(v)) for (unit, s), v in zip(chunk, p)]
+        return p_clean, p_noised, out
+
+    shares = D.run(forwards) if split else [forwards()]   # a rank that raises is named on every rank
+    p_clean, p_noised, _ = shares[0]
     probs = {u: torch.zeros(samples) for u in units}
-    for t, chunk in chunks:
-        rows = torch.tensor([s for _, s in chunk], device=model.device)
-        start = torch.tensor([start_of[l] for (l, _), _ in chunk])
-        ivs = []
-        later = [k for k, q in enumerate(subj) if q >= t]  # subject tokens the suffix still holds: noised
-        if later:
-            ivs.append(add("embed", draws[rows][:, later], pos=[subj[k] - t for k in later]))
-        for j in sorted({j for (l, _), _ in chunk for j in _window(l, win, n_layers)}):
-            site = f"L{j}.{part}"
-            hit = [r for r, ((l, _), _) in enumerate(chunk) if j in _window(l, win, n_layers)]
-            folded = [r for r in hit if fold and low[chunk[r][0][0]] == j]
-            rest = [r for r in hit if not (fold and low[chunk[r][0][0]] == j)]
-            if folded:
-                delta = clean[site][0, t] - base.cache[site][rows[folded], t]
-                ivs.append(add(f"L{j}.resid_post", delta, pos=0, rows=folded))
-            if rest:
-                ivs.append(replace(site, clean[site][0, t], pos=0, rows=rest))
-        p = _prob(suffix_logits(model, base, rows, t, start, ivs), ans)
-        for (unit, s), v in zip(chunk, p):
+    for _, _, share in shares:
+        for unit, s, v in share:
             probs[unit][s] = v
     values = torch.zeros(len(layer_list), len(pos_list))
     for a, l in enumerate(layer_list):
