@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import mechanic
 from mechanic import memory
 from mechanic.locate.causal import patch
-from mechanic.locate.gradient import atp
+from mechanic.locate import gradient
+from mechanic.locate.gradient import atp, eap, rows
 from mechanic.model.parallel import collect
 from mechanic.model.spill import SpilledCache
 from mechanic.tasks.task import Example, Task
@@ -132,6 +133,17 @@ def test_patching_estimate_matches_measured_peak(word_tokenizer):
     close(est.at(32), got)
 
 
+@pytest.mark.parametrize("ig_steps, ig_batch", [(None, 1), (3, 1), (4, 2)])
+@fresh_process
+def test_edges_estimate_matches_measured_peak(ig_steps, ig_batch, word_tokenizer):
+    m = wide(word_tokenizer)
+    batch = task(m, 8, 60)
+    eap(m, rows(batch, slice(0, 2)), batch_size=2, ig_steps=ig_steps, ig_batch=ig_batch)    # warm-up
+    est = memory.edges(m, batch.n, batch.seq, ig_steps, ig_batch, padded=False)
+    _, got = peak(lambda: eap(m, batch, batch_size=4, ig_steps=ig_steps, ig_batch=ig_batch))
+    close(est.at(4), got)
+
+
 @fresh_process
 def test_training_estimate_matches_measured_peak():
     from mechanic.features.trainer import DictConfig, Trainer
@@ -190,6 +202,27 @@ def test_refuses_with_what_would_fit(monkeypatch, word_tokenizer):
     assert isinstance(e.value, ValueError)            # the CLI prints ValueErrors as one paragraph
     with pytest.raises(memory.MemoryPlanError):
         atp(m, task(m, 4, 6), "head", batch_size=None)
+
+
+def test_eap_plans_its_chunks_and_refuses_what_cannot_fit(monkeypatch, word_tokenizer):
+    m = small(word_tokenizer)
+    t = task(m, 6, 6)
+    est = memory.edges(m, t.n, t.seq, ig_steps=3, padded=False)
+    budget = est.at(2) + est.per_row // 2                     # room for 2 examples a chunk, not 3
+    assert memory.plan_batch(est, budget) == 2
+    sizes = []
+    chunks = gradient._edge_chunks
+    monkeypatch.setattr(gradient, "_edge_chunks", lambda *a, **k: sizes.append(a[5]) or chunks(*a, **k))
+    monkeypatch.setenv("MECHANIC_MEMORY_BUDGET", str(budget))
+    planned = eap(m, t, ig_steps=3, batch_size=None)
+    assert sizes == [2]
+    whole = eap(m, t, ig_steps=3, batch_size=t.n)              # one chunk of every example: the reference
+    assert (planned.values - whole.values).abs().max() < 1e-5
+    monkeypatch.setenv("MECHANIC_MEMORY_BUDGET", str(est.at(1) - 1))
+    with pytest.raises(memory.MemoryPlanError) as e:
+        eap(m, t, ig_steps=3, batch_size=None)
+    text = str(e.value)
+    assert "\n" not in text and "EAP-IG" in text and "What would fit" in text and "dtype" in text
 
 
 def test_available_is_positive_and_bounded_by_meminfo():
@@ -252,3 +285,18 @@ def test_estimates_match_measured_peaks_on_smollm2(smollm2):
     resid = [f"L{i}.resid_pre" for i in range(m.dims.n_layers)]
     _, got = peak(lambda: patch(m, batch, "resid_pre", positions=[first_diff(batch)], batch_size=60, progress=False))
     close(memory.patching(m, batch.n, batch.seq, resid).at(60), got)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("ig_steps", [None, 3])
+@fresh_process
+def test_edges_estimate_matches_measured_peak_on_smollm2(ig_steps, smollm2):
+    from mechanic.tasks.builtin import load_task
+
+    m, suite = smollm2, load_task("ioi")
+    batch = Task("ioi", suite.examples[:4], suite.metric).tokenize(m)
+    eap(m, rows(batch, slice(0, 1)), batch_size=1, ig_steps=ig_steps)    # warm-up
+    padded = bool((batch.clean["attention_mask"] == 0).any())
+    est = memory.edges(m, batch.n, batch.seq, ig_steps, padded=padded)
+    _, got = peak(lambda: eap(m, batch, batch_size=4, ig_steps=ig_steps))
+    close(est.at(4), got)

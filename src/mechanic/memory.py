@@ -1,6 +1,6 @@
 """Memory planning: an operation's peak bytes estimated from the model's sizes and the request, before it runs.
 
-Each estimate is an `Estimate`: bytes held whatever the batch (`fixed`), bytes per batch row (`per_row`), and
+Estimates: cache, patching, gradient (AtP), edges (EAP / EAP-IG), training. Each estimate is an `Estimate`: bytes held whatever the batch (`fixed`), bytes per batch row (`per_row`), and
 a batch-independent phase that may be the peak instead (`floor`, e.g. the unpatched runs of a patching sweep).
 `plan_batch` picks the largest batch that fits a budget (by default 80% of `available()` memory on the model's
 device) or raises `MemoryPlanError`, one paragraph saying what would fit. The counts follow the Hugging Face
@@ -228,6 +228,50 @@ def gradient(model, sites, rows: int, seq: int) -> Estimate:
                     parts={"run without gradients, per row": clean, "gradient run, per row": graph})
 
 
+def _graph_run(s: Sizes, seq: int, padded: bool) -> int:
+    """Bytes per row of one gradient run of the component graph (mechanic.locate.gradient.receiver_grads) at its
+    peak: the senders' outputs, the receivers' inputs, their gradients and the gradients' copy (4 x [nodes, seq,
+    d_model]); what autograd saves, per layer, for the heads' run on H copies of the residual (q and the attention
+    output, k and v, repeated to every head under a padding mask; rotary cos and sin) and for the MLP's run (its
+    input and _SAVE_MLP x d_mlp); and what the measured peak holds beyond those tensors (not a Python-visible or
+    collectable object; 70-110 MiB on SmolLM2 for 4 IOI prompts of 14 tokens, varying from run to run), counted as
+    each head copy's normed input and, in the MLP's call, its normed input, q, k, v, attention output and zeroed
+    projection. Checked against measured peaks in tests/test_memory.py."""
+    H, dh = s.n_heads, s.d_head
+    nodes = 1 + s.n_layers * (H + 1)
+    kv = H if padded else s.n_kv_heads
+    scores = H * seq if s.eager else 0
+    heads = H * (2 * H * dh + 2 * kv * dh + 2 * dh + scores + s.d_model)
+    mlp = s.d_model + _SAVE_MLP[s.gated] * s.d_mlp + 2 * s.d_model + 2 * H * dh + 2 * s.n_kv_heads * dh
+    return seq * s.itemsize * (4 * nodes * s.d_model + s.n_layers * (heads + mlp))
+
+
+def edges(model, rows: int, seq: int, ig_steps: int | None = None, ig_batch: int = 1, padded: bool = True) -> Estimate:
+    """EAP / EAP-IG over the component graph (mechanic.locate.gradient.eap) for `rows` examples of `seq` tokens, in
+    chunks of examples. Per example, held through its chunk: the clean and corrupted runs' full logits, the layer
+    calls captured from the clean run (each layer's input), and one run's sender outputs [nodes, seq, d_model] (EAP);
+    plus the gradient run of the graph (_graph_run). EAP-IG runs ig_batch points at a time as extra rows (each with
+    its own copy of the layer calls), and while a later run goes on it also holds the other run's sender outputs,
+    the summed gradients and the previous run's gradients (ig_batch x [nodes, seq, d_model]). padded: the prompts
+    are left padded (attention under a mask repeats k and v to every head)."""
+    s = sizes(model)
+    item, d, L = s.itemsize, s.d_model, s.n_layers
+    block = (1 + L * (s.n_heads + 1)) * seq * d * item            # one [nodes, seq, d_model] per row
+    k = 1 if ig_steps is None else min(ig_batch, ig_steps)
+    held = 2 * seq * s.vocab * item + L * seq * d * item           # full logits of both runs, captured layer inputs
+    tiled = L * k * seq * (d + 2 * s.d_head) * item if k > 1 else 0
+    run = k * _graph_run(s, seq, padded) + tiled
+    if ig_steps is None or ig_steps <= k:
+        outs = block                                               # the other run's sender outputs
+    else:
+        outs = 3 * block + k * block                               # both runs' outputs, summed and previous gradients
+    per_row = held + outs + run
+    what = "EAP" if ig_steps is None else f"EAP-IG ({ig_steps} points, {k} per run)"
+    return Estimate(f"{what} over the component graph x {seq} positions", 0, per_row, rows=rows,
+                    parts={"logits and layer calls, per example": held, "graph outputs, per example": outs,
+                           "graph gradient run, per example": run})
+
+
 def training(d_in: int, d_sae: int, batch: int, d_out: int | None = None, architecture: str = "topk",
              itemsize: int = 4) -> Estimate:
     """The first step of dictionary training (mechanic.features.trainer.Trainer, Adam), weights included. Its peak is
@@ -320,5 +364,5 @@ def plan_batch(est: Estimate, budget_bytes: int | None = None, device=None, hint
         "MECHANIC_MEMORY_BUDGET only if the memory is really there.")
 
 
-__all__ = ["Estimate", "MemoryPlanError", "Sizes", "available", "budget", "cache", "gradient", "parse_bytes",
+__all__ = ["Estimate", "MemoryPlanError", "Sizes", "available", "budget", "cache", "edges", "gradient", "parse_bytes",
            "patching", "plan_batch", "sizes", "training"]

@@ -558,6 +558,8 @@ def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: s
     with batch_size x ig_batch; the result does not depend on it). Default 1: on CPU a graph run is compute-bound
     and costs as much per row or more when it is wider (SmolLM2 IOI, 5 points: 1.0-1.1x the CPU time of one point
     a run, docs/BENCHMARKS.md); larger values are for accelerators, where a wider run is cheaper per row.
+    batch_size: examples per chunk; None: the largest chunk whose graph runs fit the memory budget
+    (mechanic.memory.edges; with features, every example in one chunk).
 
     features: False (the component graph), True (every attached dictionary), or the base sites of the
     dictionaries to use (e.g. ["L6.resid_post"]): their latents and error nodes become graph nodes in place
@@ -584,7 +586,14 @@ def eap(model, task: Task | TaskBatch, *, ig_steps: int | None = None, metric: s
     batch, task_name, task_metric = task_batch(model, task)
     need_corrupted(batch, "Edge attribution patching")
     mname, mfn = metric_fn(metric, task_metric)
-    n, size = batch.n, batch_size or batch.n
+    n, size = batch.n, batch_size
+    if size is None:   # the largest chunk of examples whose graph runs fit the memory budget
+        padded = bool((batch.clean["attention_mask"] == 0).any()) if "attention_mask" in batch.clean else False
+        est = memory.edges(model, n, batch.seq, ig_steps, ig_batch, padded)
+        size = memory.plan_batch(est, device=model.device, hints="fewer or shorter prompts" +
+                                 (", ig_batch=1" if ig_batch > 1 and ig_steps else ""))
+    if size < 1:
+        raise ValueError(f"batch_size must be a positive number of examples, got {batch_size}.")
     total = torch.zeros(len(graph.senders), len(graph.receivers), dtype=torch.float64)
     m_clean = m_corr = 0.0
     for ch in _edge_chunks(model, graph, batch, mfn, ig_steps, size, ig_batch):
