@@ -1,7 +1,7 @@
 """Memory planning: an operation's peak bytes estimated from the model's sizes and the request, before it runs.
 
-Estimates: cache, patching, gradient (AtP), edges (EAP / EAP-IG), training. Each estimate is an `Estimate`: bytes held whatever the batch (`fixed`), bytes per batch row (`per_row`), and
-a batch-independent phase that may be the peak instead (`floor`, e.g. the unpatched runs of a patching sweep).
+Estimates: cache, patching, gradient (AtP), edges (EAP / EAP-IG), training. Each is an `Estimate`: bytes held
+whatever the batch (`fixed`), bytes per batch row (`per_row`), and a batch-independent phase that may be the peak instead (`floor`, e.g. the unpatched runs of a patching sweep).
 `plan_batch` picks the largest batch that fits a budget (by default 80% of `available()` memory on the model's
 device) or raises `MemoryPlanError`, one paragraph saying what would fit. The counts follow the Hugging Face
 forward (what a decoder layer keeps alive at its widest point, what autograd saves for backward) and are checked
@@ -364,5 +364,5 @@ def plan_batch(est: Estimate, budget_bytes: int | None = None, device=None, hint
         "MECHANIC_MEMORY_BUDGET only if the memory is really there.")
 
 
-__all__ = ["Estimate", "MemoryPlanError", "Sizes", "available", "budget", "cache", "edges", "gradient", "parse_bytes",
-           "patching", "plan_batch", "sizes", "training"]
+__all__ = ["Estimate", "MemoryPlanError", "Sizes", "available", "budget", "cache", "edges", "gradient",
+           "parse_bytes", "patching", "plan_batch", "sizes", "training"]
