@@ -1,11 +1,12 @@
 """Memory planning: an operation's peak bytes estimated from the model's sizes and the request, before it runs.
 
 Estimates: cache, patching, gradient (AtP), edges (EAP / EAP-IG), training. Each is an `Estimate`: bytes held
-whatever the batch (`fixed`), bytes per batch row (`per_row`), and a batch-independent phase that may be the peak instead (`floor`, e.g. the unpatched runs of a patching sweep).
-`plan_batch` picks the largest batch that fits a budget (by default 80% of `available()` memory on the model's
-device) or raises `MemoryPlanError`, one paragraph saying what would fit. The counts follow the Hugging Face
-forward (what a decoder layer keeps alive at its widest point, what autograd saves for backward) and are checked
-against measured peaks in tests/test_memory.py and benchmarks/memory_planner.py (within 25%).
+whatever the batch (`fixed`), bytes per batch row (`per_row`), and a batch-independent phase that may be the
+peak instead (`floor`, e.g. the unpatched runs of a patching sweep). `plan_batch` picks the largest batch that
+fits a budget (by default 80% of `available()` memory on the model's device) or raises `MemoryPlanError`, one
+paragraph saying what would fit. The counts follow the Hugging Face forward (what a decoder layer keeps alive at
+its widest point, what autograd saves for backward) and are checked against measured peaks in
+tests/test_memory.py and benchmarks/memory_planner.py (within 25%).
 """
 
 from __future__ import annotations
