@@ -121,8 +121,13 @@ def cli_jobs():
         tiny_model("qwen2", vocab_size=len(tok), initializer_range=0.2).save_pretrained(root / "tiny")
         tok.save_pretrained(root / "tiny")
     D.barrier()
+    import mechanic
+
+    prompt = "In the morning the man went to the"
+    tiny = mechanic.load(str(root / "tiny"))       # trace the tiny model's own answer: a random word's
+    answer = tiny.tokenizer.decode([int(tiny.run(prompt, last_only=True).logits[0, -1].argmax())])  # P is ~1e-7
     out = {}
-    runs = {"trace": (["trace", "--prompt", "In the morning the man went to the", "--answer", " city",
+    runs = {"trace": (["trace", "--prompt", prompt, "--answer", answer,
                        "--subject", "the man", "--kind", "mlp", "--samples", "3", "--window", "2"], "scores.json"),
             "outliers": (["outliers", "--tokens", "256", "--detect-tokens", "128", "--verify-tokens", "128",
                           "--max-iter", "1", "--n-random", "1"], "attention_sinks.json")}
