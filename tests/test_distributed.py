@@ -183,6 +183,7 @@ def _worker(rank, world, store, job, out):
         result = (JOBS[job] if isinstance(job, str) else job)()
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()      # neither rank tears gloo down while the other still uses it (SIGABRT in CI under load)
     finally:
         dist.destroy_process_group()
 
