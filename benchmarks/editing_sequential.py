@@ -21,8 +21,8 @@ from mechanic.improve.edit_metrics import counterfact, curve_scores
 from mechanic.improve.evaluate import NEUTRAL_OPENINGS
 from mechanic.locate.trace import subject_positions
 from mechanic.steer.alphaedit import NullSpaces, alphaedit_update
-from mechanic.steer.edit import (context_prefixes, facts_from_task, layer_range, memit_targets, rome, spread,
-                                 trace_layers)
+from mechanic.steer.edit import (context_prefixes, facts_from_task, layer_range, memit_targets, memit_update, rome,
+                                 spread, trace_layers)
 from mechanic.steer.plan import Plan, PlanError
 from mechanic.steer.sequential import sequential
 from mechanic.steer.stats import second_moments
@@ -59,10 +59,8 @@ def calibrate(m, facts, layers, moments, prefixes, thresholds, alphas, lam) -> l
     out = []
     for pk in (False, True):
         z = Z if pk else Z[:, ::2]
-
-        def memit_solve(L, K, R):
-            return torch.linalg.solve(lam * moments[L][0].double() + K @ K.T, K @ R.T).T
-        s = _scored(m, spread(m, rows, z, layers, memit_solve, "calibration", pk)[0], facts)
+        s = _scored(m, spread(m, rows, z, layers, lambda L, K, R: memit_update(moments[L][0], K, R, lam),
+                              "calibration")[0], facts)
         out.append({"method": "memit", "prompt_key": pk, "lam": lam, **s})
         print(f"calibrate memit prompt_key {pk}: ES {s['es']:.2f} PS {s['ps']:.2f} NS {s['ns']:.2f}", flush=True)
         for thr in thresholds:
@@ -76,7 +74,7 @@ def calibrate(m, facts, layers, moments, prefixes, thresholds, alphas, lam) -> l
             for a in alphas:
                 def solve(L, K, R):
                     return alphaedit_update(state.projection(L, moments[L][0]), K, R, None, a)
-                s = _scored(m, spread(m, rows, z, layers, solve, "calibration", pk)[0], facts)
+                s = _scored(m, spread(m, rows, z, layers, solve, "calibration")[0], facts)
                 out.append({"method": "alphaedit", "prompt_key": pk, "threshold": thr, "alpha": a,
                             "null_dims": dict(state.dims), **s})
                 print(f"calibrate alphaedit prompt_key {pk} threshold {thr:g} alpha {a:g}: ES {s['es']:.2f} "

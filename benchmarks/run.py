@@ -27,6 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from plot_editing import NAMES  # noqa: E402  (the editing methods' display names, one table for page and figure)
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 PEERS_PY = HERE / ".venv-peers" / "bin" / "python"
 PEERS = ["nnsight", "transformer_lens", "pyvene"]
@@ -191,8 +193,8 @@ def sae_smollm2(model_dir: Path, args) -> dict:
 
 
 def editing_sequential(model_dir: Path, args) -> dict:
-    """benchmarks/editing_sequential.py (about 75 minutes: 5 methods x ~145 sequential edits, scored after every
-    batch) writes its own result and redraws nothing: benchmarks/plot_editing.py draws the figure."""
+    """benchmarks/editing_sequential.py (hours: 5 methods x ~145 sequential edits, scored after every batch)
+    writes its own result; benchmarks/plot_editing.py then redraws docs/figures/editing_sequential.svg from it."""
     subprocess.run([sys.executable, str(HERE / "editing_sequential.py")], check=True, env=_env())
     subprocess.run([sys.executable, str(HERE / "plot_editing.py")], check=True, env=_env())
     return json.loads((RESULTS / "editing_sequential.json").read_text())
@@ -600,9 +602,6 @@ def edit_lines(r: dict, meta: dict) -> list[str]:
               f"| MEMIT, all facts at once, layers {r['memit_layers']} | {r['memit_s']:.1f} | "
               f"{pct(r['memit_after']['es'])} | {pct(r['memit_after']['ps'])} | {pct(r['memit_after']['ns'])} |"]
     return lines
-
-
-NAMES = {"alphaedit": "AlphaEdit", "memit": "MEMIT", "rome": "ROME", "ft": "FT-L", "lora": "LoRA"}
 
 
 def _with_ci(p: dict, key: str, fmt: str) -> str:

@@ -129,7 +129,7 @@ def test_rome_prompt_key_holds_the_update_at_both_keys(arch, tokenizer, tmp_path
 def test_memit_prompt_key_adds_a_column_per_fact(tokenizer, tmp_path, monkeypatch):
     """MEMIT / AlphaEdit with prompt_key solve for two keys per fact (averaged, bare prompt): the bare prompt's
     output at the last edited layer moves further toward its target than with the averaged key alone."""
-    from mechanic.steer.edit import memit_targets, spread
+    from mechanic.steer.edit import memit_targets, memit_update, spread
 
     monkeypatch.setenv("MECHANIC_CACHE", str(tmp_path))
     m = worded("llama", tokenizer)
@@ -143,9 +143,9 @@ def test_memit_prompt_key_adds_a_column_per_fact(tokenizer, tmp_path, monkeypatc
     for two in (False, True):
         def solve(L, K, R):
             assert K.shape[1] == (4 if two else 2)
-            return torch.linalg.solve(10.0 * C[L][0].double() + K @ K.T, K @ R.T).T
+            return memit_update(C[L][0], K, R, 10.0)
         cols = Z if two else Z[:, ::2]
-        edits, keys = spread(m, rows, cols, [0, 1], solve, "test", two)
+        edits, keys = spread(m, rows, cols, [0, 1], solve, "test")
         plan = mechanic.steer.plan.Plan(edits=edits)
         with m.applied(plan):
             h = torch.stack([m.run(inp, cache=["L1.resid_post"])["L1.resid_post"][0, last[0]] for inp, last in rows], 1)

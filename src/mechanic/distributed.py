@@ -188,6 +188,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def per_rank(fn) -> list:
+    """[fn()] when not splitting (one process, or inside `local`); under torchrun every rank's fn() in rank order,
+    on every rank (`run`: a rank that raises is named). For work that computes its own share and reduces the parts."""
+    return run(fn) if active() else [fn()]
+
+
 def each(jobs: list) -> list:
     """Every job's result (jobs: callables of no argument), in order; under torchrun the jobs are dealt round-robin
     over the ranks, each run whole by one rank (inside `local`), and the results gathered on every rank.
@@ -201,7 +207,7 @@ def each(jobs: list) -> list:
     def mine():
         with local():
             return {i: job() for i, job in enumerate(jobs) if i % w == r}
-    parts = run(mine)
+    parts = per_rank(mine)
     return [parts[i % w][i] for i in range(len(jobs))]
 
 
@@ -217,4 +223,4 @@ def weighted_mean(values: list[torch.Tensor], weights: list[int]) -> torch.Tenso
 
 
 __all__ = ["DistributedError", "active", "barrier", "bounds", "decide", "each", "gather", "gather_rows", "init",
-           "is_distributed", "is_main", "local", "rank", "run", "shard", "weighted_mean", "world"]
+           "is_distributed", "is_main", "local", "per_rank", "rank", "run", "shard", "weighted_mean", "world"]

@@ -48,7 +48,7 @@ def _provenance(model) -> dict:
 
 
 # ---------------------------------------------------------------- ranks
-def _share(wins, batch_size: int, split: bool) -> list[tuple[int, torch.Tensor]]:
+def _share(wins, batch_size: int) -> list[tuple[int, torch.Tensor]]:
     """(index of its first window, [b, L] batch) of each batch this rank computes.
 
     One process: every batch. Split over ranks: a contiguous block of whole batches, so each forward is the
@@ -58,17 +58,12 @@ def _share(wins, batch_size: int, split: bool) -> list[tuple[int, torch.Tensor]]
     for ids in batches(wins, batch_size):
         out.append((start, ids))
         start += ids.shape[0]
-    if not split:
+    if not D.active():
         return out
     if len(out) >= D.world():
         lo, hi = D.bounds(len(out))
         return out[lo:hi]
     return [(s + lo, ids[lo:hi]) for s, ids in out for lo, hi in [D.bounds(ids.shape[0])] if hi > lo]
-
-
-def _ranks(fn, split: bool) -> list:
-    """[fn()] in one process; split over ranks, every rank's fn() in rank order (a rank that raises is named)."""
-    return D.run(fn) if split else [fn()]
 
 
 # ---------------------------------------------------------------- massive activations
@@ -118,7 +113,6 @@ def massive_activations(model, texts, *, seq_len: int = 128, batch_size: int = 8
     (Sun et al. 2024: > 100 and about 1000x). Medians come from a log-spaced streaming histogram
     (relative error recorded in settings); maxima are exact.
     """
-    split = D.active()
     wins = windows(model, texts, seq_len, max_tokens)
     L, d = model.dims.n_layers, model.dims.d_model
     sites = [f"L{l}.resid_post" for l in range(L)]
@@ -128,7 +122,7 @@ def massive_activations(model, texts, *, seq_len: int = 128, batch_size: int = 8
         signed = torch.zeros(L, d)
         where = torch.zeros(L, d, 2, dtype=torch.long)  # (window, position)
         hist = _LogHistogram(L)
-        for start, ids in _share(wins, batch_size, split):
+        for start, ids in _share(wins, batch_size):
             run = model.run(ids.to(model.device), cache=sites, interventions=_ivs(interventions), stop_at="auto")
             b, P = ids.shape
             for l in range(L):
@@ -143,7 +137,7 @@ def massive_activations(model, texts, *, seq_len: int = 128, batch_size: int = 8
                 where[l, up, 1] = idx[up] % P
         return best, signed, where, hist
 
-    (best, signed, where, hist), *later = _ranks(maxima, split)
+    (best, signed, where, hist), *later = D.per_rank(maxima)
     for b2, s2, w2, h2 in later:   # later ranks hold later windows: a tie keeps the earlier place, as one process
         up = b2 > best
         best, signed = torch.where(up, b2, best), torch.where(up, s2, signed)
@@ -217,14 +211,14 @@ def _dense_layers(model) -> list[int]:
     return [l for l in range(model.dims.n_layers) if not model.is_moe(l)]
 
 
-def _down_proj_stats(model, wins, layers: list[int], batch_size: int, split: bool = False) -> dict[int, dict]:
+def _down_proj_stats(model, wins, layers: list[int], batch_size: int) -> dict[int, dict]:
     """Per layer: max |down_proj output| with its dim and token, and the largest |input| neuron at that token."""
     a = model.arch
     sites = [f"L{l}.neuron" for l in layers]
 
     def maxima():
         stats = {l: {"out": -1.0, "in": 0.0, "row": 0, "col": 0, "max_in": 0.0} for l in layers}
-        for _, ids in _share(wins, batch_size, split):
+        for _, ids in _share(wins, batch_size):
             run = model.run(ids.to(model.device), cache=sites, stop_at="auto")
             for l, s in zip(layers, sites):
                 mod = model.layer_module(l, a.down_proj)
@@ -240,7 +234,7 @@ def _down_proj_stats(model, wins, layers: list[int], batch_size: int, split: boo
                     st.update(out=m, row=j, col=kk, **{"in": float(x[t, kk].abs())})
         return stats
 
-    stats, *later = _ranks(maxima, split)
+    stats, *later = D.per_rank(maxima)
     for other in later:           # in rank order: a tie keeps the earlier token, as one process
         for l, o in other.items():
             st = stats[l]
@@ -291,7 +285,6 @@ def super_weights(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     if max_iter < 1 or n_random < 0:
         raise MagnitudeError(f"super_weights needs max_iter >= 1 search passes and n_random >= 0 random controls; "
                              f"got max_iter={max_iter}, n_random={n_random}.")
-    split = D.active()
     layers = _dense_layers(model)
     if not layers:
         raise MagnitudeError("This model has no dense FFN layer (every layer is mixture-of-experts), so it has no "
@@ -301,7 +294,7 @@ def super_weights(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     first = None
     with _all_zeroed(model, found) as zero_next:
         for it in range(max_iter):
-            stats = _down_proj_stats(model, wins, layers, batch_size, split)
+            stats = _down_proj_stats(model, wins, layers, batch_size)
             first = first or stats
             l = _spike(stats, spike_ratio, min_value)
             if l is None:
@@ -389,7 +382,6 @@ def attention_sinks(model, texts, interventions=(), *, seq_len: int = 128, batch
     sink_tokens: strings that are one token each (e.g. "\\n", ".") or token ids; their column is the
     mass on every later occurrence of that token. Run once without and once with `interventions` to compare.
     """
-    split = D.active()
     wins = windows(model, texts, seq_len, max_tokens)
     d = model.dims
     sink_ids = [_one_token(model, s) for s in sink_tokens]
@@ -398,7 +390,7 @@ def attention_sinks(model, texts, interventions=(), *, seq_len: int = 128, batch
     def sums():
         total = torch.zeros(d.n_layers, d.n_heads, 1 + len(sink_ids), dtype=torch.float64)
         count = 0
-        for _, ids in _share(wins, batch_size, split):
+        for _, ids in _share(wins, batch_size):
             if ids.shape[1] < 2:
                 continue
             run = model.run(ids.to(model.device), cache=sites, interventions=_ivs(interventions), stop_at="auto")
@@ -412,7 +404,7 @@ def attention_sinks(model, texts, interventions=(), *, seq_len: int = 128, batch
             count += ids.shape[0] * (ids.shape[1] - 1)
         return total, count
 
-    (total, count), *later = _ranks(sums, split)
+    (total, count), *later = D.per_rank(sums)
     for t2, c2 in later:
         total, count = total + t2, count + c2
     if count == 0:
@@ -481,17 +473,16 @@ def super_experts(model, texts, heldout=None, *, seq_len: int = 128, batch_size:
     shared = bool(model.arch.shared_expert)
     names = [f"L{l}.expert{e}" for l in moe for e in range(d.n_experts)] + \
             ([f"L{l}.shared_expert" for l in moe] if shared else [])
-    split = D.active()
     wins = windows(model, texts, seq_len, max_tokens)
 
     def maxima():
         M = {n: 0.0 for n in names}
         probes = [apply_fn(n, _max_probe(M, n)) for n in names]
-        for _, ids in _share(wins, batch_size, split):
+        for _, ids in _share(wins, batch_size):
             model.run(ids.to(model.device), interventions=probes, stop_at="auto")
         return M
 
-    parts = _ranks(maxima, split)
+    parts = D.per_rank(maxima)
     M = {n: max(p[n] for p in parts) for n in names}
     limit = layer_fraction * d.n_layers
     pool = [n for n in names if int(n[1:n.index(".")]) < limit]

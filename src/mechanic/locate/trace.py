@@ -288,7 +288,7 @@ def causal_trace(model, prompt, answer, subject, kind: str = "hidden", *, sample
             out += [(unit, s, float(v)) for (unit, s), v in zip(chunk, p)]
         return p_clean, p_noised, out
 
-    shares = D.run(forwards) if split else [forwards()]   # a rank that raises is named on every rank
+    shares = D.per_rank(forwards)   # a rank that raises is named on every rank
     p_clean, p_noised, _ = shares[0]
     probs = {u: torch.zeros(samples) for u in units}
     for _, _, share in shares:

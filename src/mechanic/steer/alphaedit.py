@@ -82,16 +82,16 @@ def alphaedit(model, facts: list[Fact], layers: list[int] | None = None, *, thre
     if state.threshold != threshold:
         raise PlanError(f"The state's null spaces were computed with threshold {state.threshold:g}, not "
                         f"{threshold:g}; use one threshold for a whole sequence (or a new NullSpaces).")
-    layers, prefixes, moments, rows, Z, opt_losses, two = prepare(
+    layers, prefixes, moments, rows, Z, opt_losses = prepare(
         model, facts, layers, prefixes, moments, n_prefixes=n_prefixes, stats_tokens=stats_tokens, seed=seed,
         steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp, prompt_key=prompt_key)
 
     def solve(L, K, R):
         return alphaedit_update(state.projection(L, moments[L][0]), K, R, state.previous.get(L), alpha)
 
-    edits, keys = spread(model, rows, Z, layers, solve, f"AlphaEdit {len(facts)} facts:", two)
+    edits, keys = spread(model, rows, Z, layers, solve, f"AlphaEdit {len(facts)} facts:")
     settings = {"layers": layers, "facts": [_fact_dict(f) for f in facts], "prefixes": prefixes,
-                "threshold": threshold, "alpha": alpha, "prompt_key": two, "null_dims": {L: state.dims[L] for L in layers},
+                "threshold": threshold, "alpha": alpha, "prompt_key": Z.shape[1] > len(facts), "null_dims": {L: state.dims[L] for L in layers},
                 "previous_edits": bool(state.previous), "losses": opt_losses,
                 "stats_tokens": {L: moments[L][1] for L in layers}, "steps": steps, "lr": lr,
                 "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp, "seed": seed}

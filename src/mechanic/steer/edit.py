@@ -319,12 +319,9 @@ def rome(model, fact: Fact, layer: int | None = None, *, prefixes: list[str] | N
     if denom <= 1e-8 * float(k.norm()):
         raise PlanError(f"ROME at layer {layer}: u . k* = {denom:.3g} is too small for a stable update (the second "
                         "moment is degenerate along the key); use more statistics text or another layer.")
-    if K.shape[1] == 1:
-        v = delta.double() / denom
-        new = W + torch.outer(v, u)
-    else:  # delta at every key: Delta = D (K^T C^-1 K)^-1 (C^-1 K)^T
-        D = delta.double()[:, None].expand(-1, K.shape[1])
-        new = W + D @ torch.linalg.solve(K.T @ CK, CK.T)
+    # delta at every key: Delta = D (K^T C^-1 K)^-1 (C^-1 K)^T; with k* alone, ROME's v u^T, v = delta / (u . k*)
+    D = delta.double()[:, None].expand(-1, K.shape[1])
+    new = W + D @ torch.linalg.solve(K.T @ CK, CK.T)
     edit = down_proj_edit(model, layer, new.float(), f"ROME: {fact.subject} -> {fact.target_new!r}")
     settings = {"layer": layer, "fact": _fact_dict(fact),
                 "prefixes": prefixes, "key_norm": float(k.norm()), "value_norm": float(v0.norm()),
@@ -358,12 +355,16 @@ def memit_targets(model, facts: list[Fact], last_layer: int, prefixes: list[str]
     return rows, torch.cat([h + d[:, None] for h, d in zip(hs, deltas)], 1).double(), opt_losses
 
 
-def spread(model, rows, Z: torch.Tensor, layers: list[int], solve, note: str, prompt_key: bool = False):
+def spread(model, rows, Z: torch.Tensor, layers: list[int], solve, note: str):
     """MEMIT's second step: layer by layer, the remaining residual (Z minus the current output at the last layer)
     divided over the remaining layers, turned into a down_proj update by solve(layer, K, R) -> [d_model, d_mlp].
     Returns the weight edits and each layer's keys K [d_mlp, facts] (read with the earlier layers edited);
-    the model is left unedited. prompt_key: two columns per fact, as memit_targets made Z (the rows' row 0 is
-    the bare prompt)."""
+    the model is left unedited. Z with two columns per fact (memit_targets with prompt_key) reads the keys and
+    outputs of the bare prompt (each fact's row 0) beside the averaged ones."""
+    if Z.shape[1] not in (len(rows), 2 * len(rows)):
+        raise PlanError(f"Z has {Z.shape[1]} columns for {len(rows)} facts; give one per fact, or two with the "
+                        "bare prompt's (memit_targets with prompt_key).")
+    prompt_key = Z.shape[1] == 2 * len(rows)
     site = f"L{layers[-1]}.resid_post"
     edits: list[WeightEdit] = []
     applied, keys = [], {}
@@ -409,9 +410,13 @@ def prepare(model, facts: list[Fact], layers: list[int] | None, prefixes: list[s
         _down(model, L)
     prefixes = prefixes if prefixes is not None else context_prefixes(model, n_prefixes, seed=seed)
     moments = _moments(model, layers, moments, stats_tokens)
-    two = _prompt_key(prefixes, prompt_key)
-    rows, Z, losses = memit_targets(model, facts, layers[-1], prefixes, prompt_key=two, **optimise)
-    return layers, prefixes, moments, rows, Z, losses, two
+    rows, Z, losses = memit_targets(model, facts, layers[-1], prefixes, prompt_key=prompt_key, **optimise)
+    return layers, prefixes, moments, rows, Z, losses
+
+
+def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float) -> torch.Tensor:
+    """MEMIT's per-layer solve: Delta = R K^T (lam C + K K^T)^-1 ([d_model, d_mlp]; K [d_mlp, keys], R [d_model, keys])."""
+    return torch.linalg.solve(lam * C.double() + K @ K.T, K @ R.T).T
 
 
 def _fact_dict(f: Fact) -> dict:
@@ -432,16 +437,13 @@ def memit(model, facts: list[Fact], layers: list[int] | None = None, *, prefixes
     """
     if not facts:
         raise PlanError("MEMIT needs at least one Fact.")
-    layers, prefixes, moments, rows, Z, opt_losses, two = prepare(
+    layers, prefixes, moments, rows, Z, opt_losses = prepare(
         model, facts, layers, prefixes, moments, n_prefixes=n_prefixes, stats_tokens=stats_tokens, seed=seed,
         steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp, prompt_key=prompt_key)
-
-    def solve(L, K, R):  # R K^T (lam C + K K^T)^-1
-        return torch.linalg.solve(lam * moments[L][0].double() + K @ K.T, K @ R.T).T
-
-    edits, _ = spread(model, rows, Z, layers, solve, f"MEMIT {len(facts)} facts:", two)
+    edits, _ = spread(model, rows, Z, layers, lambda L, K, R: memit_update(moments[L][0], K, R, lam),
+                      f"MEMIT {len(facts)} facts:")
     settings = {"layers": layers, "facts": [_fact_dict(f) for f in facts],
-                "prefixes": prefixes, "lam": lam, "losses": opt_losses, "prompt_key": two,
+                "prefixes": prefixes, "lam": lam, "losses": opt_losses, "prompt_key": Z.shape[1] > len(facts),
                 "stats_tokens": {L: moments[L][1] for L in layers}, "steps": steps, "lr": lr,
                 "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp, "seed": seed}
     return Plan(edits=edits, method="memit", fingerprint=model.fingerprint, settings=settings)
