@@ -583,24 +583,40 @@ def trace_acdc_lines(r: dict | None, meta: dict) -> list[str]:
     return lines
 
 
-def edit_lines(r: dict, meta: dict) -> list[str]:
-    """ROME / MEMIT cost and CounterFact scores on shipped facts."""
+def edit_lines(r: dict, meta: dict, seq: dict | None = None) -> list[str]:
+    """ROME / MEMIT cost and CounterFact scores on shipped facts (seq: the sequential benchmark, whose validation
+    calibration chose prompt_key)."""
     lines = ["", "## Weight editing on SmolLM2: ROME and MEMIT", "", provenance(meta, "steer_edit"), ""]
     if "error" in r:
         return lines + [f"Editing benchmark failed: {' '.join(r['error'])}"]
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
-    lines += [f"{len(r['facts'])} facts of the shipped suite ({', '.join(r['facts'])}); key statistics over "
-              f"{r['stats_tokens']} tokens of shipped text for layers {r['memit_layers'][0]}-{r['memit_layers'][-1]} "
-              f"took {r['stats_s_one_layer_range']:.0f} s once, then come from the cache. ES = P(new) > P(true) on the "
-              "edit prompt, PS on paraphrases, NS = P(true) > P(new) on neighbourhood prompts (full target "
-              "sequence log-probabilities). Timing: ROME is the median over the facts (one edit each), MEMIT and the "
-              "statistics one timed run.", "",
+    n = len(r["facts"])
+    which = (f"the {n} test facts of the shipped suite whose subject is past the first token" if r.get("split") == "test"
+             else f"{n} facts of the shipped suite ({', '.join(r['facts'])})")
+    lines += [f"Edited: {which}; key statistics over {r['stats_tokens']} tokens of shipped text for layers "
+              f"{r['memit_layers'][0]}-{r['memit_layers'][-1]} took {r['stats_s_one_layer_range']:.0f} s once, then "
+              "come from the cache. ES = P(new) > P(true) on the edit prompt, PS on paraphrases, NS = P(true) > P(new) "
+              "on neighbourhood prompts (full target sequence log-probabilities). ROME edits each fact alone on the "
+              "unedited model; MEMIT all facts at once. 'prompt_key': the edit also held at the bare prompt's own key "
+              "(mechanic.steer.edit.rome). Timing: ROME is the median over the facts, MEMIT one timed run.", "",
               "| | seconds | ES | PS | NS |", "|---|---|---|---|---|",
-              f"| unedited | | {pct(r['before']['es'])} | {pct(r['before']['ps'])} | {pct(r['before']['ns'])} |",
-              f"| ROME, layer {r['layer']}, one fact at a time | {med(r['rome_s']):.1f} per edit (median) | "
-              f"{pct(r['rome_after']['es'])} | {pct(r['rome_after']['ps'])} | {pct(r['rome_after']['ns'])} |",
-              f"| MEMIT, all facts at once, layers {r['memit_layers']} | {r['memit_s']:.1f} | "
-              f"{pct(r['memit_after']['es'])} | {pct(r['memit_after']['ps'])} | {pct(r['memit_after']['ns'])} |"]
+              f"| unedited | | {pct(r['before']['es'])} | {pct(r['before']['ps'])} | {pct(r['before']['ns'])} |"]
+    for key, how in (("", "as published"), ("_pk", "prompt_key")):
+        if f"rome{key}_after" not in r:
+            continue
+        ra, ma = r[f"rome{key}_after"], r[f"memit{key}_after"]
+        lines += [f"| ROME, layer {r['layer']}, one fact at a time, {how} | {med(r[f'rome{key}_s']):.1f} per edit "
+                  f"(median) | {pct(ra['es'])} | {pct(ra['ps'])} | {pct(ra['ns'])} |",
+                  f"| MEMIT, all facts at once, layers {r['memit_layers']}, {how} | {r[f'memit{key}_s']:.1f} | "
+                  f"{pct(ma['es'])} | {pct(ma['ps'])} | {pct(ma['ns'])} |"]
+    if "rome_pk_after" in r:
+        pk = bool(((seq or {}).get("chosen") or {}).get("rome", {}).get("prompt_key"))
+        a = r["rome_pk_after" if pk else "rome_after"]
+        ok = a["es"] >= 0.95 and a["ps"] >= 0.80 and a["ns"] >= 0.70
+        lines += ["", f"Goal (issue 12): ROME one fact at a time on the built-in test facts ES >= 95%, PS >= 80%, NS >= "
+                  f"70% (ROME paper, GPT-2 XL: 100 / 96.4 / 75.4), judged on the variant chosen on validation facts "
+                  f"(the sequential-editing benchmark's calibration chose prompt_key {pk} for ROME): "
+                  f"{'met' if ok else 'not met'} (ES {pct(a['es'])}, PS {pct(a['ps'])}, NS {pct(a['ns'])})."]
     return lines
 
 
@@ -989,7 +1005,7 @@ def render(data: dict, meta: dict) -> str:
     lines += resid_cache_lines(data["resid_cache"], meta) + loading_lines(data["loading"], meta) + \
         patching_lines(data["patching"], meta) + ioi_lines(data["locate_ioi"], meta) + \
         locate2_lines(data["locate_neurons"], data["locate_outliers"], meta) + trace_acdc_lines(data["trace_acdc"], meta) + \
-        steer_lines(data["steer_generate"], meta) + edit_lines(data["steer_edit"], meta) + \
+        steer_lines(data["steer_generate"], meta) + edit_lines(data["steer_edit"], meta, data["editing_sequential"]) + \
         editing_seq_lines(data["editing_sequential"], meta) + \
         sae_lines(data["sae_smollm2"], meta) + sae_throughput_lines(data["sae_throughput"], meta) + \
         graph_lines(data["graph_smollm2"], meta) + graph_ct_lines(data["graph_circuit_tracer"], meta)
