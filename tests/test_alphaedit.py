@@ -163,3 +163,48 @@ def test_alphaedit_errors(model):
         alphaedit(model, FACTS[:1], [1], threshold=0.1, state=NullSpaces(0.2), **OPT)
     with pytest.raises(PlanError, match="at least one"):
         alphaedit(model, [], [1])
+
+
+def test_energy_rule_keeps_the_smallest_eigenvalues_within_the_share():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(300, 10, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 10, dtype=torch.float64)
+    C = X.T @ X / 300
+    vals = torch.linalg.eigvalsh(C)
+    P, dim = null_space(C, 0.0, energy=0.05)
+    assert vals[:dim].sum() <= 0.05 * vals.sum() < vals[:dim + 1].sum()
+    assert (P @ P - P).abs().max().item() < 1e-10 and abs(torch.trace(P).item() - dim) < 1e-10
+    assert torch.trace(P @ C).item() <= 0.05 * torch.trace(C).item() + 1e-12   # the energy the update can reach
+
+
+def test_preserved_prompts_barely_move(model):
+    """With `preserve`, per unit of update the preserved prompts' keys change by at most 2 x energy of their mean
+    squared norm (the null space of C + w E holds at most energy x 2 trace(C) = energy x 2 w trace(E)); without it,
+    by over 20 times more."""
+    m = model
+    L = 0
+    kept = ["The Louvre is located in the city of", "The river Seine flows through the city of"]
+    E = m.run(kept[0], cache=[f"L{L}.neuron"])[f"L{L}.neuron"][0].double().T
+    E = torch.cat([E, m.run(kept[1], cache=[f"L{L}.neuron"])[f"L{L}.neuron"][0].double().T], 1)  # [d_mlp, tokens]
+    W0 = down(m, L)
+
+    def gain(plan):
+        with m.applied(plan):
+            D = down(m, L) - W0
+        return float((D @ E).norm() ** 2 / (E.norm() ** 2) / D.norm() ** 2)
+
+    energy = 0.05
+    kept_gain = gain(p := alphaedit(m, FACTS[:2], [L], energy=energy, preserve=kept, alpha=ALPHA, **OPT))
+    free_gain = gain(alphaedit(m, FACTS[:2], [L], energy=energy, alpha=ALPHA, **OPT))
+    print(f"\npreserved prompts' change per unit update: preserved {kept_gain:.3g}, not {free_gain:.3g}")
+    assert p.settings["energy"] == energy and p.settings["preserved_prompts"] == 2
+    assert kept_gain <= 2 * energy
+    assert kept_gain < 0.05 * free_gain
+
+
+def test_energy_and_preserve_errors(model):
+    with pytest.raises(PlanError, match="between 0\\s+and 1"):
+        null_space(torch.eye(3), 0.0, energy=1.5)
+    with pytest.raises(PlanError, match="list of prompts"):
+        alphaedit(model, FACTS[:1], [1], preserve="The Louvre is in", **OPT)
+    with pytest.raises(PlanError, match="energy"):
+        alphaedit(model, FACTS[:1], [1], energy=0.1, state=NullSpaces(2e-2), **OPT)

@@ -7,9 +7,12 @@ of earlier edits (sequential editing):
     Delta = R K^T P (Kp Kp^T P + K K^T P + alpha I)^-1,
 the authors' code's `solve(P (K K^T + Kp Kp^T) + alpha I, P K R^T)^T` (no lambda C term: P carries it).
 Delta = Delta P exactly, so W <- W + Delta leaves every key in the null space's complement unmoved.
-The threshold is absolute, so it is model-specific: on SmolLM2 (layers 3-5, 8192 tokens) the authors' 2e-2
-leaves three quarters of the dimensions and a third to a half of the keys' energy in the "null" space
-(benchmarks/editing_sequential.py chooses it on validation facts).
+The threshold is absolute, so it is model-specific: on SmolLM2 (layers 1-5, 16384 tokens) the authors' 2e-2
+leaves three quarters of the dimensions and 7-52% of the keys' energy in the "null" space. `energy` instead keeps
+the smallest eigenvalues holding at most that share of C's trace, a model-independent bound on how much of the
+preserved keys the update can reach; `preserve` adds the keys of given prompts (every token, each prompt alone)
+to C, e.g. prompts like those whose answers must not move (benchmarks/editing_ns_validation.py measures both on
+validation facts).
 """
 
 from __future__ import annotations
@@ -20,17 +23,32 @@ import torch
 
 from mechanic.steer.edit import Fact, _fact_dict, prepare, spread
 from mechanic.steer.plan import Plan, PlanError
+from mechanic.steer.stats import prompt_moments
 
 
-def null_space(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
-    """(P = U U^T over C's eigenvectors with eigenvalue < threshold, float64; the null space's dimension)."""
+def null_space(C: torch.Tensor, threshold: float, energy: float | None = None) -> tuple[torch.Tensor, int]:
+    """(P = U U^T over C's eigenvectors with eigenvalue < threshold, or with energy: the smallest eigenvalues
+    summing to at most `energy` x trace(C), float64; the null space's dimension)."""
     vals, vecs = torch.linalg.eigh(C.double())
-    U = vecs[:, vals < threshold]
+    if energy is None:
+        keep, rule = vals < threshold, f"below the threshold {threshold:g}"
+    else:
+        if not 0 < energy < 1:
+            raise PlanError(f"energy is the share of the preserved keys' energy the null space may hold, between 0 "
+                            f"and 1 (e.g. 1e-2); got {energy:g}.")
+        pos = vals.clamp_min(0)
+        keep, rule = torch.cumsum(pos, 0) <= energy * pos.sum(), f"within {energy:g} of its trace"
+    U = vecs[:, keep]
     if U.shape[1] == 0:
-        raise PlanError(f"No eigenvalue of the preserved keys' second moment is below the threshold {threshold:g} "
-                        f"(smallest {float(vals[0]):.3g}, largest {float(vals[-1]):.3g}), so the null space is "
-                        "empty and AlphaEdit could change nothing; raise `threshold`.")
+        raise PlanError(f"No eigenvalue of the preserved keys' second moment is {rule} (smallest "
+                        f"{float(vals[0]):.3g}, largest {float(vals[-1]):.3g}), so the null space is empty and "
+                        "AlphaEdit could change nothing; raise `threshold` (or `energy`).")
     return U @ U.T, int(U.shape[1])
+
+
+def with_preserved(C: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """C plus the extra keys' second moment scaled to C's trace: both sets of keys weigh the same."""
+    return C.double() + extra.double() * (C.double().trace() / extra.double().trace())
 
 
 @dataclass
@@ -39,6 +57,7 @@ class NullSpaces:
     sum of K K^T over the keys edited so far (Kp Kp^T)."""
 
     threshold: float = 2e-2
+    energy: float | None = None
     projections: dict[int, torch.Tensor] = field(default_factory=dict)
     dims: dict[int, int] = field(default_factory=dict)
     previous: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -46,7 +65,7 @@ class NullSpaces:
     def projection(self, layer: int, C: torch.Tensor) -> torch.Tensor:
         """P for `layer`, from its second moment C the first time, remembered afterwards."""
         if layer not in self.projections:
-            self.projections[layer], self.dims[layer] = null_space(C, self.threshold)
+            self.projections[layer], self.dims[layer] = null_space(C, self.threshold, self.energy)
         return self.projections[layer]
 
     def record(self, keys: dict[int, torch.Tensor]) -> None:
@@ -65,6 +84,7 @@ def alphaedit_update(P: torch.Tensor, K: torch.Tensor, R: torch.Tensor, previous
 
 
 def alphaedit(model, facts: list[Fact], layers: list[int] | None = None, *, threshold: float = 2e-2,
+              energy: float | None = None, preserve: list[str] | None = None,
               alpha: float = 10.0, state: NullSpaces | None = None, prefixes: list[str] | None = None,
               n_prefixes: int = 10, steps: int = 25, lr: float = 0.5, kl_factor: float = 0.0625,
               weight_decay: float = 0.5, clamp: float = 4.0, stats_tokens: int = 32768, moments: dict | None = None,
@@ -75,23 +95,33 @@ def alphaedit(model, facts: list[Fact], layers: list[int] | None = None, *, thre
     Sequential editing: pass one `state` to every batch; its projections are computed once, and this batch's
     keys are added to its preserved keys on return, so apply the returned plan before the next batch.
     prompt_key: each fact also contributes its bare prompt's key and residual (see mechanic.steer.edit.rome).
+    energy: the null space holds at most this share of C's trace (instead of eigenvalues below `threshold`).
+    preserve: prompts whose keys (every token, each prompt run alone) are preserved besides the text's, their
+    second moment added to C with C's weight (with_preserved); read on the model as the first batch finds it.
     """
     if not facts:
         raise PlanError("AlphaEdit needs at least one Fact.")
-    state = state if state is not None else NullSpaces(threshold)
-    if state.threshold != threshold:
-        raise PlanError(f"The state's null spaces were computed with threshold {state.threshold:g}, not "
-                        f"{threshold:g}; use one threshold for a whole sequence (or a new NullSpaces).")
+    if preserve is not None and (isinstance(preserve, str) or not preserve):
+        raise PlanError("preserve takes a non-empty list of prompts (strings) whose keys the edit must not move, "
+                        f"e.g. other subjects' prompts of the same relations; got {preserve!r}.")
+    state = state if state is not None else NullSpaces(threshold, energy)
+    if (state.threshold, state.energy) != (threshold, energy):
+        raise PlanError(f"The state's null spaces were computed with threshold {state.threshold:g} and energy "
+                        f"{state.energy}, not {threshold:g} and {energy}; use one setting for a whole sequence (or a "
+                        "new NullSpaces).")
     layers, prefixes, moments, rows, Z, opt_losses = prepare(
         model, facts, layers, prefixes, moments, n_prefixes=n_prefixes, stats_tokens=stats_tokens, seed=seed,
         steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp, prompt_key=prompt_key)
+    missing = [L for L in layers if L not in state.projections]
+    extra = prompt_moments(model, missing, preserve) if preserve and missing else {}
 
     def solve(L, K, R):
-        return alphaedit_update(state.projection(L, moments[L][0]), K, R, state.previous.get(L), alpha)
+        C = moments[L][0] if L not in extra else with_preserved(moments[L][0], extra[L])
+        return alphaedit_update(state.projection(L, C), K, R, state.previous.get(L), alpha)
 
     edits, keys = spread(model, rows, Z, layers, solve, f"AlphaEdit {len(facts)} facts:")
     settings = {"layers": layers, "facts": [_fact_dict(f) for f in facts], "prefixes": prefixes,
-                "threshold": threshold, "alpha": alpha, "prompt_key": Z.shape[1] > len(facts), "null_dims": {L: state.dims[L] for L in layers},
+                "threshold": threshold, "energy": energy, "preserved_prompts": len(preserve or []), "alpha": alpha, "prompt_key": Z.shape[1] > len(facts), "null_dims": {L: state.dims[L] for L in layers},
                 "previous_edits": bool(state.previous), "losses": opt_losses,
                 "stats_tokens": {L: moments[L][1] for L in layers}, "steps": steps, "lr": lr,
                 "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp, "seed": seed}

@@ -79,7 +79,7 @@ def sequential(model, facts: list[Fact], method: str = "alphaedit", batch_size: 
     t1 = time.perf_counter()
     moments = second_moments(model, layers, max_tokens=stats_tokens) if method not in TRAINED else {}
     stats_seconds = time.perf_counter() - t1
-    state = NullSpaces(options.get("threshold", 2e-2)) if method == "alphaedit" else None
+    state = NullSpaces(options.get("threshold", 2e-2), options.get("energy")) if method == "alphaedit" else None
     shared = {"prefixes": prefixes, "moments": moments, "seed": seed, **options}
     batches = [facts[i:i + batch_size] for i in range(0, len(facts), batch_size)]
     bar = counter(f"{method}: {len(facts)} facts in batches of {batch_size}", len(batches), show=progress,

@@ -4,6 +4,7 @@ One pass over the shipped calibration text (or any text) records every real toke
 at the chosen layers (stopping after the last of them), accumulating k^T k in float64. The result is
 saved per model fingerprint, layer, text and token budget under $MECHANIC_CACHE/stats with its sample
 count, and reused by later edits; the file is written atomically.
+prompt_moments: the same over short prompts each run alone (extra keys AlphaEdit can preserve).
 """
 
 from __future__ import annotations
@@ -81,3 +82,19 @@ def second_moments(model, layers, texts=None, *, max_tokens: int = 32768, seq_le
             with atomic_path(_key(model, tokens, L)) as tmp:
                 save_file({"moment": moment, "count": torch.tensor(count)}, tmp)
     return out
+
+
+def prompt_moments(model, layers, prompts: list[str]) -> dict[int, torch.Tensor]:
+    """{layer: E[k k^T] (float64) over every token of `prompts`, each run alone (keys near a prompt's start, where
+    a model without BOS has its attention sink, differ from those in packed text)}: extra keys to preserve."""
+    layers = sorted({int(x) for x in layers})
+    d = model.dims.d_mlp
+    sums = {L: torch.zeros(d, d, dtype=torch.float64) for L in layers}
+    count = 0
+    for p in prompts:
+        run = model.run(p, cache=[f"L{L}.neuron" for L in layers], stop_at="auto")
+        for L in layers:
+            k = run[f"L{L}.neuron"].reshape(-1, d).double()
+            sums[L] += k.T @ k
+        count += k.shape[0]
+    return {L: s / count for L, s in sums.items()}
