@@ -20,7 +20,7 @@ import time
 
 import torch
 
-OPS = ("cache_resid", "cache_heads_last", "patch_resid", "atp_heads", "train_topk")
+OPS = ("cache_resid", "cache_heads_last", "patch_resid", "atp_heads", "eap", "eap_ig", "train_topk", "train_run")
 
 
 def prompts(n: int, words: int, seed: int = 0) -> list[str]:
@@ -92,6 +92,18 @@ def measure(model, op: str, size: dict) -> dict:
         b = size["batch"]
         _, got = peak(lambda: atp(model, batch, "head", batch_size=b))
         request = {"examples": batch.n, "positions": batch.seq, "batch": b}
+    elif op in ("eap", "eap_ig"):
+        from mechanic.locate.gradient import eap
+        from mechanic.tasks.builtin import load_task
+        from mechanic.tasks.task import Task
+
+        suite = load_task("ioi")
+        batch = Task("ioi", suite.examples[:size["examples"]], suite.metric).tokenize(model)
+        steps, b = size.get("ig_steps"), size["batch"]
+        padded = bool((batch.clean["attention_mask"] == 0).any())
+        est = memory.edges(model, batch.n, batch.seq, steps, padded=padded)
+        _, got = peak(lambda: eap(model, batch, batch_size=b, ig_steps=steps))
+        request = {"examples": batch.n, "positions": batch.seq, "ig_steps": steps or 0, "batch": b}
     elif op == "train_topk":
         from mechanic.features.trainer import DictConfig, Trainer
 
@@ -106,9 +118,24 @@ def measure(model, op: str, size: dict) -> dict:
             return tr
         _, got = peak(step)
         request = {"d_in": d_in, "d_sae": d_sae, "batch": b, "k": 32}
+    elif op == "train_run":
+        import tempfile
+
+        from mechanic.features.train import DictConfig, train
+
+        d, b, n, seq, fb = model.dims.d_model, size["batch"], size["buffer"], size["seq_len"], size["forward_batch"]
+        cfg = DictConfig("L6.resid_post", "topk", expansion=16, k=32)
+        est = memory.training_run(model, [(d, 16 * d, d, "topk", False)], [d], b, n, seq)
+        with tempfile.TemporaryDirectory() as tmp:     # the default corpus (GCIDE), as `mechanic sae train` reads it
+            train(model, cfg, f"{tmp}/warm", tokens=1024, batch_size=512, buffer_tokens=1024, seq_len=seq,
+                  forward_batch=2, progress=False)     # untimed warm-up: kernels, thread state, the corpus reader
+            _, got = peak(lambda: train(model, cfg, f"{tmp}/run", tokens=size["tokens"], batch_size=b,
+                                        buffer_tokens=n, seq_len=seq, forward_batch=fb, progress=False))
+        request = {"tokens": size["tokens"], "d_sae": 16 * d, "buffer_tokens": n, "seq_len": seq,
+                   "forward_batch": fb, "batch": b}
     else:
         raise ValueError(f"unknown operation {op!r}; choose from {', '.join(OPS)}")
-    pred = est.at(request["batch"])
+    pred = est.at(request["forward_batch"] if op == "train_run" else request["batch"])
     return {"op": op, "what": est.what, "request": request, "predicted_mib": round(pred / 2 ** 20, 1),
             "measured_mib": round(got / 2 ** 20, 1), "ratio": round(pred / got, 3)}
 
@@ -117,7 +144,10 @@ SIZES = {"cache_resid": {"rows": 64, "words": 60, "batch": 16},
          "cache_heads_last": {"rows": 256, "words": 60, "batch": 32},
          "patch_resid": {"examples": 8, "words": 40, "batch": 60},
          "atp_heads": {"examples": 16, "words": 40, "batch": 8},
-         "train_topk": {"d_sae": 9216, "batch": 4096}}
+         "eap": {"examples": 8, "batch": 4},                      # IOI suite prompts (14 tokens, not padded)
+         "eap_ig": {"examples": 4, "batch": 4, "ig_steps": 3},
+         "train_topk": {"d_sae": 9216, "batch": 4096},
+         "train_run": {"tokens": 8192, "batch": 4096, "buffer": 16384, "seq_len": 128, "forward_batch": 16}}
 
 
 def main() -> None:

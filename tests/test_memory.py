@@ -162,6 +162,78 @@ def test_training_estimate_matches_measured_peak():
     close(est.at(b), got)
 
 
+def _train_setup(word_tokenizer):
+    """A wide random model, 200k random token ids to train on, and a TopK SAE on L2.resid_post."""
+    from mechanic.features.train import DictConfig
+
+    m = wide(word_tokenizer)
+    warm(m)
+    text = torch.randint(3, m.dims.vocab, (200_000,), generator=torch.Generator().manual_seed(0))
+    return m, text, DictConfig("L2.resid_post", "topk", expansion=16, k=16)
+
+
+@pytest.mark.parametrize("expansion, settings", [
+    (32, dict(tokens=32768, batch_size=2048, buffer_tokens=16384, seq_len=64, forward_batch=8)),   # a step is the peak
+    (16, dict(tokens=65536, batch_size=1024, buffer_tokens=65536, seq_len=64, forward_batch=8)),   # the shuffle
+    (16, dict(tokens=8192, batch_size=512, buffer_tokens=8192, seq_len=128, forward_batch=64)),    # a forward
+    (64, dict(tokens=8192, batch_size=512, buffer_tokens=4096, seq_len=64, forward_batch=8, checkpoint_every=2048))],
+    ids=["step", "shuffle", "forward", "checkpoint"])
+@fresh_process
+def test_training_run_estimate_matches_measured_peak(expansion, settings, word_tokenizer, tmp_path):
+    """The whole run's peak, with each phase of training_run the largest in turn. Sizes: the measured peak of a run
+    varies by up to ~15 MB between identical processes (W_enc-sized blocks resident between steps in some runs and
+    not others), so every case holds 100 MB or more."""
+    from mechanic.features.train import train
+
+    m, text, cfg = _train_setup(word_tokenizer)
+    cfg.expansion = expansion
+    b = settings["batch_size"]
+    train(m, cfg, tmp_path / "warm", tokens=2 * b, text=text, batch_size=b, buffer_tokens=2 * b, seq_len=64,
+          forward_batch=2, progress=False)     # untimed warm-up: kernels and thread state, once per process
+    d = m.dims.d_model
+    est = memory.training_run(m, [(d, expansion * d, d, "topk", False)], [d], b, settings["buffer_tokens"],
+                              settings["seq_len"], checkpoint="checkpoint_every" in settings)
+    _, got = peak(lambda: train(m, cfg, tmp_path / "run", text=text, progress=False, **settings))
+    close(est.at(settings["forward_batch"]), got)
+
+
+def test_training_run_plans_its_forward_batch_and_refuses_what_cannot_fit(monkeypatch, word_tokenizer, tmp_path):
+    import json
+
+    from mechanic.features.train import DictConfig, train
+
+    m = small(word_tokenizer)
+    text = torch.randint(3, m.dims.vocab, (20_000,), generator=torch.Generator().manual_seed(0))
+    cfg = DictConfig("L1.resid_post", "topk", expansion=8, k=4)
+    d = m.dims.d_model
+    settings = dict(tokens=1024, text=text, batch_size=128, buffer_tokens=1024, seq_len=16, progress=False)
+    est = memory.training_run(m, [(d, 8 * d, d, "topk", False)], [d], 128, 1024, 16)
+    budget = est.at(3) + (est.at(4) - est.at(3)) // 2              # room for 3 windows a forward, not 4
+    assert est.at(3) < est.at(4)
+    monkeypatch.setenv("MECHANIC_MEMORY_BUDGET", str(budget))
+    planned = train(m, cfg, tmp_path / "planned", forward_batch=None, **settings)[0]
+    assert json.loads((tmp_path / "planned" / "train.json").read_text())["settings"]["forward_batch"] == 3
+    given = train(m, cfg, tmp_path / "given", forward_batch=3, **settings)[0]   # the same run, batch given
+    assert torch.equal(planned.W_dec, given.W_dec)
+    with pytest.raises(memory.MemoryPlanError) as e:                # 16 windows a forward do not fit
+        train(m, cfg, tmp_path / "big", forward_batch=16, **settings)
+    text_ = str(e.value)
+    assert "\n" not in text_ and "forward_batch=3 " in text_ and "What would fit" in text_ and "budget" in text_
+    assert not (tmp_path / "big").exists()                          # refused before anything was written
+    monkeypatch.setenv("MECHANIC_MEMORY_BUDGET", str(est.at(1) - 1))   # not even one window a forward
+    with pytest.raises(memory.MemoryPlanError) as e:
+        train(m, cfg, tmp_path / "none", forward_batch=None, **settings)
+    fits = str(e.value)
+    assert "forward_batch=" not in fits.split("What would fit")[1].split(";")[0]
+    assert "buffer_tokens=" in fits or "batch_size=" in fits
+    for option in ("buffer_tokens", "batch_size"):                  # each named alternative really fits
+        if f"{option}=" in fits:
+            n = int(fits.split(f"{option}=")[1].split()[0].rstrip(";").replace(",", ""))
+            alt = {"buffer_tokens": 1024, "batch_size": 128, option: n}
+            assert memory.training_run(m, [(d, 8 * d, d, "topk", False)], [d], alt["batch_size"],
+                                       alt["buffer_tokens"], 16).at(1) <= est.at(1) - 1
+
+
 # ---------------------------------------------------------------- planning
 def test_plan_batch_is_the_largest_that_fits():
     est = memory.Estimate("x", fixed=1000, per_row=100, floor=0, rows=50)
@@ -285,6 +357,24 @@ def test_estimates_match_measured_peaks_on_smollm2(smollm2):
     resid = [f"L{i}.resid_pre" for i in range(m.dims.n_layers)]
     _, got = peak(lambda: patch(m, batch, "resid_pre", positions=[first_diff(batch)], batch_size=60, progress=False))
     close(memory.patching(m, batch.n, batch.seq, resid).at(60), got)
+
+
+@pytest.mark.real
+@fresh_process
+def test_training_run_estimate_matches_measured_peak_on_smollm2(smollm2, tmp_path):
+    from mechanic.features.train import DictConfig, train
+
+    m = smollm2
+    warm(m)
+    text = texts(400, 200)
+    cfg = DictConfig("L6.resid_post", "topk", expansion=16, k=32)
+    settings = dict(tokens=8192, batch_size=2048, buffer_tokens=8192, seq_len=128, forward_batch=16)
+    train(m, cfg, tmp_path / "warm", tokens=1024, text=text, batch_size=512, buffer_tokens=1024, seq_len=128,
+          forward_batch=2, progress=False)      # untimed warm-up
+    d = m.dims.d_model
+    est = memory.training_run(m, [(d, 16 * d, d, "topk", False)], [d], 2048, 8192, 128)
+    _, got = peak(lambda: train(m, cfg, tmp_path / "run", text=text, progress=False, **settings))
+    close(est.at(16), got)
 
 
 @pytest.mark.real

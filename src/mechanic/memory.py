@@ -1,6 +1,7 @@
 """Memory planning: an operation's peak bytes estimated from the model's sizes and the request, before it runs.
 
-Estimates: cache, patching, gradient (AtP), edges (EAP / EAP-IG), training. Each is an `Estimate`: bytes held
+Estimates: cache, patching, gradient (AtP), edges (EAP / EAP-IG), training (one step), training_run (a whole
+dictionary-training run, planned by plan_training). Each is an `Estimate`: bytes held
 whatever the batch (`fixed`), bytes per batch row (`per_row`), and a batch-independent phase that may be the
 peak instead (`floor`, e.g. the unpatched runs of a patching sweep). `plan_batch` picks the largest batch that
 fits a budget (by default 80% of `available()` memory on the model's device) or raises `MemoryPlanError`, one
@@ -78,8 +79,9 @@ def sizes(model) -> Sizes:
 @dataclass(frozen=True)
 class Estimate:
     """Peak bytes of one operation as a function of its batch b: max(floor, fixed + b x per_row + b x spanned
-    layers x per_row_layer), where a batch of b rows spans min(layers, ceil(b / rows_per_layer) + 1) layers (a
-    patching sweep's batch copies the stored outputs of each layer its rows start below)."""
+    layers x per_row_layer, each other phase's fixed + b x per_row), where a batch of b rows spans min(layers,
+    ceil(b / rows_per_layer) + 1) layers (a patching sweep's batch copies the stored outputs of each layer its rows
+    start below)."""
 
     what: str
     fixed: int
@@ -90,12 +92,14 @@ class Estimate:
     per_row_layer: int = 0
     rows_per_layer: int = 1
     layers: int = 0
+    phases: tuple = ()              # other phases whose peak also grows with the batch: (fixed, per_row) pairs
 
     def at(self, batch: int) -> int:
         """Peak bytes with batches of `batch` rows."""
         b = max(1, min(batch, self.rows))
         span = min(self.layers, -(-b // max(1, self.rows_per_layer)) + 1)
-        return max(self.floor, self.fixed + self.per_row * b + self.per_row_layer * b * span)
+        return max(self.floor, self.fixed + self.per_row * b + self.per_row_layer * b * span,
+                   *(f + p * b for f, p in self.phases))
 
 
 # ---------------------------------------------------------------- pieces
@@ -273,20 +277,66 @@ def edges(model, rows: int, seq: int, ig_steps: int | None = None, ig_batch: int
                            "graph gradient run, per example": run})
 
 
+def _dict_params(d_in: int, d_sae: int, d_out: int, architecture: str, skip: bool = False) -> int:
+    """Values of one trained dictionary's parameters (encoder, decoder, biases, a transcoder's skip, a JumpReLU's
+    threshold)."""
+    return d_in * d_sae + d_sae * d_out + d_sae + d_out + (d_in * d_out if skip else 0) \
+        + (d_sae if architecture == "jumprelu" else 0)
+
+
 def training(d_in: int, d_sae: int, batch: int, d_out: int | None = None, architecture: str = "topk",
-             itemsize: int = 4) -> Estimate:
-    """The first step of dictionary training (mechanic.features.trainer.Trainer, Adam), weights included. Its peak is
-    the backward (weights and their gradients, 2 x the parameters, plus the batch's [batch, d_sae] pre-activations
-    and latents, one for TopK whose backward is sparse, and a few [batch, d_in] copies: scaled inputs, the
-    reconstruction, its error), or Adam's step (weights, gradients and two moments: 4 x the parameters)."""
+             itemsize: int = 4, skip: bool = False, moments: bool = False) -> Estimate:
+    """One step of dictionary training (mechanic.features.trainer.Trainer, Adam), weights included: the first
+    (moments=False) or a later one, with Adam's two moments held from the steps before (moments=True). Its peak is
+    the backward (weights and their gradients, 2 x the parameters, plus the batch's [batch, d_sae] tensors, and a
+    few [batch, d_in] copies: scaled inputs, the reconstruction, its error), or Adam's step (weights, gradients and
+    two moments: 4 x the parameters). [batch, d_sae] tensors alive at the peak: one for TopK, whose backward is
+    sparse; for the dense backwards, pre-activations, latents and their gradients (and BatchTopK's mask, JumpReLU's
+    step), counted from measured steps of a 256 -> 4096 dictionary (batch 2048): 6 BatchTopK, 4 ReLU, 7 JumpReLU."""
     d_out = d_out or d_in
-    params = (d_in * d_sae + d_sae * d_out + d_sae + d_out) * itemsize
-    wide = {"topk": 1, "batchtopk": 2, "relu": 3, "jumprelu": 4}.get(architecture, 4)
+    params = _dict_params(d_in, d_sae, d_out, architecture, skip) * itemsize
+    wide = {"topk": 1, "batchtopk": 6, "relu": 4, "jumprelu": 7}.get(architecture, 7)
     per_row = (wide * d_sae + 2 * d_in + 2 * d_out) * itemsize
-    return Estimate(f"{architecture} dictionary training step ({d_in} -> {d_sae}, batch {batch})", 2 * params,
+    held = (4 if moments else 2) * params
+    return Estimate(f"{architecture} dictionary training step ({d_in} -> {d_sae}, batch {batch})", held,
                     per_row, floor=4 * params, rows=batch,
-                    parts={"weights and gradients": 2 * params, "batch, per row": per_row,
-                           "Adam step (weights, gradients, moments)": 4 * params})
+                    parts={"weights and gradients" + (" and Adam moments" if moments else ""): held,
+                           "batch, per row": per_row, "Adam step (weights, gradients, moments)": 4 * params})
+
+
+def training_run(model, dictionaries, widths, batch: int, buffer: int, seq: int, skip_first: int = 1,
+                 checkpoint: bool = False) -> Estimate:
+    """A whole dictionary-training run (mechanic.features.train.train) as a function of its forward batch (windows
+    of `seq` tokens per forward), in one process. `dictionaries`: one (d_in, d_sae, d_out, architecture, skip) per
+    dictionary; `widths`: the widths of the sites the buffer keeps. Held throughout: every dictionary's weights,
+    gradients and Adam moments (4 x its parameters). The shuffle buffer's float32 rows reach `buffer` plus one
+    forward's tokens. The peak is the largest of: a forward of the windows (stopped after the deepest site: its
+    widest layer and the sites' values) next to a buffer not yet full; the shuffle (old rows, both halves' copies
+    and the permutation: twice the buffer); a later training step of the widest dictionary (training(moments=True))
+    next to the shuffled buffer; with `checkpoint`, a checkpoint (weights and moments cloned next to the kept half
+    of the buffer; safetensors writes from the tensors' memory); the end (every dictionary copied for saving, one
+    more copy while it is written)."""
+    s = sizes(model)
+    row = 4 * sum(widths)                          # one buffered token: every site's float32 values
+    w = max(1, seq - skip_first)                   # tokens one window adds to the buffer
+    params = [_dict_params(*d) * 4 for d in dictionaries]
+    held = 4 * sum(params)
+    step = max(training(d_in, d_sae, batch, d_out, arch, 4, skip, moments=True).per_row * batch
+               for d_in, d_sae, d_out, arch, skip in dictionaries)
+    before = buffer - 1                            # rows before the forward that fills the buffer, at most
+    forward = _forward(s, seq, 0) + seq * sum(widths) * s.itemsize
+    shuffle = (held + before * (2 * row + 8), w * (2 * row + 8))
+    stepping = (held + before * (row + 8) + step, w * (row + 8))
+    kept = (before + 2 * batch) // 2 * row         # the half of the buffer kept after a shuffle, at most
+    end = (held + sum(params) + max(params) + kept, w * row // 2)
+    phases = (shuffle, stepping, end) + (((held + 3 * sum(params) + kept, w * row // 2),) if checkpoint else ())
+    n = len(dictionaries)
+    return Estimate(f"training run of {n} dictionar{'y' if n == 1 else 'ies'} (batch {batch}, buffer {buffer} "
+                    f"tokens, windows of {seq})", held + before * row, forward, rows=max(1, -(-buffer // w)),
+                    phases=phases,
+                    parts={"dictionaries (weights, gradients, Adam moments)": held,
+                           "activation buffer": buffer * row,
+                           "forward, per window": forward, "training step": step})
 
 
 # ---------------------------------------------------------------- what is there
@@ -347,15 +397,21 @@ def _fmt(n: int) -> str:
 
 
 # ---------------------------------------------------------------- planning
+def _largest(fits, lo: int, hi: int) -> int:
+    """The largest x in [lo, hi] with fits(x), for fits true up to some x and false after (lo - 1 if none)."""
+    lo -= 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
 def plan_batch(est: Estimate, budget_bytes: int | None = None, device=None, hints: str = "") -> int:
     """The largest batch (at most est.rows) whose estimated peak fits the budget; MemoryPlanError if not even 1."""
     cap = budget(device) if budget_bytes is None else int(budget_bytes)
     if est.at(1) <= cap:
-        lo, hi = 1, min(est.rows, max(1, (cap - est.fixed) // max(1, est.per_row)))   # at() is monotone in the batch
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if est.at(mid) <= cap else (lo, mid - 1)
-        return int(lo)
+        hi = min(est.rows, max(1, (cap - est.fixed) // max(1, est.per_row)))
+        return _largest(lambda b: est.at(b) <= cap, 1, hi)
     parts = "; ".join(f"{k} {_fmt(v)}" for k, v in est.parts.items())
     raise MemoryPlanError(
         f"Not enough memory for the {est.what}: even one row at a time needs about {_fmt(est.at(1))} ({parts}), and "
@@ -365,5 +421,30 @@ def plan_batch(est: Estimate, budget_bytes: int | None = None, device=None, hint
         "MECHANIC_MEMORY_BUDGET only if the memory is really there.")
 
 
+def plan_training(model, dictionaries, widths, batch: int, buffer: int, seq: int, forward_batch: int | None = None,
+                  skip_first: int = 1, checkpoint: bool = False, budget_bytes: int | None = None, device=None) -> int:
+    """The forward batch of a dictionary-training run (training_run): `forward_batch` if the run's estimated peak
+    fits the budget, the largest that fits when it is None; otherwise MemoryPlanError, one paragraph naming the
+    forward batch, buffer size or batch size that would fit with the other settings unchanged."""
+    cap = budget(device) if budget_bytes is None else int(budget_bytes)
+    run = lambda b, n: training_run(model, dictionaries, widths, b, n, seq, skip_first, checkpoint)  # noqa: E731
+    est = run(batch, buffer)
+    fb = forward_batch or max(1, _largest(lambda f: est.at(f) <= cap, 1, est.rows))
+    if est.at(fb) <= cap:
+        return fb
+    fits = [f"forward_batch={f}" for f in [_largest(lambda f: est.at(f) <= cap, 1, fb - 1)] if f >= 1]
+    fits += [f"buffer_tokens={n:,}" for n in [_largest(lambda n: run(batch, n).at(fb) <= cap, 2 * batch, buffer - 1)]
+             if n >= 2 * batch]
+    fits += [f"batch_size={b:,}" for b in [_largest(lambda b: run(b, buffer).at(fb) <= cap, 1, batch - 1)] if b >= 1]
+    parts = "; ".join(f"{k} {_fmt(v)}" for k, v in est.parts.items())
+    raise MemoryPlanError(
+        f"Not enough memory for the {est.what}: with forward_batch={fb} it needs about {_fmt(est.at(fb))} at its peak "
+        f"({parts}), and the budget is {_fmt(cap)}. What would fit, the other settings unchanged: "
+        f"{' or '.join(fits) if fits else 'no smaller forward_batch, buffer_tokens or batch_size alone'}; fewer or "
+        "narrower dictionaries (a smaller expansion or d_sae) shrink what is held throughout. Set a larger budget "
+        "with MECHANIC_MEMORY_BUDGET only if the memory is really there.")
+
+
 __all__ = ["Estimate", "MemoryPlanError", "Sizes", "available", "budget", "cache", "edges", "gradient",
-           "parse_bytes", "patching", "plan_batch", "sizes", "training"]
+           "parse_bytes", "patching", "plan_batch", "plan_training", "sizes", "training",
+           "training_run"]

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mechanic import distributed as D
+from mechanic import memory
 from mechanic.features.activations import ShuffleBuffer, SiteReader, text_windows
 from mechanic.features.dictionary import Dictionary
 from mechanic.features.errors import FeaturesError
@@ -57,10 +58,15 @@ def _key(settings: dict) -> str:
 
 
 def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: int = 1_000_000, text=None,
-          batch_size: int = 4096, buffer_tokens: int = 2 ** 16, seq_len: int = 128, forward_batch: int = 16,
+          batch_size: int = 4096, buffer_tokens: int = 2 ** 16, seq_len: int = 128, forward_batch: int | None = 16,
           checkpoint_every: int | None = None, seed: int = 0, skip_first: int = 1, progress: bool = True,
           on_step: Callable[[dict], None] | None = None) -> list[Dictionary]:
-    """Train one or more dictionaries for `tokens` tokens of `text` (None: default corpus; paths; passages)."""
+    """Train one or more dictionaries for `tokens` tokens of `text` (None: default corpus; paths; passages).
+
+    Before anything is read, the run's peak memory is estimated (mechanic.memory.training_run) and checked against
+    the budget (80% of the free memory, or MECHANIC_MEMORY_BUDGET): forward_batch=None takes the largest number of
+    windows per forward that fits; settings that do not fit raise MemoryPlanError saying which smaller
+    forward_batch, buffer_tokens or batch_size would."""
     cfgs = [dictionaries] if isinstance(dictionaries, DictConfig) else list(dictionaries)
     if not cfgs:
         raise FeaturesError("Nothing to train: give at least one DictConfig.")
@@ -78,10 +84,15 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
         site_width(model, c.site)
         if c.out_site:
             site_width(model, c.out_site)
+    reader = SiteReader(model, [s for c in cfgs for s in (c.site, c.out_site) if s], skip_first=skip_first)
+    shapes = [(reader.widths[c.site], c.latents(reader.widths[c.site]), reader.widths[c.out_site or c.site],
+               c.architecture, c.skip) for c in cfgs]
+    forward_batch = memory.plan_training(model, shapes, list(reader.widths.values()), batch_size, buffer_tokens,
+                                         seq_len, forward_batch, skip_first, bool(checkpoint_every),
+                                         device=model.device)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(model, cfgs, tokens, batch_size, buffer_tokens, seq_len, forward_batch, seed, skip_first, text)
-    reader = SiteReader(model, [s for c in cfgs for s in (c.site, c.out_site) if s], skip_first=skip_first)
     trainers = [Trainer(c, reader.widths[c.site], reader.widths[c.out_site or c.site], tokens, batch_size, seed + i)
                 for i, c in enumerate(cfgs)]
     gen = torch.Generator().manual_seed(seed)
@@ -109,12 +120,7 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
         if len(buffer) < batch_size:
             break
         for batch in buffer.take_half(batch_size):
-            for t in trainers:
-                x = batch[t.cfg.site]
-                y = batch[t.cfg.out_site] if t.cfg.out_site else x
-                if t.opt is None:
-                    t.init_from(x, y)
-                t.step(x, y)
+            _step(trainers, batch)
             seen += batch_size
             rate = seen / max(1e-9, time.perf_counter() - t0)
             row = {"tokens": seen, "tokens_per_s": rate,
@@ -127,6 +133,7 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
             bar.update(batch_size, tok_s=round(rate), fvu=s["fvu"], l0=s["l0"], dead=s["dead"])
             if seen >= tokens:
                 break
+        batch = None     # its views would keep the half handed out alive through the next fill
         if checkpoint_every and seen - last_ckpt >= checkpoint_every and seen < tokens and D.is_main():
             _checkpoint(ckpt, settings, trainers, buffer, gen, seen, windows_read, log, time.perf_counter() - t0)
             last_ckpt = seen
@@ -147,6 +154,16 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
             shutil.rmtree(ckpt)
     D.barrier()       # the files exist when train returns on any rank
     return done
+
+
+def _step(trainers: list[Trainer], batch: dict[str, torch.Tensor]) -> None:
+    """One optimiser step of every dictionary on a batch of buffer rows (the first initialises it from them)."""
+    for t in trainers:
+        x = batch[t.cfg.site]
+        y = batch[t.cfg.out_site] if t.cfg.out_site else x
+        if t.opt is None:
+            t.init_from(x, y)
+        t.step(x, y)
 
 
 def _checkpoint(ckpt: Path, settings, trainers, buffer, gen, seen, windows_read, log, elapsed) -> None:

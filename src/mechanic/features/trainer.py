@@ -61,6 +61,10 @@ class DictConfig:
         if self.skip and self.out_site is None:
             raise FeaturesError("skip=True is a transcoder's skip connection; give out_site too (e.g. L3.mlp_out).")
 
+    def latents(self, d_in: int) -> int:
+        """d_sae: given, or expansion x the input width."""
+        return self.d_sae or self.expansion * d_in
+
     @property
     def label(self) -> str:
         where = self.site + (f"-{self.out_site}" if self.out_site else "")
@@ -170,7 +174,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, d_in: int, d_out: int, total_tokens: int, batch_size: int, seed: int):
         self.cfg = cfg
-        self.d_sae = cfg.d_sae or cfg.expansion * d_in
+        self.d_sae = cfg.latents(d_in)
         arch = cfg.architecture
         self.dict = Dictionary(d_in, self.d_sae, arch, k=cfg.k if arch in ("topk", "batchtopk") else None,
                                site=cfg.site, out_site=cfg.out_site, d_out=d_out, skip=cfg.skip,
