@@ -63,3 +63,7 @@ def test_user_errors_are_one_paragraph(model_dir, tmp_path):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output and "Traceback" not in res.output, res.output
+    res = runner.invoke(app, ["sae", "train", "--model", str(model_dir), "--site", "L1.resid_post", "--forward-batch",
+                              "0", "-o", str(tmp_path / "x")], env={"MECHANIC_MEMORY_BUDGET": "1MiB"})
+    assert res.exit_code == 2, res.output            # a run that cannot fit the memory budget: refused, one paragraph
+    assert "Not enough memory" in res.output and "What would fit" in res.output and "Traceback" not in res.output

@@ -58,6 +58,8 @@ def train(site: str = typer.Option(..., help="Site(s) to read, comma-separated (
           batch_size: int = typer.Option(4096, help="Tokens per optimiser step."),
           buffer_tokens: int = typer.Option(65536, help="Shuffle-buffer size in tokens (memory bound)."),
           seq_len: int = typer.Option(128, help="Tokens per text window."),
+          forward_batch: int = typer.Option(16, help="Text windows per model forward; 0: the most that fit the "
+                                                     "memory budget (settings that do not fit are refused)."),
           checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N tokens; a rerun resumes."),
           seed: int = typer.Option(0),
           as_json: bool = JSON):
@@ -79,7 +81,8 @@ def train(site: str = typer.Option(..., help="Site(s) to read, comma-separated (
     D.init()
     m = mechanic.load(model)
     run_train(m, cfgs, out, tokens=tokens, text=list(text) if text else None, batch_size=batch_size,
-              buffer_tokens=buffer_tokens, seq_len=seq_len, checkpoint_every=checkpoint_every, seed=seed,
+              buffer_tokens=buffer_tokens, seq_len=seq_len, forward_batch=forward_batch or None,
+              checkpoint_every=checkpoint_every, seed=seed,
               progress=not as_json)
     if not D.is_main():
         return
