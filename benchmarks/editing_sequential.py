@@ -3,8 +3,10 @@ on the same test facts of the `facts_large` suite in batches; after every batch,
 CounterFact ES / PS / NS, EasyEdit locality against the unedited model's own tokens, fluency and held-out perplexity,
 each with a 95% bootstrap CI (mechanic.improve.edit_metrics.curve_scores). Layers from causal tracing averaged over
 train facts (FT-L and LoRA train ROME's layer); on validation facts, prompt_key (the bare prompt's key held besides
-the averaged one) chosen for ROME, MEMIT and AlphaEdit, and AlphaEdit's threshold and alpha. Writes the raw results
-as JSON (benchmarks/plot_editing.py draws them)."""
+the averaged one) chosen for ROME, MEMIT and AlphaEdit, and AlphaEdit's threshold and alpha on one batch, then its
+v* optimisation's kl_factor (OPT's, or SEQUENCE_SETTINGS') over a sequence of validation facts in batches
+(sequence_scores; one batch cannot show how the edits disturb neighbours). Writes the raw results as JSON
+(benchmarks/plot_editing.py draws them)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import mechanic
 from mechanic.improve.edit_metrics import counterfact, curve_scores
 from mechanic.improve.evaluate import NEUTRAL_OPENINGS
 from mechanic.locate.trace import subject_positions
-from mechanic.steer.alphaedit import NullSpaces, alphaedit_update
+from mechanic.steer.alphaedit import NullSpaces, alphaedit_update, with_preserved
 from mechanic.steer.edit import (context_prefixes, facts_from_task, layer_range, memit_targets, memit_update, rome,
                                  spread, trace_layers)
 from mechanic.steer.plan import Plan, PlanError
@@ -33,6 +35,10 @@ TRAINED = ("ft", "lora")    # fine-tuning baselines: their own settings, no stat
 
 
 SUITE = "facts_large"
+# AlphaEdit settings tried besides OPT's over a validation sequence: a KL weight 16x OPT's kept NS higher after every
+# batch of 30 validation facts (1.00/0.97/0.92 against 0.93/0.95/0.90) where null spaces did not move it
+# (benchmarks/results/editing_ns_validation.json)
+SEQUENCE_SETTINGS = [{"kl_factor": 1.0}]
 
 
 def facts_of(m, split: str, n: int):
@@ -82,6 +88,64 @@ def calibrate(m, facts, layers, moments, prefixes, thresholds, alphas, lam) -> l
     return out
 
 
+def sequence_scores(m, facts, layers, prefixes, solve, record, batch: int, opt: dict = OPT, prompt_key: bool = True,
+                    cache: dict | None = None) -> dict:
+    """The sequential validation protocol: `facts` edited in batches (each batch's targets optimised on the model
+    with the earlier batches applied, as mechanic.steer.sequential does; solve(L, K, R) per layer, record(keys)
+    after each batch), CounterFact ES/PS/NS over all of them after each batch; the model is left unedited. `cache`
+    keeps the first batch's targets (read on the unedited model) for the next setting with the same `opt`."""
+    curve, handles, t0 = [], [], time.perf_counter()
+    cache = {} if cache is None else cache
+    try:
+        for i in range(0, len(facts), batch):
+            part, key = facts[i:i + batch], (prompt_key, *sorted(opt.items()))
+            if i == 0 and key in cache:
+                rows, Z = cache[key]
+            else:
+                rows, Z, _ = memit_targets(m, part, layers[-1], prefixes, prompt_key=prompt_key, **opt)
+                if i == 0:
+                    cache[key] = (rows, Z)
+            edits, keys = spread(m, rows, Z, layers, solve, "validation sequence")
+            if record is not None:
+                record(keys)
+            handles.append(Plan(edits=edits).apply(m))
+            s = counterfact(m, facts[:i + batch])
+            curve.append({"edits": i + len(part), **{k: round(s[k], 4) for k in ("es", "ps", "ns", "score")}})
+            print(f"  after {i + len(part)}: ES {s['es']:.2f} PS {s['ps']:.2f} NS {s['ns']:.2f}", flush=True)
+    finally:
+        for h in reversed(handles):
+            h.undo()
+    return {**curve[-1], "curve": curve, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def alphaedit_solver(moments, layers, threshold=2e-2, alpha=10.0, energy=None, extra=None):
+    """solve(L, K, R), record(keys) and the NullSpaces of one AlphaEdit sequence (`extra` {layer: second moment} of
+    preserved prompts' keys added to C as alphaedit(preserve=...) does)."""
+    state = NullSpaces(threshold, energy)
+    for L in layers:
+        C = moments[L][0] if extra is None else with_preserved(moments[L][0], extra[L])
+        state.projection(L, C)
+
+    def solve(L, K, R):
+        return alphaedit_update(state.projections[L], K, R, state.previous.get(L), alpha)
+    return solve, state.record, state
+
+
+def calibrate_sequence(m, facts, layers, moments, prefixes, one: dict, batch: int) -> list[dict]:
+    """AlphaEdit's one-batch best (`one`: prompt_key, threshold, alpha) and SEQUENCE_SETTINGS on top of it, scored
+    by the sequential validation protocol (sequence_scores): one batch has no earlier edits whose neighbours the
+    next batches can disturb, so it cannot tell these apart."""
+    out = []
+    for extra in ({}, *SEQUENCE_SETTINGS):
+        st = {k: one[k] for k in ("prompt_key", "threshold", "alpha")} | extra
+        print(f"calibrate alphaedit over a sequence of {len(facts)} validation facts: {st}", flush=True)
+        solve, record, state = alphaedit_solver(moments, layers, st["threshold"], st["alpha"])
+        out.append({"method": "alphaedit", "sequence": len(facts), **st, "null_dims": dict(state.dims),
+                    **sequence_scores(m, facts, layers, prefixes, solve, record, batch, OPT | extra,
+                                      st["prompt_key"])})
+    return out
+
+
 def calibrate_rome(m, facts, layer, moments, prefixes) -> list[dict]:
     """ROME one fact at a time on validation facts, without and with the bare prompt's key."""
     out = []
@@ -113,6 +177,8 @@ def main() -> None:
     p.add_argument("--lora", default="8,5e-3,50", help="LoRA's 'rank,lr,steps' (alpha = 2 x rank)")
     p.add_argument("--trace-facts", type=int, default=8)
     p.add_argument("--calibration-facts", type=int, default=10)
+    p.add_argument("--sequence-facts", type=int, default=30, help="validation facts edited in batches to choose "
+                   "AlphaEdit's kl_factor: OPT's or SEQUENCE_SETTINGS' (0: one batch only)")
     p.add_argument("--stats-tokens", type=int, default=16384)
     p.add_argument("--lam", type=float, default=1000.0)
     p.add_argument("--layer", type=int, help="skip the averaged trace: ROME's layer (MEMIT/AlphaEdit end there)")
@@ -159,13 +225,18 @@ def main() -> None:
             grid += calibrate_rome(m, val, top, {top: moments[top]}, prefixes)
         result["calibration"] = grid
         chosen = {meth: best(grid, meth) for meth in ("rome", "memit", "alphaedit") if meth in methods}
+        if "alphaedit" in methods and args.sequence_facts:
+            seq = calibrate_sequence(m, facts_of(m, "validation", args.sequence_facts), range_, moments, prefixes,
+                                     chosen["alphaedit"], args.batch)
+            result["calibration_sequence"] = seq
+            chosen["alphaedit"] = best(seq, "alphaedit")
     if args.alphaedit is not None:
         thr, a = (float(x) for x in args.alphaedit.split(","))
         chosen["alphaedit"] = chosen.get("alphaedit", {}) | {"threshold": thr, "alpha": a}
     if args.prompt_key is not None:
         for meth in ("rome", "memit", "alphaedit"):
             chosen[meth] = chosen.get(meth, {}) | {"prompt_key": args.prompt_key == "yes"}
-    keep = ("prompt_key", "threshold", "alpha")
+    keep = ("prompt_key", "threshold", "alpha", "kl_factor")
     result["chosen"] = {meth: {k: v for k, v in c.items() if k in keep} for meth, c in chosen.items()}
     print(f"chosen on validation facts: {result['chosen']}", flush=True)
     nb = [q for f in test for q in f.neighborhood]
@@ -188,7 +259,7 @@ def main() -> None:
             plan = sequential(m, test, method, args.batch, layers, on_batch=scores, **own[method])
         else:
             plan = sequential(m, test, method, args.batch, layers, on_batch=scores,
-                              stats_tokens=args.stats_tokens, **OPT, **extra)
+                              stats_tokens=args.stats_tokens, **(OPT | extra))
         secs = time.perf_counter() - t
         with m.applied(plan):
             nb_after = top1(m, nb)
