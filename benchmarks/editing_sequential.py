@@ -3,8 +3,8 @@ on the same test facts of the `facts_large` suite in batches; after every batch,
 CounterFact ES / PS / NS, EasyEdit locality against the unedited model's own tokens, fluency and held-out perplexity,
 each with a 95% bootstrap CI (mechanic.improve.edit_metrics.curve_scores). Layers from causal tracing averaged over
 train facts (FT-L and LoRA train ROME's layer); on validation facts, prompt_key (the bare prompt's key held besides
-the averaged one) chosen for ROME, MEMIT and AlphaEdit, and AlphaEdit's threshold and alpha on one batch, then its
-v* optimisation's kl_factor (OPT's, or SEQUENCE_SETTINGS') over a sequence of validation facts in batches
+the averaged one) chosen for ROME, MEMIT and AlphaEdit, and AlphaEdit's threshold and alpha on one batch, then MEMIT's
+and AlphaEdit's v* kl_factor (OPT's, or SEQUENCE_SETTINGS') over a sequence of validation facts in batches
 (sequence_scores; one batch cannot show how the edits disturb neighbours). Writes the raw results as JSON
 (benchmarks/plot_editing.py draws them)."""
 
@@ -35,9 +35,9 @@ TRAINED = ("ft", "lora")    # fine-tuning baselines: their own settings, no stat
 
 
 SUITE = "facts_large"
-# AlphaEdit settings tried besides OPT's over a validation sequence: a KL weight 16x OPT's kept NS higher after every
-# batch of 30 validation facts (1.00/0.97/0.92 against 0.93/0.95/0.90) where null spaces did not move it
-# (benchmarks/results/editing_ns_validation.json)
+# MEMIT / AlphaEdit settings tried besides OPT's over a validation sequence: a KL weight 16x OPT's kept NS higher
+# after every batch of 30 validation facts (both 1.00/0.97/0.92, against 0.93/0.93/0.88 and 0.93/0.95/0.90) where
+# AlphaEdit's null spaces did not move it (benchmarks/results/editing_ns_validation.json)
 SEQUENCE_SETTINGS = [{"kl_factor": 1.0}]
 
 
@@ -131,16 +131,21 @@ def alphaedit_solver(moments, layers, threshold=2e-2, alpha=10.0, energy=None, e
     return solve, state.record, state
 
 
-def calibrate_sequence(m, facts, layers, moments, prefixes, one: dict, batch: int) -> list[dict]:
-    """AlphaEdit's one-batch best (`one`: prompt_key, threshold, alpha) and SEQUENCE_SETTINGS on top of it, scored
-    by the sequential validation protocol (sequence_scores): one batch has no earlier edits whose neighbours the
-    next batches can disturb, so it cannot tell these apart."""
+def calibrate_sequence(m, facts, layers, moments, prefixes, method: str, one: dict, batch: int, lam: float) -> list[dict]:
+    """MEMIT's or AlphaEdit's one-batch best (`one`: prompt_key, and threshold, alpha) and SEQUENCE_SETTINGS on top
+    of it, scored by the sequential validation protocol (sequence_scores): one batch has no earlier edits whose
+    neighbours the next batches can disturb, so it cannot tell these apart."""
     out = []
     for extra in ({}, *SEQUENCE_SETTINGS):
-        st = {k: one[k] for k in ("prompt_key", "threshold", "alpha")} | extra
-        print(f"calibrate alphaedit over a sequence of {len(facts)} validation facts: {st}", flush=True)
-        solve, record, state = alphaedit_solver(moments, layers, st["threshold"], st["alpha"])
-        out.append({"method": "alphaedit", "sequence": len(facts), **st, "null_dims": dict(state.dims),
+        st = {k: one[k] for k in ("prompt_key", "threshold", "alpha") if k in one} | extra
+        print(f"calibrate {method} over a sequence of {len(facts)} validation facts: {st}", flush=True)
+        if method == "alphaedit":
+            solve, record, state = alphaedit_solver(moments, layers, st["threshold"], st["alpha"])
+            st["null_dims"] = dict(state.dims)
+        else:
+            solve, record = (lambda L, K, R: memit_update(moments[L][0], K, R, lam)), None
+            st["lam"] = lam
+        out.append({"method": method, "sequence": len(facts), **st,
                     **sequence_scores(m, facts, layers, prefixes, solve, record, batch, OPT | extra,
                                       st["prompt_key"])})
     return out
@@ -178,7 +183,7 @@ def main() -> None:
     p.add_argument("--trace-facts", type=int, default=8)
     p.add_argument("--calibration-facts", type=int, default=10)
     p.add_argument("--sequence-facts", type=int, default=30, help="validation facts edited in batches to choose "
-                   "AlphaEdit's kl_factor: OPT's or SEQUENCE_SETTINGS' (0: one batch only)")
+                   "MEMIT's and AlphaEdit's kl_factor: OPT's or SEQUENCE_SETTINGS' (0: one batch only)")
     p.add_argument("--stats-tokens", type=int, default=16384)
     p.add_argument("--lam", type=float, default=1000.0)
     p.add_argument("--layer", type=int, help="skip the averaged trace: ROME's layer (MEMIT/AlphaEdit end there)")
@@ -225,11 +230,14 @@ def main() -> None:
             grid += calibrate_rome(m, val, top, {top: moments[top]}, prefixes)
         result["calibration"] = grid
         chosen = {meth: best(grid, meth) for meth in ("rome", "memit", "alphaedit") if meth in methods}
-        if "alphaedit" in methods and args.sequence_facts:
-            seq = calibrate_sequence(m, facts_of(m, "validation", args.sequence_facts), range_, moments, prefixes,
-                                     chosen["alphaedit"], args.batch)
-            result["calibration_sequence"] = seq
-            chosen["alphaedit"] = best(seq, "alphaedit")
+        seq_facts = facts_of(m, "validation", args.sequence_facts) if args.sequence_facts else []
+        result["calibration_sequence"] = []
+        for meth in ("memit", "alphaedit"):
+            if meth in methods and seq_facts:
+                seq = calibrate_sequence(m, seq_facts, range_, moments, prefixes, meth, chosen[meth], args.batch,
+                                         args.lam)
+                result["calibration_sequence"] += seq
+                chosen[meth] = best(seq, meth)
     if args.alphaedit is not None:
         thr, a = (float(x) for x in args.alphaedit.split(","))
         chosen["alphaedit"] = chosen.get("alphaedit", {}) | {"threshold": thr, "alpha": a}
