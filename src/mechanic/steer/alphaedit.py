@@ -123,7 +123,8 @@ def alphaedit(model, facts: list[Fact], layers: list[int] | None = None, *, thre
 
     edits, keys = spread(model, rows, Z, layers, solve, f"AlphaEdit {len(facts)} facts:")
     settings = {"layers": layers, "facts": [_fact_dict(f) for f in facts], "prefixes": prefixes,
-                "threshold": threshold, "energy": energy, "preserved_prompts": len(preserve or []), "alpha": alpha, "prompt_key": Z.shape[1] > len(facts), "null_dims": {L: state.dims[L] for L in layers},
+                "threshold": threshold, "energy": energy, "preserved_prompts": len(preserve or []), "alpha": alpha,
+                "prompt_key": Z.shape[1] > len(facts), "null_dims": {L: state.dims[L] for L in layers},
                 "previous_edits": bool(state.previous), "losses": opt_losses,
                 "stats_tokens": {L: moments[L][1] for L in layers}, "steps": steps, "lr": lr,
                 "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp, "seed": seed}
