@@ -609,6 +609,8 @@ def edit_lines(r: dict, meta: dict, seq: dict | None = None) -> list[str]:
                   f"(median) | {pct(ra['es'])} | {pct(ra['ps'])} | {pct(ra['ns'])} |",
                   f"| MEMIT, all facts at once, layers {r['memit_layers']}, {how} | {r[f'memit{key}_s']:.1f} | "
                   f"{pct(ma['es'])} | {pct(ma['ps'])} | {pct(ma['ns'])} |"]
+    if r.get("timing_note"):
+        lines += ["", r["timing_note"]]
     if "rome_pk_after" in r:
         pk = bool(((seq or {}).get("chosen") or {}).get("rome", {}).get("prompt_key"))
         a = r["rome_pk_after" if pk else "rome_after"]
