@@ -37,6 +37,16 @@ def _cached(path: Path) -> dict | None:
         return None
 
 
+def _accumulate(model, inputs, sums: dict[int, torch.Tensor]) -> int:
+    """Add k^T k (float64) of the down_proj inputs k at every layer of `sums` over one forward of `inputs`, in
+    place; the number of tokens (rows of k) it added."""
+    run = model.run(inputs, cache=[f"L{L}.neuron" for L in sums], stop_at="auto")
+    for L in sums:
+        k = run[f"L{L}.neuron"].reshape(-1, model.dims.d_mlp).double()
+        sums[L] += k.T @ k
+    return k.shape[0]
+
+
 def second_moments(model, layers, texts=None, *, max_tokens: int = 32768, seq_len: int = 128,
                    batch_size: int = 8, cache: bool = True, fresh: bool = False,
                    progress: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
@@ -70,11 +80,7 @@ def second_moments(model, layers, texts=None, *, max_tokens: int = 32768, seq_le
     wins = windows(model, tokens, seq_len=seq_len)
     chunks = list(batches(wins, batch_size))
     for ids in track(chunks, f"second moments of {len(todo)} layers", show=progress, unit="batch"):
-        run = model.run(ids, cache=[f"L{L}.neuron" for L in todo], stop_at="auto")
-        for L in todo:
-            k = run[f"L{L}.neuron"].reshape(-1, d).double()
-            sums[L] += k.T @ k
-        count += ids.numel()
+        count += _accumulate(model, ids, sums)
     for L in todo:
         moment = (sums[L] / count).float()
         out[L] = (moment, count)
@@ -92,9 +98,5 @@ def prompt_moments(model, layers, prompts: list[str]) -> dict[int, torch.Tensor]
     sums = {L: torch.zeros(d, d, dtype=torch.float64) for L in layers}
     count = 0
     for p in prompts:
-        run = model.run(p, cache=[f"L{L}.neuron" for L in layers], stop_at="auto")
-        for L in layers:
-            k = run[f"L{L}.neuron"].reshape(-1, d).double()
-            sums[L] += k.T @ k
-        count += k.shape[0]
+        count += _accumulate(model, p, sums)
     return {L: s / count for L, s in sums.items()}
