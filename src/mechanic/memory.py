@@ -429,8 +429,12 @@ def plan_training(model, dictionaries, widths, batch: int, buffer: int, seq: int
     cap = budget(device) if budget_bytes is None else int(budget_bytes)
     run = lambda b, n: training_run(model, dictionaries, widths, b, n, seq, skip_first, checkpoint)  # noqa: E731
     est = run(batch, buffer)
-    fb = forward_batch or max(1, _largest(lambda f: est.at(f) <= cap, 1, est.rows))
-    if est.at(fb) <= cap:
+    if forward_batch:
+        fb, fits_now = forward_batch, est.at(forward_batch) <= cap
+    else:                                   # the largest that fits (each candidate's peak estimated once)
+        fb = _largest(lambda f: est.at(f) <= cap, 1, est.rows)
+        fb, fits_now = max(1, fb), fb >= 1
+    if fits_now:
         return fb
     fits = [f"forward_batch={f}" for f in [_largest(lambda f: est.at(f) <= cap, 1, fb - 1)] if f >= 1]
     fits += [f"buffer_tokens={n:,}" for n in [_largest(lambda n: run(batch, n).at(fb) <= cap, 2 * batch, buffer - 1)]
