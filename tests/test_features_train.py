@@ -136,3 +136,39 @@ def test_training_errors_are_clear(worded, tmp_path):
         train(worded, DictConfig("L9.resid_post"), tmp_path, tokens=512, text=calibration(), **SMALL)
     with pytest.raises(FeaturesError, match="not a site"):
         train(worded, DictConfig("L1.attn_in"), tmp_path, tokens=512, text=calibration(), **SMALL)
+
+
+def test_automatic_forward_batch_resumes_where_less_memory_chooses_another(worded, tmp_path, monkeypatch):
+    """forward_batch=None keys the checkpoint on "automatic", not on the choice: a machine with less free memory (a
+    smaller budget here) picks fewer windows per forward and still continues the checkpoint rather than refusing."""
+    from mechanic import memory
+
+    cfg = DictConfig("L1.resid_post", "topk", expansion=4, k=8, lr=3e-3)
+    kw = dict(tokens=6144, text=calibration(), checkpoint_every=1024, forward_batch=None, **SMALL)
+    d = worded.dims.d_model
+    est = memory.training_run(worded, [(d, 4 * d, d, "topk", False)], [d], SMALL["batch_size"],
+                              SMALL["buffer_tokens"], SMALL["seq_len"], 1, True)
+    room = {n: str(est.at(n) + (est.at(n + 1) - est.at(n)) // 2) for n in (3, 6)}   # n windows a forward, not n+1
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(row):
+        if row["tokens"] == 4096:
+            raise Interrupt
+    monkeypatch.setenv("MECHANIC_MEMORY_BUDGET", room[6])
+    with pytest.raises(Interrupt):
+        train(worded, cfg, tmp_path, on_step=stop, **kw)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["settings"]["forward_batch"] == 6 and 0 < state["seen"] < 4096
+    monkeypatch.setenv("MECHANIC_MEMORY_BUDGET", room[3])
+    rows = []
+    train(worded, cfg, tmp_path, on_step=rows.append, **kw)
+    assert rows[0]["tokens"] == state["seen"] + SMALL["batch_size"]     # continued, not started afresh
+    record = json.loads((tmp_path / "train.json").read_text())
+    assert record["settings"]["forward_batch"] == 3 and record["log"][0] == state["log"][0]
+    monkeypatch.setenv("MECHANIC_MEMORY_BUDGET", room[6])
+    (tmp_path / "checkpoint").mkdir()                                   # a forward batch given still must match
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(FeaturesError, match="other settings"):
+        train(worded, cfg, tmp_path, **{**kw, "forward_batch": 6})

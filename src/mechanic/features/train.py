@@ -9,7 +9,9 @@ Writes `out/<label>/` (cfg.json + sae_weights.safetensors, SAELens format) per d
 `checkpoint_every` tokens it keeps `out/checkpoint/` (safetensors + JSON, no pickle), written only at
 buffer-refill boundaries, where the whole state is the dictionaries, their optimisers, the kept half
 of the buffer, the shuffle generator and the number of windows read: a run started again with the
-same settings continues from it and ends with the same weights as an uninterrupted run.
+same settings continues from it and ends with the same weights as an uninterrupted run (with forward_batch=None
+it resumes even where less free memory gives another forward batch; the buffer then refills in other steps, so
+the weights differ from an uninterrupted run's).
 
 Under torchrun (torch.distributed initialised, e.g. `mechanic.distributed.init()`) the same call trains data-parallel:
 each rank runs the forwards of its block of every forward batch's windows, the activations are joined so every rank
@@ -53,8 +55,11 @@ def _settings(model, cfgs, tokens, batch_size, buffer_tokens, seq_len, forward_b
             [str(t) for t in text] if isinstance(text, (list, tuple)) and len(text) < 20 else str(type(text).__name__)}
 
 
-def _key(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+def _key(settings: dict, forward_batch_asked: int | None) -> str:
+    """What a checkpoint must match to resume: a hash of the settings with the forward batch as asked (None when
+    chosen to fit the free memory, so a resume on a machine with less of it continues instead of refusing)."""
+    asked = settings | {"forward_batch": forward_batch_asked}
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: int = 1_000_000, text=None,
@@ -87,12 +92,14 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
     reader = SiteReader(model, [s for c in cfgs for s in (c.site, c.out_site) if s], skip_first=skip_first)
     shapes = [(reader.widths[c.site], c.latents(reader.widths[c.site]), reader.widths[c.out_site or c.site],
                c.architecture, c.skip) for c in cfgs]
+    asked = forward_batch
     forward_batch = memory.plan_training(model, shapes, list(reader.widths.values()), batch_size, buffer_tokens,
                                          seq_len, forward_batch, skip_first, bool(checkpoint_every),
                                          device=model.device)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(model, cfgs, tokens, batch_size, buffer_tokens, seq_len, forward_batch, seed, skip_first, text)
+    key = _key(settings, asked)
     trainers = [Trainer(c, reader.widths[c.site], reader.widths[c.out_site or c.site], tokens, batch_size, seed + i)
                 for i, c in enumerate(cfgs)]
     gen = torch.Generator().manual_seed(seed)
@@ -100,7 +107,7 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
     seen, windows_read, log, elapsed = 0, 0, [], 0.0
     ckpt = out / "checkpoint"
     if checkpoint_every and D.decide((ckpt / "state.json").exists()):   # every rank resumes, or none
-        seen, windows_read, log, elapsed = _restore(ckpt, settings, trainers, buffer, gen)
+        seen, windows_read, log, elapsed = _restore(ckpt, key, trainers, buffer, gen)
     stream = text_windows(model, text, "train", seq_len)
     for _ in range(windows_read):   # deterministic re-read up to where the checkpoint stopped
         if next(stream, None) is None:
@@ -135,7 +142,7 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
                 break
         batch = None     # its views would keep the half handed out alive through the next fill
         if checkpoint_every and seen - last_ckpt >= checkpoint_every and seen < tokens and D.is_main():
-            _checkpoint(ckpt, settings, trainers, buffer, gen, seen, windows_read, log, time.perf_counter() - t0)
+            _checkpoint(ckpt, key, settings, trainers, buffer, gen, seen, windows_read, log, time.perf_counter() - t0)
             last_ckpt = seen
     bar.close()
     if seen < tokens and progress and D.is_main():
@@ -166,7 +173,7 @@ def _step(trainers: list[Trainer], batch: dict[str, torch.Tensor]) -> None:
         t.step(x, y)
 
 
-def _checkpoint(ckpt: Path, settings, trainers, buffer, gen, seen, windows_read, log, elapsed) -> None:
+def _checkpoint(ckpt: Path, key: str, settings, trainers, buffer, gen, seen, windows_read, log, elapsed) -> None:
     tensors: dict[str, torch.Tensor] = {f"buffer.{s}": r.contiguous() for s, r in buffer.rows.items()}
     tensors["generator"] = gen.get_state()
     scalars = {}
@@ -174,7 +181,7 @@ def _checkpoint(ckpt: Path, settings, trainers, buffer, gen, seen, windows_read,
         ts, sc = t.state(f"d{i}")
         tensors.update(ts)
         scalars[f"d{i}"] = sc
-    state = {"key": _key(settings), "settings": settings, "seen": seen, "windows_read": windows_read,
+    state = {"key": key, "settings": settings, "seen": seen, "windows_read": windows_read,
              "log": log, "elapsed": elapsed, "trainers": scalars}
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     if tmp.exists():
@@ -191,9 +198,9 @@ def _checkpoint(ckpt: Path, settings, trainers, buffer, gen, seen, windows_read,
         os.replace(tmp, ckpt)
 
 
-def _restore(ckpt: Path, settings, trainers, buffer, gen):
+def _restore(ckpt: Path, key: str, trainers, buffer, gen):
     state = json.loads((ckpt / "state.json").read_text())
-    if state["key"] != _key(settings):
+    if state["key"] != key:
         raise FeaturesError(f"{ckpt} was written by a training with other settings; resume with the same "
                             "settings, or choose another output directory (or delete the checkpoint).")
     tensors = load_file(str(ckpt / "state.safetensors"))
