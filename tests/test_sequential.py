@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import mechanic
-from mechanic.improve.edit_metrics import running_scores
+from mechanic.improve.edit_metrics import counterfact, running_scores
 from mechanic.locate.scores import Scores
 from mechanic.locate.trace import causal_trace, subject_positions
 from mechanic.steer import edit as edit_module
-from mechanic.steer.alphaedit import NullSpaces, alphaedit
-from mechanic.steer.edit import Fact, context_prefixes, memit, rome, trace_layers
+from mechanic.steer.alphaedit import NullSpaces, alphaedit, alphaedit_update
+from mechanic.steer.edit import Fact, context_prefixes, memit, memit_targets, memit_update, rome, spread, trace_layers
 from mechanic.steer.plan import Plan, PlanError
 from mechanic.steer.sequential import sequential
 from mechanic.steer.stats import second_moments
@@ -103,6 +103,91 @@ def test_sequential_plan_undoes_bit_for_bit_and_saves(model, tmp_path):
     with m.applied(again):
         assert same(weights(m), edited)
     assert same(weights(m), original)
+
+
+FULL = dict(steps=3, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp=4.0)    # memit_targets' settings
+
+
+class HoldsAnchor(NullSpaces):
+    """AlphaEdit's null spaces holding, besides the edits so far, an anchor prompt's keys read on the model as the
+    solve finds it (a variant under study, like benchmarks/editing_ns_validation.py's anchored candidate)."""
+
+    def __init__(self, model, anchor: str, threshold: float):
+        super().__init__(threshold)
+        self.model, self.anchor = model, anchor
+
+    def held(self, layer):
+        Ka = self.model.run(self.anchor, cache=[f"L{layer}.neuron"], stop_at="auto")[f"L{layer}.neuron"][0].double().T
+        prev = super().held(layer)
+        return Ka @ Ka.T if prev is None else prev + Ka @ Ka.T
+
+
+def loop_by_hand(m, facts, batch, layers, solve, record, prompt_key):
+    """The benchmarks' former own loop (editing_sequential.sequence_scores): targets and spread per batch with a
+    custom solve, each batch applied before the next; CounterFact scores and weights after every batch."""
+    prefixes = context_prefixes(m, 2, seed=0)
+    handles, scores, after = [], [], []
+    try:
+        for i in range(0, len(facts), batch):
+            rows, Z, _ = memit_targets(m, facts[i:i + batch], layers[-1], prefixes, prompt_key=prompt_key, **FULL)
+            edits, keys = spread(m, rows, Z, layers, solve, "validation sequence")
+            if record is not None:
+                record(keys)
+            handles.append(Plan(edits=edits).apply(m))
+            scores.append(counterfact(m, facts[:i + batch]))
+            after.append(weights(m))
+    finally:
+        for h in reversed(handles):
+            h.undo()
+    return scores, after
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_targets_cache_and_state_hooks_equal_the_loop_by_hand(model, method, monkeypatch):
+    """sequential with a targets cache (and for AlphaEdit a NullSpaces subclass holding more keys) gives the weights
+    and scores of the loop the benchmarks wrote out, and a second sequence reusing the cache optimises the first
+    batch once yet ends in the same weights."""
+    m, layers, thr, alpha = model, LAYERS[method], EXTRA["alphaedit"]["threshold"], EXTRA["alphaedit"]["alpha"]
+    C = second_moments(m, layers, max_tokens=TOKENS)
+    if method == "alphaedit":
+        ns = HoldsAnchor(m, "The old bridge is located in the city of", thr)
+        solve = lambda L, K, R: alphaedit_update(ns.projection(L, C[L][0]), K, R, ns.held(L), alpha)  # noqa: E731
+        record, extra = ns.record, dict(threshold=thr, alpha=alpha)
+    else:
+        solve = lambda L, K, R: memit_update(C[L][0], K, R, 1.0)  # noqa: E731
+        record, extra = None, dict(lam=1.0)
+    want_scores, want = loop_by_hand(m, FACTS, 2, layers, solve, record, True)
+    calls = []
+    optimise = edit_module.memit_targets
+    monkeypatch.setattr(edit_module, "memit_targets", lambda *a, **k: calls.append(1) or optimise(*a, **k))
+    cache, seen = {}, []
+
+    def run():
+        state = HoldsAnchor(m, "The old bridge is located in the city of", thr) if method == "alphaedit" else None
+        seen.clear()
+        plan = sequential(m, FACTS, method, 2, layers, n_prefixes=2, stats_tokens=TOKENS, progress=False,
+                          targets=cache, state=state, prompt_key=True, on_batch=lambda mm, step, done:
+                          seen.append(weights(mm)) or running_scores(mm, step, done), **FULL, **extra)
+        return plan, state
+
+    plan, state = run()
+    assert len(calls) == 2 and len(cache) == 1                      # both batches optimised, the first one kept
+    for got, ref in zip(seen, want):
+        assert max((got[k] - ref[k]).abs().max().item() for k in ref) == 0.0
+    assert [{k: c[k] for k in ("es", "ps", "ns")} for c in plan.settings["curve"]] == \
+        [{k: s[k] for k in ("es", "ps", "ns")} for s in want_scores]
+    if method == "alphaedit":
+        assert sorted(state.projections) == layers and plan.settings["null_dims"] == state.dims
+    again, _ = run()
+    assert len(calls) == 3                                          # the first batch's targets came from the cache
+    with m.applied(plan):
+        first = weights(m)
+    with m.applied(again):
+        assert max((weights(m)[k] - first[k]).abs().max().item() for k in first) == 0.0
+    with pytest.raises(PlanError, match="targets"):
+        sequential(m, FACTS, "rome", 2, [0], targets=cache)
+    with pytest.raises(PlanError, match="state"):
+        sequential(m, FACTS, "memit", 2, [0], state=NullSpaces())
 
 
 def fake_trace(values: dict):

@@ -70,6 +70,10 @@ class NullSpaces:
             self.projections[layer], self.dims[layer] = null_space(C, self.threshold, self.energy)
         return self.projections[layer]
 
+    def held(self, layer: int) -> torch.Tensor | None:
+        """Kp Kp^T at `layer`: the keys the next update must keep in place (the edits so far; None before any)."""
+        return self.previous.get(layer)
+
     def record(self, keys: dict[int, torch.Tensor]) -> None:
         """Add an applied batch's keys ({layer: K [d_mlp, facts]}) to the preserved ones."""
         for L, K in keys.items():
@@ -90,7 +94,7 @@ def alphaedit(model, facts: list[Fact], layers: list[int] | None = None, *, thre
               alpha: float = 10.0, state: NullSpaces | None = None, prefixes: list[str] | None = None,
               n_prefixes: int = 10, steps: int = 25, lr: float = 0.5, kl_factor: float = 0.0625,
               weight_decay: float = 0.5, clamp: float = 4.0, stats_tokens: int = 32768, moments: dict | None = None,
-              seed: int = 0, prompt_key: bool = False) -> Plan:
+              seed: int = 0, prompt_key: bool = False, targets: dict | None = None) -> Plan:
     """Many facts at once over `layers` (default: 5 layers ending at the first fact's traced layer), each layer's
     update in the null space of the preserved keys. The authors' defaults: threshold 2e-2, alpha 10.
 
@@ -100,6 +104,7 @@ def alphaedit(model, facts: list[Fact], layers: list[int] | None = None, *, thre
     energy: the null space holds at most this share of C's trace (instead of eigenvalues below `threshold`).
     preserve: prompts whose keys (every token, each prompt run alone) are preserved besides the text's, their
     second moment added to C with C's weight (with_preserved); read on the model as the first batch finds it.
+    targets: a dict keeping the optimised targets across calls (see mechanic.steer.edit.memit).
     """
     if not facts:
         raise PlanError("AlphaEdit needs at least one Fact.")
@@ -113,13 +118,14 @@ def alphaedit(model, facts: list[Fact], layers: list[int] | None = None, *, thre
                         "new NullSpaces).")
     layers, prefixes, moments, rows, Z, opt_losses = prepare(
         model, facts, layers, prefixes, moments, n_prefixes=n_prefixes, stats_tokens=stats_tokens, seed=seed,
-        steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp, prompt_key=prompt_key)
+        steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp, prompt_key=prompt_key,
+        targets=targets)
     missing = [L for L in layers if L not in state.projections]
     extra = prompt_moments(model, missing, preserve) if preserve and missing else {}
 
     def solve(L, K, R):
         C = moments[L][0] if L not in extra else with_preserved(moments[L][0], extra[L])
-        return alphaedit_update(state.projection(L, C), K, R, state.previous.get(L), alpha)
+        return alphaedit_update(state.projection(L, C), K, R, state.held(L), alpha)
 
     edits, keys = spread(model, rows, Z, layers, solve, f"AlphaEdit {len(facts)} facts:")
     settings = {"layers": layers, "facts": [_fact_dict(f) for f in facts], "prefixes": prefixes,

@@ -400,9 +400,11 @@ def _moments(model, layers: list[int], moments: dict | None, stats_tokens: int) 
 
 
 def prepare(model, facts: list[Fact], layers: list[int] | None, prefixes: list[str] | None, moments: dict | None, *,
-            n_prefixes: int, stats_tokens: int, seed: int, prompt_key: bool = False, **optimise):
+            n_prefixes: int, stats_tokens: int, seed: int, prompt_key: bool = False, targets: dict | None = None,
+            **optimise):
     """What MEMIT and AlphaEdit share before their per-layer solve: the layers (default: 5 ending at the first
-    fact's traced layer), prefixes, second moments and the optimised targets (see memit_targets)."""
+    fact's traced layer), prefixes, second moments and the optimised targets (see memit_targets), read from and
+    written to `targets` when given, keyed on what determines them."""
     if layers is None:
         layers = layer_range(trace_layer(model, facts[0])[0])
     layers = sorted(int(x) for x in layers)
@@ -410,8 +412,14 @@ def prepare(model, facts: list[Fact], layers: list[int] | None, prefixes: list[s
         _down(model, L)
     prefixes = prefixes if prefixes is not None else context_prefixes(model, n_prefixes, seed=seed)
     moments = _moments(model, layers, moments, stats_tokens)
-    rows, Z, losses = memit_targets(model, facts, layers[-1], prefixes, prompt_key=prompt_key, **optimise)
-    return layers, prefixes, moments, rows, Z, losses
+    key = None if targets is None else (model.fingerprint, tuple(facts), layers[-1], tuple(prefixes), prompt_key,
+                                        *sorted(optimise.items()))
+    found = None if key is None else targets.get(key)
+    if found is None:
+        found = memit_targets(model, facts, layers[-1], prefixes, prompt_key=prompt_key, **optimise)
+        if key is not None:
+            targets[key] = found
+    return layers, prefixes, moments, *found
 
 
 def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float) -> torch.Tensor:
@@ -426,7 +434,7 @@ def _fact_dict(f: Fact) -> dict:
 def memit(model, facts: list[Fact], layers: list[int] | None = None, *, prefixes: list[str] | None = None,
           n_prefixes: int = 10, steps: int = 25, lr: float = 0.5, kl_factor: float = 0.0625,
           weight_decay: float = 0.5, clamp: float = 4.0, lam: float = 1000.0, stats_tokens: int = 32768,
-          moments: dict | None = None, seed: int = 0, prompt_key: bool = False) -> Plan:
+          moments: dict | None = None, seed: int = 0, prompt_key: bool = False, targets: dict | None = None) -> Plan:
     """Many facts at once, spread over `layers` (default: 5 layers ending at the traced layer of the first fact).
 
     lam weighs the preserved keys (C) against the new ones; both scale with the keys squared, so it is
@@ -434,12 +442,15 @@ def memit(model, facts: list[Fact], layers: list[int] | None = None, *, prefixes
     (efficacy 1/4 on four facts over layers 1-5) where 1000 gives 3/4 with the fourth a near tie.
     `moments` ({layer: (C, count)}, from second_moments) and `prefixes` skip recomputing them (sequential edits).
     prompt_key: each fact also contributes its bare prompt's key and residual (see rome).
+    targets: a dict that keeps the optimised targets by what determines them (the model, facts, last layer,
+    prefixes and optimiser settings): edits of the same facts on the same model with other solves optimise once.
     """
     if not facts:
         raise PlanError("MEMIT needs at least one Fact.")
     layers, prefixes, moments, rows, Z, opt_losses = prepare(
         model, facts, layers, prefixes, moments, n_prefixes=n_prefixes, stats_tokens=stats_tokens, seed=seed,
-        steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp, prompt_key=prompt_key)
+        steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp=clamp, prompt_key=prompt_key,
+        targets=targets)
     edits, _ = spread(model, rows, Z, layers, lambda L, K, R: memit_update(moments[L][0], K, R, lam),
                       f"MEMIT {len(facts)} facts:")
     settings = {"layers": layers, "facts": [_fact_dict(f) for f in facts],

@@ -28,7 +28,7 @@ from mechanic.steer.stats import second_moments
 METHODS = {"rome": rome, "memit": memit, "alphaedit": alphaedit, "ft": ft, "lora": lora}
 TRAINED = ("ft", "lora")    # fine-tuning baselines: no prefixes, no statistics; one layer (the traced one) by default
 _OWN = {"model", "fact", "facts", "layer", "layers", "prefixes", "n_prefixes", "moments", "stats_tokens", "seed",
-        "state"}
+        "state", "targets"}
 _BULKY = ("facts", "fact", "prefixes", "delta", "trace")
 
 
@@ -63,9 +63,15 @@ def _numbers(d) -> dict:
 def sequential(model, facts: list[Fact], method: str = "alphaedit", batch_size: int = 10, layers=None, *,
                trace_facts: list[Fact] | None = None, trace_samples: int = 5,
                on_batch: Callable | None = None, progress: bool = True, n_prefixes: int = 10,
-               stats_tokens: int = 32768, seed: int = 0, **options) -> Plan:
+               stats_tokens: int = 32768, seed: int = 0, targets: dict | None = None,
+               state: NullSpaces | None = None, **options) -> Plan:
     """Edit `facts` in batches of `batch_size` with `method` (rome, memit, alphaedit), each batch on the model
-    with the earlier ones applied; one Plan for the whole sequence. `options` go to the method (e.g. lam)."""
+    with the earlier ones applied; one Plan for the whole sequence. `options` go to the method (e.g. lam).
+
+    targets (memit, alphaedit): a dict keeping the first batch's optimised targets (read on the unedited model) by
+    what determines them; pass one dict to sequences of the same facts under other settings to optimise them once.
+    state (alphaedit): the NullSpaces to carry through the sequence (default: new ones from threshold and energy),
+    to read its projections afterwards or to hold more keys (a subclass overriding `held`)."""
     if method not in METHODS:
         raise PlanError(f"Unknown editing method {method!r}; choose one of {', '.join(METHODS)}.")
     if not facts:
@@ -73,13 +79,18 @@ def sequential(model, facts: list[Fact], method: str = "alphaedit", batch_size: 
     if batch_size < 1:
         raise PlanError(f"batch_size must be at least 1, got {batch_size}.")
     options = _options(method, options)
+    if targets is not None and method not in ("memit", "alphaedit"):
+        raise PlanError(f"targets keeps MEMIT's and AlphaEdit's optimised targets; {method} has none to keep.")
+    if state is not None and method != "alphaedit":
+        raise PlanError(f"state carries AlphaEdit's null spaces through a sequence; {method} has none.")
     t0 = time.perf_counter()
     layers, chosen = _layers(model, method, layers, trace_facts, facts, trace_samples)
     prefixes = context_prefixes(model, n_prefixes, seed=seed) if method not in TRAINED else []
     t1 = time.perf_counter()
     moments = second_moments(model, layers, max_tokens=stats_tokens) if method not in TRAINED else {}
     stats_seconds = time.perf_counter() - t1
-    state = NullSpaces(options.get("threshold", 2e-2), options.get("energy")) if method == "alphaedit" else None
+    if method == "alphaedit" and state is None:
+        state = NullSpaces(options.get("threshold", 2e-2), options.get("energy"))
     shared = {"prefixes": prefixes, "moments": moments, "seed": seed, **options}
     batches = [facts[i:i + batch_size] for i in range(0, len(facts), batch_size)]
     bar = counter(f"{method}: {len(facts)} facts in batches of {batch_size}", len(batches), show=progress,
@@ -93,11 +104,11 @@ def sequential(model, facts: list[Fact], method: str = "alphaedit", batch_size: 
                 if method == "rome":
                     p = rome(model, part[0], layers[0], **shared)
                 elif method == "memit":
-                    p = memit(model, part, layers, **shared)
+                    p = memit(model, part, layers, targets=targets if step == 0 else None, **shared)
                 elif method in TRAINED:
                     p = METHODS[method](model, part, layers, seed=seed, **options)
                 else:
-                    p = alphaedit(model, part, layers, state=state, **shared)
+                    p = alphaedit(model, part, layers, state=state, targets=targets if step == 0 else None, **shared)
                 handles.append(p.apply(model))
                 plans.append(p)
                 touched.update(dict.fromkeys(e.param for e in p.edits))
