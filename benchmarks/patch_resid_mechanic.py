@@ -62,7 +62,8 @@ def flop_floor(model, pair, computed_cells) -> dict:
 
     floor: what causal reuse must compute, the patched run (l, p) recomputing layers l.. at columns p.. (its
     linear layers, and attention over columns 0..q for each query column q) and the unembedding at the last
-    column only; naive: every run a full forward of every column with logits at the last column."""
+    column only; floor_two_columns: the same with only the two vocabulary columns a logit difference reads (what
+    mechanic computes); naive: every run a full forward of every column with logits at the last column."""
     hf, L = model.hf, model.dims.n_layers
     S = len(pair["clean_ids"])
     linear = 2 * sum(m.weight.numel() for m in model.layers[0].modules() if isinstance(m, torch.nn.Linear))
@@ -73,8 +74,9 @@ def flop_floor(model, pair, computed_cells) -> dict:
         return (L - l) * sum(linear + attn * (q + 1) for q in range(p, S)) + unembed
     floor = sum(run(l, p) for l, p in computed_cells)
     naive = L * S * run(0, 0)
+    two_columns = floor - len(computed_cells) * (unembed - 2 * 2 * hf.get_output_embeddings().weight.shape[1])
     return {"linear_flop_per_token_layer": linear, "unembed_flop_per_token": unembed,
-            "floor_gflop": floor / 1e9, "naive_gflop": naive / 1e9}
+            "floor_gflop": floor / 1e9, "naive_gflop": naive / 1e9, "floor_two_columns_gflop": two_columns / 1e9}
 
 
 def matmul_speed(repeats: int = 20) -> float:

@@ -6,7 +6,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mechanic
 from mechanic import replace
-from mechanic.model.reuse import packed_logits, packing, packs, prefix, suffix_logits
+from mechanic.model.reuse import logit_columns, packed_logits, packing, packs, prefix, suffix_logits
+from mechanic.tasks import metrics as M
+from mechanic.tasks.task import TaskBatch
 from mechanic.testing.tiny import left_padded, tiny_model
 
 
@@ -72,3 +74,38 @@ def test_packed_runs_equal_full_runs(arch, lengths):
     assert (slow - base.logits[rows]).abs().max().item() > 1e-3    # the patches change the logits
     assert m.hook_count() == 0 and not any("forward" in layer.__dict__ for layer in m.layers)
     assert (m.run(corr).logits[:, -1] - base.logits).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gpt_neox", "phi3", "mixtral", "qwen2_moe"])
+def test_logit_columns_equal_the_full_logits_columns(arch):
+    """Logits of a few vocabulary columns (what a logit difference reads) equal those columns of the full
+    logits (gemma2's soft-capping included), the metric on them equals the metric on the full logits, and the
+    output embedding is restored."""
+    m = mechanic.load(tiny_model(arch))
+    inputs = left_padded([6, 5], seed=1)
+    full = m.run(inputs).logits
+    batch = TaskBatch(m.inputs(inputs), None, torch.tensor([40, 3]), torch.tensor([17, 40]), [])
+    ids = M.columns("logit_diff", batch)
+    assert ids.tolist() == [3, 17, 40] and M.columns("logprob", batch) is None
+    with logit_columns(m, ids) as narrowed:
+        part = m.run(inputs).logits
+    assert narrowed and part.shape == (*full.shape[:-1], 3)
+    assert (part - full[..., ids]).abs().max().item() < 1e-5
+    diff = M.logit_diff(part[:, -1], M.on_columns(batch, ids)) - M.logit_diff(full[:, -1], batch)
+    assert diff.abs().max().item() < 1e-5 and M.logit_diff(full[:, -1], batch).abs().min().item() > 1e-4
+    assert "forward" not in m.hf.get_output_embeddings().__dict__
+    assert (m.run(inputs).logits - full).abs().max().item() == 0.0
+    with logit_columns(m, None) as narrowed:
+        assert not narrowed and m.run(inputs).logits.shape == full.shape
+
+
+def test_logit_columns_leave_an_offloaded_unembedding_alone():
+    """An output embedding under an accelerate hook (offloaded) keeps every column: the caller is told."""
+    m = mechanic.load(tiny_model("llama"))
+    out = m.hf.get_output_embeddings()
+    out._hf_hook = object()
+    try:
+        with logit_columns(m, torch.tensor([1, 2])) as narrowed:
+            assert not narrowed and m.run(left_padded([4], seed=1)).logits.shape[-1] == out.weight.shape[0]
+    finally:
+        del out._hf_hook

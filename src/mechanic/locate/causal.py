@@ -17,7 +17,7 @@ from mechanic import memory
 from mechanic.locate.parallel import data_parallel
 from mechanic.locate.scores import Scores
 from mechanic.model.interventions import replace
-from mechanic.model.reuse import packed_logits, packing, packs, prefix, suffix_logits
+from mechanic.model.reuse import logit_columns, packed_logits, packing, packs, prefix, suffix_logits
 from mechanic.tasks import metrics as M
 from mechanic.tasks.task import Task, TaskBatch, TaskError
 
@@ -212,31 +212,34 @@ def patch(model, task: Task | TaskBatch, kind: str = "resid_pre", positions="all
     # chunks (small matmuls run far below peak), so by default only batch_size splits the layers.
     span = layer_span or model.dims.n_layers
     packed = packs(model, target)   # runs from different columns share one forward (model.reuse)
-    for start_pos, chunk in tqdm(_plan(pairs, batch_size, span, by_column=not packed), desc=f"patch {kind}",
-                                 disable=not progress, leave=False):
-        rows = torch.tensor([e for _, e in chunk])
-        layers = torch.tensor([u.layer for u, _ in chunk])
-        by_site: dict[str, list[int]] = {}
-        for i, (u, _) in enumerate(chunk):
-            by_site.setdefault(u.site, []).append(i)
-        if packed:
-            starts = torch.tensor([u.pos or 0 for u, _ in chunk])
-            pk = packing(target, rows, starts, layers, model.dims.n_layers)
-            logits = packed_logits(model, target, pk, [_packed_patch(site, src[site], chunk, idx, rows, pk)
-                                                       for site, idx in by_site.items()])
-        else:
-            ivs = []
-            for site, idx in by_site.items():
-                u0 = chunk[idx[0]][0]
-                ex = rows[idx]
-                if u0.pos is None:
-                    ivs.append(replace(site, src[site][ex], pos=None, rows=idx))
-                else:
-                    ivs.append(replace(site, src[site][ex, u0.pos], pos=u0.pos - start_pos, rows=idx))
-            logits = suffix_logits(model, target, rows, start_pos, layers, ivs)
-        vals = fn(logits, batch.select(rows))
-        for (u, _), v in zip(chunk, vals):
-            totals[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(v)
+    read = M.columns(metric, batch)   # a logit difference needs two columns of the unembedding, not all
+    with logit_columns(model, read) as narrowed:
+        scored = M.on_columns(batch, read) if narrowed else batch
+        for start_pos, chunk in tqdm(_plan(pairs, batch_size, span, by_column=not packed), desc=f"patch {kind}",
+                                     disable=not progress, leave=False):
+            rows = torch.tensor([e for _, e in chunk])
+            layers = torch.tensor([u.layer for u, _ in chunk])
+            by_site: dict[str, list[int]] = {}
+            for i, (u, _) in enumerate(chunk):
+                by_site.setdefault(u.site, []).append(i)
+            if packed:
+                starts = torch.tensor([u.pos or 0 for u, _ in chunk])
+                pk = packing(target, rows, starts, layers, model.dims.n_layers)
+                logits = packed_logits(model, target, pk, [_packed_patch(site, src[site], chunk, idx, rows, pk)
+                                                           for site, idx in by_site.items()])
+            else:
+                ivs = []
+                for site, idx in by_site.items():
+                    u0 = chunk[idx[0]][0]
+                    ex = rows[idx]
+                    if u0.pos is None:
+                        ivs.append(replace(site, src[site][ex], pos=None, rows=idx))
+                    else:
+                        ivs.append(replace(site, src[site][ex, u0.pos], pos=u0.pos - start_pos, rows=idx))
+                logits = suffix_logits(model, target, rows, start_pos, layers, ivs)
+            vals = fn(logits, scored.select(rows))
+            for (u, _), v in zip(chunk, vals):
+                totals[u.row, 0 if u.pos is None else cols.index(u.pos)] += float(v)
     mean = totals / batch.n
     if normalise:
         mean = M.normalise(mean, m_clean, m_corr)

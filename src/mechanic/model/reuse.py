@@ -222,6 +222,26 @@ def packed_logits(model, base: Prefix, pk: Packing, interventions: list[Interven
     return out.logits[0][back]
 
 
+@contextmanager
+def logit_columns(model, ids: torch.Tensor | None):
+    """Within it, the model's logits are those of the vocabulary columns `ids` only, in that order: the
+    unembedding is the largest matmul of a last-position run, and a logit difference reads two columns of it.
+    Yields whether it applies: not for ids None, nor for an output embedding that is not a plain Linear on
+    loaded weights (offloaded by accelerate, quantised), which keeps every column."""
+    out = model.hf.get_output_embeddings()
+    if ids is None or type(out) is not torch.nn.Linear or out.weight.is_meta or hasattr(out, "_hf_hook"):
+        yield False
+        return
+    idx = ids.to(out.weight.device)
+    weight, bias = out.weight[idx], None if out.bias is None else out.bias[idx]
+    saved = [(out, out.__dict__.get("forward"))]
+    out.forward = lambda h: torch.nn.functional.linear(h, weight, bias)
+    try:
+        yield True
+    finally:
+        _restore_forwards(saved)
+
+
 def _head(obj, n: int, N: int):
     """obj with every token-second tensor ([1, N, ...]) cut to its first n tokens."""
     if isinstance(obj, torch.Tensor):

@@ -3,6 +3,8 @@ accuracy (top-1, or of a two-way choice), probability difference over answer set
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from mechanic.tasks.task import TaskBatch, TaskError
@@ -72,6 +74,20 @@ def normalise(value: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor)
 
 METRICS = {"logit_diff": logit_diff, "prob": prob, "logprob": logprob, "accuracy": accuracy,
            "pair_accuracy": pair_accuracy, "prob_diff": prob_diff}
+
+
+def columns(name: str, batch: TaskBatch) -> torch.Tensor | None:
+    """The vocabulary columns metric `name` reads (sorted token ids), or None when it reads them all (a softmax,
+    an argmax): a logit difference reads two of the vocabulary, so runs scored by it need no other logits."""
+    if name in ("logit_diff", "pair_accuracy") and batch.wrong is not None:
+        return torch.unique(torch.cat([batch.answer, batch.wrong]))
+    return None
+
+
+def on_columns(batch: TaskBatch, ids: torch.Tensor) -> TaskBatch:
+    """batch with its answer and wrong tokens re-indexed into `ids`, for logits computed at those columns only."""
+    return replace(batch, answer=torch.searchsorted(ids, batch.answer), wrong=torch.searchsorted(ids, batch.wrong),
+                   answer_sets=None, wrong_sets=None)
 
 
 def get(name: str):
