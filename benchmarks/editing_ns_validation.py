@@ -1,4 +1,6 @@
-"""AlphaEdit's neighbourhood success (NS) after a sequence of edits, on validation facts only: candidate null spaces and v* settings scored by the sequential validation protocol (editing_sequential.sequence_scores)."""
+"""AlphaEdit's neighbourhood success (NS) after a sequence of edits, on validation facts only: candidate null spaces
+and v* settings scored by the sequential validation protocol (editing_sequential.sequence_scores, which runs
+mechanic.steer.sequential)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ import torch
 
 import mechanic
 from mechanic.improve.edit_metrics import _pairs, counterfact, target_logprobs
-from mechanic.steer.alphaedit import alphaedit_update, with_preserved
-from mechanic.steer.edit import context_prefixes, layer_range, memit_update
+from mechanic.steer.alphaedit import NullSpaces, with_preserved
+from mechanic.steer.edit import layer_range
 from mechanic.steer.stats import prompt_moments, second_moments
 
 sys.path.insert(0, str(Path(__file__).parent))
-from editing_sequential import OPT, alphaedit_solver, facts_of, sequence_scores  # noqa: E402
+from editing_sequential import OPT, facts_of, sequence_scores  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "editing_ns_validation.json"
 
@@ -26,6 +28,76 @@ def preserve_prompts(m) -> list[str]:
     """The train facts' prompts, paraphrases and neighbourhood prompts: keys like the neighbours' that AlphaEdit's
     `preserve` can hold (train split only)."""
     return [t for f in facts_of(m, "train", 10 ** 6) for t in (f.prompt, *f.paraphrases, *f.neighborhood)]
+
+
+class Anchored(NullSpaces):
+    """AlphaEdit's null spaces holding, besides the edits so far, per batch the keys (every token) of its anchor
+    prompts, read on the model as the batch's spread finds it (the Kp Kp^T term); anchors: one list per batch."""
+
+    def __init__(self, model, anchors: list[list[str]], threshold: float = 2e-2):
+        super().__init__(threshold)
+        self.model, self.anchors, self.batch = model, anchors, 0
+
+    def held(self, layer: int):
+        site = f"L{layer}.neuron"
+        Ka = torch.cat([self.model.run(t, cache=[site], stop_at="auto")[site][0].double()
+                        for t in self.anchors[self.batch]]).T
+        prev = super().held(layer)
+        return Ka @ Ka.T if prev is None else prev + Ka @ Ka.T
+
+    def record(self, keys) -> None:
+        super().record(keys)
+        self.batch += 1
+
+
+def candidates(m, val, layers, batch: int, moments: dict, extra: dict | None, preserved: list[str], train) -> dict:
+    """{name: run() -> its settings and sequence_scores} for every candidate; `moments` {stats_tokens: second
+    moments}, `extra` the preserved prompts' second moment (prompt_moments of `preserved`), `train` the facts whose
+    prompts anchor a batch. Candidates with the same v* settings optimise the first batch's targets once."""
+    targets: dict = {}
+
+    def alphaedit_candidate(stats=16384, threshold=2e-2, energy=None, alpha=10.0, preserve=False, opt=None,
+                            prompt_key=True, state=None, **more):
+        state = state if state is not None else NullSpaces(threshold, energy)
+        kept = {"preserve": preserved} if preserve else {}
+        r = sequence_scores(m, val, "alphaedit", batch, layers, stats, targets, state, threshold=threshold,
+                            energy=energy, alpha=alpha, prompt_key=prompt_key, **kept, **{**OPT, **(opt or {})})
+        M = {L: with_preserved(moments[stats][L][0], extra[L]) if preserve else moments[stats][L][0].double()
+             for L in layers}     # the share of the preserved keys' energy the update can reach
+        share = {L: round(float(torch.trace(state.projections[L] @ M[L]) / M[L].trace()), 5) for L in layers}
+        return {"method": "alphaedit", "stats_tokens": moments[stats][layers[0]][1], "threshold": threshold,
+                "energy": energy, "alpha": alpha, "preserve": preserve, "null_dims": dict(state.dims),
+                "null_energy": share, "prompt_key": prompt_key, **(opt or {}), **more, **r}
+
+    def anchored_candidate(alpha=10.0):
+        """AlphaEdit plus, per batch, the keys of the train facts' prompts, paraphrases and neighbourhood prompts
+        whose true answer is one of the batch's true answers, held like earlier edits' keys (Anchored)."""
+        batches = [val[i:i + batch] for i in range(0, len(val), batch)]
+        anchors = [[t for f in train if f.target_true in {g.target_true for g in b}
+                    for t in (f.prompt, *f.paraphrases, *f.neighborhood)] for b in batches]
+        return alphaedit_candidate(alpha=alpha, state=Anchored(m, anchors), anchors=[len(a) for a in anchors])
+
+    def memit_candidate(lam=1000.0, opt=None):
+        r = sequence_scores(m, val, "memit", batch, layers, 16384, targets, lam=lam, prompt_key=True,
+                            **{**OPT, **(opt or {})})
+        return {"method": "memit", "lam": lam, **(opt or {}), **r}
+
+    return {
+        "alphaedit_baseline": lambda: alphaedit_candidate(),
+        "memit_baseline": lambda: memit_candidate(),
+        "alphaedit_energy_1e-2": lambda: alphaedit_candidate(energy=1e-2),
+        "alphaedit_energy_1e-2_alpha1": lambda: alphaedit_candidate(energy=1e-2, alpha=1.0),
+        "alphaedit_energy_5e-2": lambda: alphaedit_candidate(energy=5e-2),
+        "alphaedit_energy_5e-2_alpha1": lambda: alphaedit_candidate(energy=5e-2, alpha=1.0),
+        "alphaedit_stats65k_energy_1e-2_alpha1": lambda: alphaedit_candidate(stats=65536, energy=1e-2, alpha=1.0),
+        "alphaedit_preserve_energy_1e-2": lambda: alphaedit_candidate(preserve=True, energy=1e-2),
+        "alphaedit_preserve_energy_1e-2_alpha1": lambda: alphaedit_candidate(preserve=True, energy=1e-2, alpha=1.0),
+        "alphaedit_kl1": lambda: alphaedit_candidate(opt={"kl_factor": 1.0}),
+        "alphaedit_clamp1": lambda: alphaedit_candidate(opt={"clamp": 1.0}),
+        "alphaedit_no_prompt_key": lambda: alphaedit_candidate(prompt_key=False),
+        "alphaedit_anchored": lambda: anchored_candidate(),
+        "memit_kl1": lambda: memit_candidate(opt={"kl_factor": 1.0}),
+    }
 
 
 def main() -> None:
@@ -41,7 +113,6 @@ def main() -> None:
     m = mechanic.load("smollm2")
     val = facts_of(m, "validation", args.facts)
     layers = layer_range(args.layer)
-    prefixes = context_prefixes(m, 10)
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
     result |= {"facts": [f"{f.subject} ->{f.target_new}" for f in val], "batch": args.batch, "layers": layers,
@@ -66,72 +137,11 @@ def main() -> None:
     extra = prompt_moments(m, layers, preserve) if names is None or any("preserve" in n for n in names) else None
     result["preserve"] = {"prompts": len(preserve), "what": "the train facts' prompts, paraphrases and neighbourhood "
                           "prompts, every token; their second moment added to C with C's trace (with_preserved)"}
-    cache: dict = {}
-
-    def alphaedit_candidate(stats=16384, threshold=2e-2, energy=None, alpha=10.0, preserve=False, opt=None,
-                            prompt_key=True):
-        solve, record, state = alphaedit_solver(moments[stats], layers, threshold, alpha, energy,
-                                                extra if preserve else None)
-        M = {L: with_preserved(moments[stats][L][0], extra[L]) if preserve else moments[stats][L][0].double()
-             for L in layers}     # the share of the preserved keys' energy the update can reach
-        share = {L: round(float(torch.trace(state.projections[L] @ M[L]) / M[L].trace()), 5) for L in layers}
-        info = {"method": "alphaedit", "stats_tokens": moments[stats][layers[0]][1], "threshold": threshold,
-                "energy": energy, "alpha": alpha, "preserve": preserve, "null_dims": dict(state.dims),
-                "null_energy": share, "prompt_key": prompt_key, **(opt or {})}
-        return info, solve, record, {**OPT, **(opt or {})}, prompt_key
-
-    train = facts_of(m, "train", 10 ** 6)
-
-    def anchored_candidate(alpha=10.0):
-        """AlphaEdit plus, per batch, the keys (every token) of the train facts' prompts, paraphrases and
-        neighbourhood prompts whose true answer is one of the batch's true answers, held like earlier edits' keys
-        (the Kp Kp^T term), read on the model as the batch's spread finds it."""
-        info, _, _, opt, pk = alphaedit_candidate(alpha=alpha)
-        state = {"batch": 0}
-        batches = [val[i:i + args.batch] for i in range(0, len(val), args.batch)]
-        anchors = [[t for f in train if f.target_true in {g.target_true for g in b}
-                    for t in (f.prompt, *f.paraphrases, *f.neighborhood)] for b in batches]
-        info |= {"anchors": [len(a) for a in anchors]}
-        _, _, ns = alphaedit_solver(moments[16384], layers, 2e-2, alpha)
-
-        def solve(L, K, R):
-            Ka = torch.cat([m.run(t, cache=[f"L{L}.neuron"], stop_at="auto")[f"L{L}.neuron"][0].double()
-                            for t in anchors[state["batch"]]]).T
-            prev = ns.previous.get(L)
-            held = Ka @ Ka.T if prev is None else prev + Ka @ Ka.T
-            return alphaedit_update(ns.projections[L], K, R, held, alpha)
-
-        def record(keys):
-            ns.record(keys)
-            state["batch"] += 1
-        return info, solve, record, opt, pk
-
-    def memit_candidate(lam=1000.0, opt=None):
-        return ({"method": "memit", "lam": lam, **(opt or {})},
-                (lambda L, K, R: memit_update(moments[16384][L][0], K, R, lam)), None, {**OPT, **(opt or {})}, True)
-
-    candidates = {
-        "alphaedit_baseline": lambda: alphaedit_candidate(),
-        "memit_baseline": lambda: memit_candidate(),
-        "alphaedit_energy_1e-2": lambda: alphaedit_candidate(energy=1e-2),
-        "alphaedit_energy_1e-2_alpha1": lambda: alphaedit_candidate(energy=1e-2, alpha=1.0),
-        "alphaedit_energy_5e-2": lambda: alphaedit_candidate(energy=5e-2),
-        "alphaedit_energy_5e-2_alpha1": lambda: alphaedit_candidate(energy=5e-2, alpha=1.0),
-        "alphaedit_stats65k_energy_1e-2_alpha1": lambda: alphaedit_candidate(stats=65536, energy=1e-2, alpha=1.0),
-        "alphaedit_preserve_energy_1e-2": lambda: alphaedit_candidate(preserve=True, energy=1e-2),
-        "alphaedit_preserve_energy_1e-2_alpha1": lambda: alphaedit_candidate(preserve=True, energy=1e-2, alpha=1.0),
-        "alphaedit_kl1": lambda: alphaedit_candidate(opt={"kl_factor": 1.0}),
-        "alphaedit_clamp1": lambda: alphaedit_candidate(opt={"clamp": 1.0}),
-        "alphaedit_no_prompt_key": lambda: alphaedit_candidate(prompt_key=False),
-        "alphaedit_anchored": lambda: anchored_candidate(),
-        "memit_kl1": lambda: memit_candidate(opt={"kl_factor": 1.0}),
-    }
-    names = names if names is not None else [n for n in candidates if n not in result["candidates"]]
+    run = candidates(m, val, layers, args.batch, moments, extra, preserve, facts_of(m, "train", 10 ** 6))
+    names = names if names is not None else [n for n in run if n not in result["candidates"]]
     for name in names:
         print(name, flush=True)
-        info, solve, record, opt, pk = candidates[name]()
-        r = sequence_scores(m, val, layers, prefixes, solve, record, args.batch, opt, pk, cache=cache)
-        result["candidates"][name] = {**info, **r}
+        result["candidates"][name] = run[name]()
         out.write_text(json.dumps(result, indent=1))
 
 

@@ -22,7 +22,7 @@ import mechanic
 from mechanic.improve.edit_metrics import counterfact, curve_scores
 from mechanic.improve.evaluate import NEUTRAL_OPENINGS
 from mechanic.locate.trace import subject_positions
-from mechanic.steer.alphaedit import NullSpaces, alphaedit_update, with_preserved
+from mechanic.steer.alphaedit import NullSpaces, alphaedit_update
 from mechanic.steer.edit import (context_prefixes, facts_from_task, layer_range, memit_targets, memit_update, rome,
                                  spread, trace_layers)
 from mechanic.steer.plan import Plan, PlanError
@@ -88,50 +88,26 @@ def calibrate(m, facts, layers, moments, prefixes, thresholds, alphas, lam) -> l
     return out
 
 
-def sequence_scores(m, facts, layers, prefixes, solve, record, batch: int, opt: dict = OPT, prompt_key: bool = True,
-                    cache: dict | None = None) -> dict:
-    """The sequential validation protocol: `facts` edited in batches (each batch's targets optimised on the model
-    with the earlier batches applied, as mechanic.steer.sequential does; solve(L, K, R) per layer, record(keys)
-    after each batch), CounterFact ES/PS/NS over all of them after each batch; the model is left unedited. `cache`
-    keeps the first batch's targets (read on the unedited model) for the next setting with the same `opt`."""
-    curve, handles, t0 = [], [], time.perf_counter()
-    cache = {} if cache is None else cache
-    try:
-        for i in range(0, len(facts), batch):
-            part, key = facts[i:i + batch], (prompt_key, *sorted(opt.items()))
-            if i == 0 and key in cache:
-                rows, Z = cache[key]
-            else:
-                rows, Z, _ = memit_targets(m, part, layers[-1], prefixes, prompt_key=prompt_key, **opt)
-                if i == 0:
-                    cache[key] = (rows, Z)
-            edits, keys = spread(m, rows, Z, layers, solve, "validation sequence")
-            if record is not None:
-                record(keys)
-            handles.append(Plan(edits=edits).apply(m))
-            s = counterfact(m, facts[:i + batch])
-            curve.append({"edits": i + len(part), **{k: round(s[k], 4) for k in ("es", "ps", "ns", "score")}})
-            print(f"  after {i + len(part)}: ES {s['es']:.2f} PS {s['ps']:.2f} NS {s['ns']:.2f}", flush=True)
-    finally:
-        for h in reversed(handles):
-            h.undo()
+def sequence_scores(m, facts, method: str, batch: int, layers, stats_tokens: int, targets: dict | None = None,
+                    state=None, **options) -> dict:
+    """The sequential validation protocol: mechanic.steer.sequential edits `facts` in batches (each batch's targets
+    optimised on the model with the earlier batches applied) with `options` (OPT's and the method's own), and
+    CounterFact ES/PS/NS are taken over the facts edited so far after each batch; the model is left unedited.
+    `targets` keeps the first batch's targets for the next setting; `state` is AlphaEdit's NullSpaces."""
+    def scores(model, step, done):
+        s = counterfact(model, done)
+        print(f"  after {len(done)}: ES {s['es']:.2f} PS {s['ps']:.2f} NS {s['ns']:.2f}", flush=True)
+        return {k: round(s[k], 4) for k in ("es", "ps", "ns", "score")}
+
+    t0 = time.perf_counter()
+    plan = sequential(m, facts, method, batch, layers, on_batch=scores, progress=False, stats_tokens=stats_tokens,
+                      targets=targets, state=state, **options)
+    curve = [{k: v for k, v in point.items() if k != "step"} for point in plan.settings["curve"]]
     return {**curve[-1], "curve": curve, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def alphaedit_solver(moments, layers, threshold=2e-2, alpha=10.0, energy=None, extra=None):
-    """solve(L, K, R), record(keys) and the NullSpaces of one AlphaEdit sequence (`extra` {layer: second moment} of
-    preserved prompts' keys added to C as alphaedit(preserve=...) does)."""
-    state = NullSpaces(threshold, energy)
-    for L in layers:
-        C = moments[L][0] if extra is None else with_preserved(moments[L][0], extra[L])
-        state.projection(L, C)
-
-    def solve(L, K, R):
-        return alphaedit_update(state.projections[L], K, R, state.previous.get(L), alpha)
-    return solve, state.record, state
-
-
-def calibrate_sequence(m, facts, layers, moments, prefixes, method: str, one: dict, batch: int, lam: float) -> list[dict]:
+def calibrate_sequence(m, facts, layers, stats_tokens: int, method: str, one: dict, batch: int,
+                       lam: float) -> list[dict]:
     """MEMIT's or AlphaEdit's one-batch best (`one`: prompt_key, and threshold, alpha) and SEQUENCE_SETTINGS on top
     of it, scored by the sequential validation protocol (sequence_scores): one batch has no earlier edits whose
     neighbours the next batches can disturb, so it cannot tell these apart."""
@@ -140,14 +116,13 @@ def calibrate_sequence(m, facts, layers, moments, prefixes, method: str, one: di
         st = {k: one[k] for k in ("prompt_key", "threshold", "alpha") if k in one} | extra
         print(f"calibrate {method} over a sequence of {len(facts)} validation facts: {st}", flush=True)
         if method == "alphaedit":
-            solve, record, state = alphaedit_solver(moments, layers, st["threshold"], st["alpha"])
+            state = NullSpaces(st["threshold"])
+            r = sequence_scores(m, facts, method, batch, layers, stats_tokens, state=state, **(OPT | st))
             st["null_dims"] = dict(state.dims)
         else:
-            solve, record = (lambda L, K, R: memit_update(moments[L][0], K, R, lam)), None
+            r = sequence_scores(m, facts, method, batch, layers, stats_tokens, **(OPT | st), lam=lam)
             st["lam"] = lam
-        out.append({"method": method, "sequence": len(facts), **st,
-                    **sequence_scores(m, facts, layers, prefixes, solve, record, batch, OPT | extra,
-                                      st["prompt_key"])})
+        out.append({"method": method, "sequence": len(facts), **st, **r})
     return out
 
 
@@ -234,7 +209,7 @@ def main() -> None:
         result["calibration_sequence"] = []
         for meth in ("memit", "alphaedit"):
             if meth in methods and seq_facts:
-                seq = calibrate_sequence(m, seq_facts, range_, moments, prefixes, meth, chosen[meth], args.batch,
+                seq = calibrate_sequence(m, seq_facts, range_, args.stats_tokens, meth, chosen[meth], args.batch,
                                          args.lam)
                 result["calibration_sequence"] += seq
                 chosen[meth] = best(seq, meth)
