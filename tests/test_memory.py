@@ -197,6 +197,48 @@ def test_training_run_estimate_matches_measured_peak(expansion, settings, word_t
     close(est.at(settings["forward_batch"]), got)
 
 
+def two_rank_training_job():
+    """One rank of a 2-rank training with checkpoints (the 'checkpoint' case above): (rank, its plan, its measured
+    peak) of every rank. peak() is called once first, so glibc serves every large tensor from its own mapping from the
+    start: freed blocks the warm-up left in malloc's heaps would otherwise be reused, stay resident after the next free
+    and move a rank's peak by up to 2x the dictionary's parameters from run to run."""
+    import tempfile
+
+    from mechanic import distributed as D
+    from mechanic.features.train import train
+    from mechanic.testing.tiny import word_tokenizer
+
+    peak(lambda: None)
+    m, text, cfg = _train_setup(word_tokenizer())
+    cfg.expansion = 64
+    settings = dict(tokens=8192, batch_size=512, buffer_tokens=4096, seq_len=64, forward_batch=8, checkpoint_every=2048)
+    tmp = Path(D.decide(tempfile.mkdtemp()))
+    train(m, cfg, tmp / "warm", tokens=1024, text=text, batch_size=512, buffer_tokens=1024, seq_len=64,
+          forward_batch=2, progress=False)     # untimed warm-up
+    d = m.dims.d_model
+    est = memory.training_run(m, [(d, 64 * d, d, "topk", False)], [d], 512, 4096, 64, checkpoint=True)
+    one = memory.training_run(m, [(d, 64 * d, d, "topk", False)], [d], 512, 4096, 64, checkpoint=True, ranks=1)
+    _, got = peak(lambda: train(m, cfg, tmp / "run", text=text, progress=False, **settings))
+    return D.gather((D.rank(), est.at(8), got, one.at(8)))
+
+
+def test_training_run_estimate_matches_each_ranks_measured_peak(tmp_path):
+    """Under torch.distributed each rank's plan counts what it does: its block of each forward, the rows joined from
+    every rank, its block of each step next to the whole batch scaled, DDP's gradient copy while backward fills the
+    buckets, and on rank 0 alone the checkpoint and the saved files. Rank 1 (no checkpoint) peaks in a step, rank 0
+    in a checkpoint; the one-process plan would overstate rank 1 by a third."""
+    from test_distributed import spawn
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        ranks = spawn(two_rank_training_job, tmp_path)
+    assert [r for r, *_ in ranks] == [0, 1]
+    for rank, planned, measured, one in ranks:
+        print(f"rank {rank}: one-process plan {one / MB:.1f} MB")
+        close(planned, measured)
+    assert ranks[0][1] > ranks[1][1] and ranks[1][3] / ranks[1][2] > 1.25     # the old plan missed rank 1
+
+
 def test_training_run_plans_its_forward_batch_and_refuses_what_cannot_fit(monkeypatch, word_tokenizer, tmp_path):
     import json
 

@@ -1,7 +1,7 @@
 """Memory planning: an operation's peak bytes estimated from the model's sizes and the request, before it runs.
 
 Estimates: cache, patching, gradient (AtP), edges (EAP / EAP-IG), training (one step), training_run (a whole
-dictionary-training run, planned by plan_training). Each is an `Estimate`: bytes held
+dictionary-training run, per torch.distributed rank, planned by plan_training). Each is an `Estimate`: bytes held
 whatever the batch (`fixed`), bytes per batch row (`per_row`), and a batch-independent phase that may be the
 peak instead (`floor`, e.g. the unpatched runs of a patching sweep). `plan_batch` picks the largest batch that
 fits a budget (by default 80% of `available()` memory on the model's device) or raises `MemoryPlanError`, one
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from mechanic import distributed as D
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -277,6 +279,10 @@ def edges(model, rows: int, seq: int, ig_steps: int | None = None, ig_batch: int
                            "graph gradient run, per example": run})
 
 
+# [batch, d_sae] tensors alive at a training step's peak, by architecture (see training)
+_WIDE = {"topk": 1, "batchtopk": 6, "relu": 4, "jumprelu": 7}
+
+
 def _dict_params(d_in: int, d_sae: int, d_out: int, architecture: str, skip: bool = False) -> int:
     """Values of one trained dictionary's parameters (encoder, decoder, biases, a transcoder's skip, a JumpReLU's
     threshold)."""
@@ -295,8 +301,7 @@ def training(d_in: int, d_sae: int, batch: int, d_out: int | None = None, archit
     step), counted from measured steps of a 256 -> 4096 dictionary (batch 2048): 6 BatchTopK, 4 ReLU, 7 JumpReLU."""
     d_out = d_out or d_in
     params = _dict_params(d_in, d_sae, d_out, architecture, skip) * itemsize
-    wide = {"topk": 1, "batchtopk": 6, "relu": 4, "jumprelu": 7}.get(architecture, 7)
-    per_row = (wide * d_sae + 2 * d_in + 2 * d_out) * itemsize
+    per_row = (_WIDE.get(architecture, 7) * d_sae + 2 * d_in + 2 * d_out) * itemsize
     held = (4 if moments else 2) * params
     return Estimate(f"{architecture} dictionary training step ({d_in} -> {d_sae}, batch {batch})", held,
                     per_row, floor=4 * params, rows=batch,
@@ -304,10 +309,37 @@ def training(d_in: int, d_sae: int, batch: int, d_out: int | None = None, archit
                            "batch, per row": per_row, "Adam step (weights, gradients, moments)": 4 * params})
 
 
+def _split(per_item: int, ranks: int) -> tuple[int, int]:
+    """(fixed, per item) with fixed + b x per item >= ceil(b / ranks) x per_item: a rank's block of b items, bounded
+    linearly in b (exact when ranks divides b)."""
+    return -(-per_item * (ranks - 1) // ranks), -(-per_item // ranks)
+
+
+def _rank_step(d_in: int, d_sae: int, d_out: int, architecture: str, skip: bool, batch: int, ranks: int) -> int:
+    """Bytes a later training step adds (training(moments=True).per_row x batch in one process). Under
+    torch.distributed a rank scales the whole batch (its [batch, d_in] and [batch, d_out] copies) and computes the rest
+    on its block of rows; while DistributedDataParallel copies each fresh gradient into its all-reduce bucket (the
+    gradients held between steps are views of the buckets) one more copy of a gradient exists: measured, the largest
+    weight's for TopK (its sparse backward makes W_dec's and W_enc's gradients one after the other), every weight's
+    for the dense backwards; a relu/jumprelu resampling joins the batch's errors (D.gather_rows: the whole, every
+    rank's padded block, its own)."""
+    est = training(d_in, d_sae, batch, d_out, architecture, 4, skip, moments=True)
+    if ranks == 1:
+        return est.per_row * batch
+    whole = (d_in + d_out) * 4
+    mine = -(-batch // ranks)
+    grads = 4 * (max(d_in, d_out) * d_sae if architecture == "topk" else _dict_params(d_in, d_sae, d_out, architecture,
+                                                                                       skip))
+    resample = (2 * batch + 2 * mine) * d_out * 4 if architecture in ("relu", "jumprelu") else 0
+    return whole * batch + max((est.per_row - whole) * mine + grads, resample)
+
+
 def training_run(model, dictionaries, widths, batch: int, buffer: int, seq: int, skip_first: int = 1,
-                 checkpoint: bool = False) -> Estimate:
+                 checkpoint: bool = False, ranks: int | None = None, rank: int | None = None) -> Estimate:
     """A whole dictionary-training run (mechanic.features.train.train) as a function of its forward batch (windows
-    of `seq` tokens per forward), in one process. `dictionaries`: one (d_in, d_sae, d_out, architecture, skip) per
+    of `seq` tokens per forward), on rank `rank` of `ranks` data-parallel ranks (ranks None: the torch.distributed
+    world and this process's rank when train would split its work, else 1; rank None: 0, the rank that writes files
+    and has the largest peak). `dictionaries`: one (d_in, d_sae, d_out, architecture, skip) per
     dictionary; `widths`: the widths of the sites the buffer keeps. Held throughout: every dictionary's weights,
     gradients and Adam moments (4 x its parameters). The shuffle buffer's float32 rows reach `buffer` plus one
     forward's tokens. The peak is the largest of: a forward of the windows (stopped after the deepest site: its
@@ -315,28 +347,40 @@ def training_run(model, dictionaries, widths, batch: int, buffer: int, seq: int,
     and the permutation: twice the buffer); a later training step of the widest dictionary (training(moments=True))
     next to the shuffled buffer; with `checkpoint`, a checkpoint (weights and moments cloned next to the kept half
     of the buffer; safetensors writes from the tensors' memory); the end (every dictionary copied for saving, one
-    more copy while it is written)."""
+    more copy while rank 0 writes it). With ranks > 1 every rank holds the whole buffer and the dictionaries; each
+    forward is of the rank's block of the windows, whose rows are then joined (D.gather_rows: the rank's own rows,
+    the joined ones, and of the site being joined its padded block and every rank's copy of it); a step is
+    _rank_step's. DistributedDataParallel's one-time setup (buckets and the broadcast of the weights, before Adam's
+    moments exist) and BatchTopK's gathered top values stay below these."""
     s = sizes(model)
+    here = ranks is None and D.active()            # this process's run under torch.distributed
+    ranks = D.world() if here else ranks or 1
+    writes = (D.rank() if here and rank is None else rank or 0) == 0   # checkpoints and the saved files
     row = 4 * sum(widths)                          # one buffered token: every site's float32 values
     w = max(1, seq - skip_first)                   # tokens one window adds to the buffer
     params = [_dict_params(*d) * 4 for d in dictionaries]
     held = 4 * sum(params)
-    step = max(training(d_in, d_sae, batch, d_out, arch, 4, skip, moments=True).per_row * batch
-               for d_in, d_sae, d_out, arch, skip in dictionaries)
+    step = max(_rank_step(*d, batch, ranks) for d in dictionaries)
     before = buffer - 1                            # rows before the forward that fills the buffer, at most
-    forward = _forward(s, seq, 0) + seq * sum(widths) * s.itemsize
+    fixed, forward = _split(_forward(s, seq, 0) + seq * sum(widths) * s.itemsize, ranks)
     shuffle = (held + before * (2 * row + 8), w * (2 * row + 8))
     stepping = (held + before * (row + 8) + step, w * (row + 8))
     kept = (before + 2 * batch) // 2 * row         # the half of the buffer kept after a shuffle, at most
-    end = (held + sum(params) + max(params) + kept, w * row // 2)
-    phases = (shuffle, stepping, end) + (((held + 3 * sum(params) + kept, w * row // 2),) if checkpoint else ())
+    end = (held + sum(params) + writes * max(params) + kept, w * row // 2)
+    phases = (shuffle, stepping, end) + (((held + 3 * sum(params) + kept, w * row // 2),) if checkpoint and writes
+                                         else ())
+    if ranks > 1:                                  # joining a forward's rows: own rows, padded blocks (split), whole
+        jf, jp = _split(w * row + (1 + ranks) * w * 4 * max(widths), ranks)
+        phases += ((held + before * row + jf, jp + w * row),)
     n = len(dictionaries)
+    on = f", on each of {ranks} ranks" if ranks > 1 else ""
     return Estimate(f"training run of {n} dictionar{'y' if n == 1 else 'ies'} (batch {batch}, buffer {buffer} "
-                    f"tokens, windows of {seq})", held + before * row, forward, rows=max(1, -(-buffer // w)),
-                    phases=phases,
+                    f"tokens, windows of {seq}{on})", held + before * row + fixed, forward,
+                    rows=max(1, -(-buffer // w)), phases=phases,
                     parts={"dictionaries (weights, gradients, Adam moments)": held,
                            "activation buffer": buffer * row,
-                           "forward, per window": forward, "training step": step})
+                           "forward, per window" + (" (a rank's share)" if ranks > 1 else ""): forward,
+                           "training step": step})
 
 
 # ---------------------------------------------------------------- what is there
@@ -422,12 +466,15 @@ def plan_batch(est: Estimate, budget_bytes: int | None = None, device=None, hint
 
 
 def plan_training(model, dictionaries, widths, batch: int, buffer: int, seq: int, forward_batch: int | None = None,
-                  skip_first: int = 1, checkpoint: bool = False, budget_bytes: int | None = None, device=None) -> int:
-    """The forward batch of a dictionary-training run (training_run): `forward_batch` if the run's estimated peak
-    fits the budget, the largest that fits when it is None; otherwise MemoryPlanError, one paragraph naming the
-    forward batch, buffer size or batch size that would fit with the other settings unchanged."""
+                  skip_first: int = 1, checkpoint: bool = False, budget_bytes: int | None = None, device=None,
+                  ranks: int | None = None, rank: int | None = None) -> int:
+    """The forward batch of a dictionary-training run (training_run, of rank `rank` of `ranks`): `forward_batch` if
+    the run's estimated peak fits the budget, the largest that fits when it is None; otherwise MemoryPlanError, one
+    paragraph naming the forward batch, buffer size or batch size that would fit with the other settings unchanged."""
     cap = budget(device) if budget_bytes is None else int(budget_bytes)
-    run = lambda b, n: training_run(model, dictionaries, widths, b, n, seq, skip_first, checkpoint)  # noqa: E731
+
+    def run(b: int, n: int) -> Estimate:
+        return training_run(model, dictionaries, widths, b, n, seq, skip_first, checkpoint, ranks, rank)
     est = run(batch, buffer)
     if forward_batch:
         fb, fits_now = forward_batch, est.at(forward_batch) <= cap

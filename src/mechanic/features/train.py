@@ -68,10 +68,10 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
           on_step: Callable[[dict], None] | None = None) -> list[Dictionary]:
     """Train one or more dictionaries for `tokens` tokens of `text` (None: default corpus; paths; passages).
 
-    Before anything is read, the run's peak memory is estimated (mechanic.memory.training_run) and checked against
-    the budget (80% of the free memory, or MECHANIC_MEMORY_BUDGET): forward_batch=None takes the largest number of
-    windows per forward that fits; settings that do not fit raise MemoryPlanError saying which smaller
-    forward_batch, buffer_tokens or batch_size would."""
+    Before anything is read, the run's peak memory is estimated (mechanic.memory.training_run; under torchrun each
+    rank's) and checked against the budget (80% of the free memory, or MECHANIC_MEMORY_BUDGET): forward_batch=None
+    takes the largest number of windows per forward that fits (on every rank); settings that do not fit raise
+    MemoryPlanError saying which smaller forward_batch, buffer_tokens or batch_size would."""
     cfgs = [dictionaries] if isinstance(dictionaries, DictConfig) else list(dictionaries)
     if not cfgs:
         raise FeaturesError("Nothing to train: give at least one DictConfig.")
@@ -93,9 +93,8 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
     shapes = [(reader.widths[c.site], c.latents(reader.widths[c.site]), reader.widths[c.out_site or c.site],
                c.architecture, c.skip) for c in cfgs]
     asked = forward_batch
-    forward_batch = memory.plan_training(model, shapes, list(reader.widths.values()), batch_size, buffer_tokens,
-                                         seq_len, forward_batch, skip_first, bool(checkpoint_every),
-                                         device=model.device)
+    forward_batch = _plan(model, shapes, list(reader.widths.values()), batch_size, buffer_tokens, seq_len,
+                          forward_batch, skip_first, bool(checkpoint_every))
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(model, cfgs, tokens, batch_size, buffer_tokens, seq_len, forward_batch, seed, skip_first, text)
@@ -161,6 +160,25 @@ def train(model, dictionaries: DictConfig | Iterable[DictConfig], out, tokens: i
             shutil.rmtree(ckpt)
     D.barrier()       # the files exist when train returns on any rank
     return done
+
+
+def _plan(model, shapes, widths, batch_size, buffer_tokens, seq_len, forward_batch, skip_first, checkpoint) -> int:
+    """The forward batch memory.plan_training gives this rank; under torch.distributed every rank's plan (each with
+    its own budget and peak: rank 0 writes the files) is gathered, so all read the smallest forward batch, and a
+    refusal on any rank is raised on every rank."""
+    try:
+        mine = memory.plan_training(model, shapes, widths, batch_size, buffer_tokens, seq_len, forward_batch,
+                                    skip_first, checkpoint, device=model.device)
+    except memory.MemoryPlanError as e:
+        if not D.active():
+            raise
+        mine = e
+    plans = D.gather(mine) if D.active() else [mine]
+    refused = [(r, p) for r, p in enumerate(plans) if isinstance(p, memory.MemoryPlanError)]
+    if refused:
+        r, e = refused[0]
+        raise memory.MemoryPlanError(f"On rank {r} of {len(plans)}: {e}")
+    return min(plans)
 
 
 def _step(trainers: list[Trainer], batch: dict[str, torch.Tensor]) -> None:

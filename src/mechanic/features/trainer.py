@@ -270,8 +270,11 @@ class Trainer:
         if self._ddp is None:
             from torch.nn.parallel import DistributedDataParallel
 
-            # no buffer syncing: the trained parameters have no buffers, and every rank already holds the same weights
-            self._ddp = DistributedDataParallel(_Objective(self), forward_sync_buffers=False)
+            # no buffer syncing: the trained parameters have no buffers, and every rank already holds the same weights.
+            # Gradients are views into DDP's all-reduce buckets, not a second copy of them held between steps (the
+            # weights are bit-identical either way)
+            self._ddp = DistributedDataParallel(_Objective(self), forward_sync_buffers=False,
+                                                gradient_as_bucket_view=True)
             self._ddp.register_comm_hook(None, _sum_hook)
         return self._ddp
 
