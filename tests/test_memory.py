@@ -239,6 +239,46 @@ def test_training_run_estimate_matches_each_ranks_measured_peak(tmp_path):
     assert ranks[0][1] > ranks[1][1] and ranks[1][3] / ranks[1][2] > 1.25     # the old plan missed rank 1
 
 
+def plan_agreement_job():
+    """On 2 ranks, rank 1 with room for 3 windows a forward and rank 0 with plenty: the forward batch both read, then
+    the error each rank raises when rank 1 has room for nothing."""
+    import json
+    import tempfile
+
+    from mechanic import distributed as D
+    from mechanic.features.train import DictConfig, train
+    from mechanic.testing.tiny import word_tokenizer
+
+    m = small(word_tokenizer())
+    text = torch.randint(3, m.dims.vocab, (20_000,), generator=torch.Generator().manual_seed(0))
+    d = m.dims.d_model
+    settings = dict(tokens=1024, text=text, batch_size=128, buffer_tokens=1024, seq_len=16, progress=False)
+    est = memory.training_run(m, [(d, 8 * d, d, "topk", False)], [d], 128, 1024, 16)      # this rank's plan
+    tight = est.at(3) + (est.at(4) - est.at(3)) // 2
+    os.environ["MECHANIC_MEMORY_BUDGET"] = str(tight if D.rank() == 1 else 2 ** 36)
+    out = Path(D.decide(tempfile.mkdtemp()))
+    train(m, DictConfig("L1.resid_post", "topk", expansion=8, k=4), out / "planned", forward_batch=None, **settings)
+    chosen = json.loads((out / "planned" / "train.json").read_text())["settings"]["forward_batch"]
+    os.environ["MECHANIC_MEMORY_BUDGET"] = str(est.at(1) - 1 if D.rank() == 1 else 2 ** 36)
+    try:
+        train(m, DictConfig("L1.resid_post", "topk", expansion=8, k=4), out / "none", forward_batch=None, **settings)
+        refusal = None
+    except memory.MemoryPlanError as e:
+        refusal = str(e)
+    return D.gather((chosen, refusal))
+
+
+def test_ranks_agree_on_the_planned_forward_batch_and_refuse_together(tmp_path):
+    from test_distributed import spawn
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        ranks = spawn(plan_agreement_job, tmp_path)
+    assert [chosen for chosen, _ in ranks] == [3, 3]                    # rank 1's plan bounds both
+    for _, refusal in ranks:                                            # both stop, naming rank 1
+        assert refusal is not None and refusal.startswith("On rank 1 of 2: Not enough memory") and "\n" not in refusal
+
+
 def test_training_run_plans_its_forward_batch_and_refuses_what_cannot_fit(monkeypatch, word_tokenizer, tmp_path):
     import json
 
