@@ -3,7 +3,8 @@
     nice -n 19 .venv/bin/python benchmarks/run.py --only memory_planner     # -> results/memory_planner.json + page
     .venv/bin/python benchmarks/memory_planner.py --model smollm2 --out /tmp/m.json   # by hand
 
-On SmolLM2-135M-Instruct (fp32, CPU), in one process, after one warm-up forward (the weights are memory-mapped
+On SmolLM2-135M-Instruct (fp32, CPU), in one process (train_run_2ranks: two gloo ranks, one row per rank), after
+one warm-up forward (the weights are memory-mapped
 from safetensors, so the first forward pages them in): each operation's peak resident growth is measured with
 mechanic.testing.peak.peak (VmHWM reset through /proc/self/clear_refs, after gc and malloc_trim) and set against
 the estimate of mechanic.memory for the same request and batch. The goal: within 25% on every operation.
@@ -17,10 +18,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-OPS = ("cache_resid", "cache_heads_last", "patch_resid", "atp_heads", "eap", "eap_ig", "train_topk", "train_run")
+OPS = ("cache_resid", "cache_heads_last", "patch_resid", "atp_heads", "eap", "eap_ig", "train_topk", "train_run",
+       "train_run_2ranks")
 
 
 def prompts(n: int, words: int, seed: int = 0) -> list[str]:
@@ -51,6 +54,56 @@ def task(model, n: int, words: int):
 def first_diff(batch) -> int:
     """The first column where the clean and corrupted prompts differ."""
     return int((batch.clean["input_ids"] != batch.corrupted["input_ids"]).any(0).nonzero()[0])
+
+
+def _rank_train(rank: int, model_name: str, size: dict, store: str, out: str) -> None:
+    """One of the 2 gloo ranks of train_run_2ranks: its plan (memory.training_run for this rank) and its measured peak
+    of the same dictionary training as train_run; rank 0 writes both ranks' rows to `out`."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    import mechanic
+    from mechanic import distributed as D
+    from mechanic import memory
+    from mechanic.features.train import DictConfig, train
+    from mechanic.testing.peak import peak
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        peak(lambda: None)     # every large tensor its own mapping from the start (tests/test_memory.py says why)
+        model = mechanic.load(model_name)
+        model.run(prompts(2, 20))
+        d, b, n, seq, fb = model.dims.d_model, size["batch"], size["buffer"], size["seq_len"], size["forward_batch"]
+        cfg = DictConfig("L6.resid_post", "topk", expansion=16, k=32)
+        est = memory.training_run(model, [(d, 16 * d, d, "topk", False)], [d], b, n, seq)   # this rank's plan
+        tmp = D.decide(tempfile.mkdtemp())
+        train(model, cfg, f"{tmp}/warm", tokens=1024, batch_size=512, buffer_tokens=1024, seq_len=seq,
+              forward_batch=2, progress=False)
+        _, got = peak(lambda: train(model, cfg, f"{tmp}/run", tokens=size["tokens"], batch_size=b, buffer_tokens=n,
+                                    seq_len=seq, forward_batch=fb, progress=False))
+        rows = D.gather({"op": "train_run_2ranks", "what": f"{est.what}, rank {rank}",
+                         "request": {"tokens": size["tokens"], "d_sae": 16 * d, "buffer_tokens": n, "seq_len": seq,
+                                     "forward_batch": fb, "batch": b, "rank": rank},
+                         "predicted_mib": round(est.at(fb) / 2 ** 20, 1), "measured_mib": round(got / 2 ** 20, 1),
+                         "ratio": round(est.at(fb) / got, 3)})
+        if rank == 0:
+            Path(out).write_text(json.dumps(rows))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_ranks(model_name: str, size: dict) -> list[dict]:
+    """train_run_2ranks: the rows of both ranks (each a fresh process)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank_train, args=(model_name, size, f"{tmp}/store", f"{tmp}/rows.json"), nprocs=2, join=True)
+        return json.loads(Path(f"{tmp}/rows.json").read_text())
 
 
 def measure(model, op: str, size: dict) -> dict:
@@ -147,7 +200,8 @@ SIZES = {"cache_resid": {"rows": 64, "words": 60, "batch": 16},
          "eap": {"examples": 8, "batch": 4},                      # IOI suite prompts (14 tokens, not padded)
          "eap_ig": {"examples": 4, "batch": 4, "ig_steps": 3},
          "train_topk": {"d_sae": 9216, "batch": 4096},
-         "train_run": {"tokens": 8192, "batch": 4096, "buffer": 16384, "seq_len": 128, "forward_batch": 16}}
+         "train_run": {"tokens": 8192, "batch": 4096, "buffer": 16384, "seq_len": 128, "forward_batch": 16},
+         "train_run_2ranks": {"tokens": 8192, "batch": 4096, "buffer": 16384, "seq_len": 128, "forward_batch": 16}}
 
 
 def main() -> None:
@@ -164,10 +218,11 @@ def main() -> None:
     rows = []
     for op in args.ops.split(","):
         t0 = time.perf_counter()
-        row = measure(model, op, SIZES[op])
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-        rows.append(row)
+        new = measure_ranks(args.model, SIZES[op]) if op == "train_run_2ranks" else [measure(model, op, SIZES[op])]
+        for row in new:
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        rows += new
     result = {"what": "peak resident growth of each planned operation on SmolLM2-135M-Instruct (fp32, CPU) against "
                       "mechanic.memory's estimate for the same request and batch", "model": args.model,
               "torch": torch.__version__, "goal": "predicted / measured within 0.75 .. 1.25", "operations": rows,
