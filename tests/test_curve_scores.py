@@ -1,12 +1,14 @@
 """Curve scores of sequential editing: every score and CI equals a plain-loop recomputation on a tiny model."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 import mechanic
-from mechanic.improve.edit_metrics import curve_scores
+from mechanic.improve.edit_metrics import counterfact, curve_scores, edited_apart
+from mechanic.improve.evaluate import EditMeasure
 from mechanic.improve.fluency import fluency
 from mechanic.improve.stats import bootstrap_ci
 from mechanic.steer.edit import Fact
@@ -116,3 +118,25 @@ def test_curve_scores_refuse_unknown_facts(worded):
         scores(worded, 0, FACTS[1:2])
     with pytest.raises(ValueError, match="target_true"):
         curve_scores(worded, [Fact("Paris is in", "Paris", " Italy")], prose=PROSE, seq_len=16)
+
+
+def test_neighbours_naming_an_edited_subject_are_left_out(worded):
+    """A neighbourhood prompt about a subject the same run edits is meant to change: the curve, EditMeasure and
+    counterfact all score neighbourhood and locality on the other prompts only (whole words: "Romeo" stays)."""
+    facts = [replace(FACTS[0], neighborhood=("Lyon is in", "Rome is in", "Romeo lives in")), FACTS[1]]
+    kept = edited_apart(facts)
+    assert kept[0].neighborhood == ("Lyon is in", "Romeo lives in") and kept[1] == FACTS[1]
+    assert edited_apart(facts, edited=[]) == facts and edited_apart(facts, edited=["Lyon"])[0].neighborhood == \
+        ("Rome is in", "Romeo lives in")
+    scores = curve_scores(worded, facts, prose=PROSE, fluency_prompts=OPENINGS[:1], windows=1, seq_len=16,
+                          new_tokens=4, n_boot=100, values=True)
+    ref, _ = naive(worded, kept, None, scores.windows)
+    assert scores.before["values"]["ns"] == pytest.approx(ref["ns"], abs=1e-9)
+    assert scores(worded, 0, facts[:1])["values"]["ns"] == pytest.approx(ref["ns"][:1], abs=1e-9)
+    measure = EditMeasure(facts)
+    assert measure.settings()["left_out"]["prompts"] == ["Rome is in"]
+    assert measure.prefixed("Q: ").settings()["left_out"]["prompts"] == ["Q: Rome is in"]
+    got = measure.collect(worded, None)
+    assert got["neighborhood"].tolist() == pytest.approx(ref["ns"], abs=1e-9)
+    r = counterfact(worded, facts)
+    assert r["n"]["ns"] == 3 and r["ns"] == pytest.approx((ref["ns"][0] * 2 + ref["ns"][1]) / 3, abs=1e-9)

@@ -4,7 +4,10 @@ comparison; EasyEdit (Wang et al. 2024): reliability, generalization, locality, 
 For a fact (prompt, subject, target_new, target_true) the log-probability of a target is the sum over
 its tokens, teacher forced after the prompt. ES: log p(new) > log p(true) on the edit prompt; PS: the
 same on each paraphrase; NS: log p(true) > log p(new) on each neighbourhood prompt (other subjects that
-must keep the true answer); score = harmonic mean of the three (Meng et al. 2022).
+must keep the true answer); score = harmonic mean of the three (Meng et al. 2022). A neighbourhood prompt
+that names a subject edited in the same run is left out (edited_apart): its answer is meant to change, so it
+cannot measure unintended change (in facts_large, 120 of the test split's 418 neighbourhood prompts are other
+test facts' own edit prompts, e.g. Lyon's prompt among Nantes' neighbours).
 EasyEdit's token accuracy: the target is teacher forced after the prompt and each of its tokens counts
 as right when it is the model's argmax at its position; the score of a pair is the fraction right.
 curve_scores: all of these after every batch of a sequential edit, with bootstrap CIs (the curve of issue 12).
@@ -13,9 +16,24 @@ curve_scores: all of these after every batch of a sequential edit, with bootstra
 from __future__ import annotations
 
 import math
+import re
 import time
+from dataclasses import replace
 
 import torch
+
+
+def edited_apart(facts, edited=None) -> list:
+    """`facts` with every neighbourhood prompt that names an edited subject (`edited`, default: the facts' own
+    subjects; whole words) left out. CounterFact's neighbours are other subjects that keep their answer; a prompt
+    about a subject the same run edits is meant to change, so counting it would score an edit's success as
+    another's side effect."""
+    facts = list(facts)
+    subjects = sorted({f.subject for f in facts} if edited is None else set(edited), key=len, reverse=True)
+    if not subjects:
+        return facts
+    named = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(s) for s in subjects) + r")(?!\w)")
+    return [replace(f, neighborhood=tuple(p for p in f.neighborhood if not named.search(p))) for f in facts]
 
 
 def teacher_forced(model, prompts: list[str], targets: list[str], batch_size: int = 16
@@ -81,9 +99,10 @@ def _pairs(facts) -> tuple[list[str], list[str], list[tuple[int, str]]]:
     return prompts, targets, tags
 
 
-def counterfact(model, facts) -> dict:
-    """ES, PS, NS (fractions) and their harmonic mean over `facts` (mechanic.steer.edit.Fact with target_true)."""
-    prompts, targets, kinds = _pairs(facts)
+def counterfact(model, facts, edited=None) -> dict:
+    """ES, PS, NS (fractions) and their harmonic mean over `facts` (mechanic.steer.edit.Fact with target_true);
+    NS leaves out neighbourhood prompts naming an `edited` subject (default: the facts', see edited_apart)."""
+    prompts, targets, kinds = _pairs(edited_apart(facts, edited))
     lp = target_logprobs(model, prompts, targets).view(-1, 2)
     wins: dict[str, list[bool]] = {"es": [], "ps": [], "ns": []}
     for (i, kind), (new, true) in zip(kinds, lp.tolist()):
@@ -121,7 +140,8 @@ class CurveScores:
     score with a seeded 95% percentile-bootstrap CI over its items (facts, openings, windows).
 
     ES / PS / NS: CounterFact's probability comparison per fact (0/1 for ES, the fraction of a fact's prompts for
-    PS and NS). locality: EasyEdit's, per fact the fraction of teacher-forced argmax tokens on its neighbourhood
+    PS and NS; neighbourhood prompts naming any subject the sequence edits are left out, edited_apart). locality:
+    EasyEdit's, per fact the fraction of teacher-forced argmax tokens on its neighbourhood
     prompts (+ target_true) unchanged from the unedited model, whose tokens are computed once, here. fluency: ROME's
     n-gram entropy of greedy continuations of `fluency_prompts`; ppl: exp(mean NLL) over `windows` held-out windows
     (CI: exp of the NLL CI). `before` holds the unedited model's scores over all the facts (the curve's 0 point).
@@ -134,7 +154,7 @@ class CurveScores:
         from mechanic.data.windows import windows as cut
         from mechanic.improve.evaluate import NEUTRAL_OPENINGS, FluencyMeasure
 
-        self.facts = list(facts)
+        self.facts = edited_apart(facts)     # one neighbourhood for the whole curve: no subject the sequence edits
         if not self.facts:
             raise ValueError("Curve scores need at least one fact (mechanic.steer.edit.Fact with target_true).")
         if windows < 1 or seq_len < 2:
@@ -166,7 +186,7 @@ class CurveScores:
             raise ValueError(f"Curve scores were set up for other facts; not among them: {missing[:5]}. Build "
                              "curve_scores(model, facts) with every fact the sequence will edit.")
         idx = [self.index[self._key(f)] for f in done]
-        vals, tops = fact_values(model, done, self.batch_size)
+        vals, tops = fact_values(model, [self.facts[i] for i in idx], self.batch_size)
         local = []
         for i, now in zip(idx, tops):
             same = [float((a == b).double().mean()) for a, b in zip(now, self._tops[i])]

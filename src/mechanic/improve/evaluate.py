@@ -26,7 +26,9 @@ Measures (mechanic.improve.measures.Measure; every one takes name= to rename its
   accuracy)": reliability, generalization (teacher-forced argmax = target_new tokens on the edit
   prompt / paraphrases), locality (fraction of argmax tokens on neighbourhood prompts + target_true
   unchanged from before; the next token when target_true is missing) and portability, only when
-  `portability` (per fact, a list of (prompt, answer) pairs) is given.
+  `portability` (per fact, a list of (prompt, answer) pairs) is given. `facts` are the facts the plan
+  edits: neighbourhood prompts naming one of their subjects are left out of neighborhood and locality
+  (edit_metrics.edited_apart; settings()["left_out"] lists them).
 - PerplexityMeasure(texts=None, max_tokens=4096, seq_len=128): per window of held-out prose, mean NLL;
   plus a derived ppl row.
 - KLMeasure(texts=None, max_tokens=1024, seq_len=128): per window, mean KL(before || after) of the
@@ -140,7 +142,10 @@ class EditMeasure(Measure):
     description = "Edited facts: CounterFact (probability comparison) and EasyEdit (token accuracy) scores."
 
     def __init__(self, facts, kind: str = "target", portability=None, name: str = "edit", batch_size: int = 16):
-        self.facts, self.kind, self.name, self.batch_size = list(facts), _kind(kind), name, batch_size
+        from mechanic.improve.edit_metrics import edited_apart
+
+        self.given = list(facts)
+        self.facts, self.kind, self.name, self.batch_size = edited_apart(facts), _kind(kind), name, batch_size
         if not self.facts:
             raise EvaluateError("EditMeasure needs at least one fact (mechanic.steer.edit.Fact).")
         if portability is not None:
@@ -207,6 +212,9 @@ class EditMeasure(Measure):
         return {"facts": [{"prompt": f.prompt, "subject": f.subject, "target_new": f.target_new,
                            "target_true": f.target_true, "paraphrases": list(f.paraphrases),
                            "neighborhood": list(f.neighborhood)} for f in self.facts],
+                "left_out": {"why": "neighbourhood prompts naming a subject these facts edit: their answer is "
+                                    "meant to change", "prompts": [p for g, f in zip(self.given, self.facts)
+                                                                   for p in g.neighborhood if p not in f.neighborhood]},
                 "portability": self.portability, "batch_size": self.batch_size,
                 "families": {"CounterFact (probability comparison)": ["efficacy", "paraphrase", "neighborhood"],
                              "EasyEdit (token accuracy)": ["reliability", "generalization", "locality",
@@ -215,9 +223,11 @@ class EditMeasure(Measure):
     def prefixed(self, prefix: str) -> EditMeasure:
         from dataclasses import replace
 
+        def prefix_all(f):
+            return replace(f, prompt=prefix + f.prompt, paraphrases=tuple(prefix + p for p in f.paraphrases),
+                           neighborhood=tuple(prefix + p for p in f.neighborhood))
         out = copy.copy(self)
-        out.facts = [replace(f, prompt=prefix + f.prompt, paraphrases=tuple(prefix + p for p in f.paraphrases),
-                             neighborhood=tuple(prefix + p for p in f.neighborhood)) for f in self.facts]
+        out.facts, out.given = [prefix_all(f) for f in self.facts], [prefix_all(f) for f in self.given]
         out.portability = None if self.portability is None else [[(prefix + p, a) for p, a in qs]
                                                                  for qs in self.portability]
         return out
