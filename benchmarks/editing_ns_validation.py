@@ -122,6 +122,7 @@ def main() -> None:
     result.setdefault("candidates", {})
     if "unedited" not in result:
         result["unedited"] = {k: round(v, 4) for k, v in counterfact(m, val).items() if k != "n"}
+        result["unedited_every"] = {k: round(v, 4) for k, v in counterfact(m, val, edited=()).items() if k != "n"}
     if "ns_margins" not in result:    # log P(true) - log P(new) on the neighbourhood prompts, unedited
         prompts, targets, kinds = _pairs(val)
         lp = target_logprobs(m, prompts, targets).view(-1, 2).tolist()

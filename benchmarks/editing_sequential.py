@@ -92,12 +92,15 @@ def sequence_scores(m, facts, method: str, batch: int, layers, stats_tokens: int
                     state=None, **options) -> dict:
     """The sequential validation protocol: mechanic.steer.sequential edits `facts` in batches (each batch's targets
     optimised on the model with the earlier batches applied) with `options` (OPT's and the method's own), and
-    CounterFact ES/PS/NS are taken over the facts edited so far after each batch; the model is left unedited.
+    CounterFact ES/PS/NS are taken over the facts edited so far after each batch (NS without the neighbourhood
+    prompts naming a subject edited so far; ns_every: with them, the old count); the model is left unedited.
     `targets` keeps the first batch's targets for the next setting; `state` is AlphaEdit's NullSpaces."""
     def scores(model, step, done):
-        s = counterfact(model, done)
-        print(f"  after {len(done)}: ES {s['es']:.2f} PS {s['ps']:.2f} NS {s['ns']:.2f}", flush=True)
-        return {k: round(s[k], 4) for k in ("es", "ps", "ns", "score")}
+        s, every = counterfact(model, done), counterfact(model, done, edited=())
+        print(f"  after {len(done)}: ES {s['es']:.2f} PS {s['ps']:.2f} NS {s['ns']:.2f} (every neighbour "
+              f"{every['ns']:.2f})", flush=True)
+        return {k: round(s[k], 4) for k in ("es", "ps", "ns", "score")} | {
+            "ns_prompts": s["n"]["ns"], "ns_every": round(every["ns"], 4), "ns_every_prompts": every["n"]["ns"]}
 
     t0 = time.perf_counter()
     plan = sequential(m, facts, method, batch, layers, on_batch=scores, progress=False, stats_tokens=stats_tokens,
@@ -182,7 +185,8 @@ def main() -> None:
     result = {"model": args.model, "suite": SUITE, "facts": [f"{f.subject} ->{f.target_new}" for f in test],
               "batch": args.batch, "stats_tokens": args.stats_tokens,
               "scores": {"windows": args.windows, "seq_len": 128, "openings": args.openings, "new_tokens": 32,
-                         "n_boot": args.n_boot, "level": 0.95, "seed": 0}}
+                         "n_boot": args.n_boot, "level": 0.95, "seed": 0,
+                         "neighbourhood": "edited subjects left out"}}   # mechanic.improve.edit_metrics.edited_apart
     if args.layer is None:
         top, mean = trace_layers(m, train, samples=5)
         result |= {"trace_facts": [f.subject for f in train], "trace_layer": top,

@@ -694,6 +694,12 @@ def editing_seq_lines(r: dict | None, meta: dict) -> list[str]:
                      f"{_with_ci(a, 'locality', 'pct')} | {_with_ci(a, 'ppl', 'num')} | {_with_ci(a, 'fluency', 'num')} |")
     for name, note in r.get("separate_runs", {}).items():
         lines += ["", f"{NAMES[name]} ran in {note}; its seconds per edit are slower than a run alone."]
+    if "neighbourhood" not in sc:
+        lines += ["", "NS and locality here count every neighbourhood prompt, also those that are other edited test "
+                  "facts' own prompts (Lyon's prompt among Nantes' neighbours: 119 of these 145 facts' 412): this run predates "
+                  "the scores leaving them out (mechanic.improve.edit_metrics.edited_apart), so an edit's intended "
+                  "change counts as another's side effect. docs/RESULTS.md (fact-editing-at-scale) has the same test "
+                  "facts scored without them."]
     marks = sorted({p["edits"] for m in r["methods"].values() for p in m["curve"]})
     marks = [x for x in marks if x in (marks[0], marks[len(marks) // 4], marks[len(marks) // 2], marks[-1])]
     lines += ["", "ES / NS over the number of edits (the whole curve, every score, with CI bands: "
