@@ -144,8 +144,9 @@ class EditMeasure(Measure):
     def __init__(self, facts, kind: str = "target", portability=None, name: str = "edit", batch_size: int = 16):
         from mechanic.improve.edit_metrics import edited_apart
 
-        self.given = list(facts)
+        facts = list(facts)
         self.facts, self.kind, self.name, self.batch_size = edited_apart(facts), _kind(kind), name, batch_size
+        self.left_out = [p for g, f in zip(facts, self.facts) for p in g.neighborhood if p not in f.neighborhood]
         if not self.facts:
             raise EvaluateError("EditMeasure needs at least one fact (mechanic.steer.edit.Fact).")
         if portability is not None:
@@ -213,8 +214,7 @@ class EditMeasure(Measure):
                            "target_true": f.target_true, "paraphrases": list(f.paraphrases),
                            "neighborhood": list(f.neighborhood)} for f in self.facts],
                 "left_out": {"why": "neighbourhood prompts naming a subject these facts edit: their answer is "
-                                    "meant to change", "prompts": [p for g, f in zip(self.given, self.facts)
-                                                                   for p in g.neighborhood if p not in f.neighborhood]},
+                                    "meant to change", "prompts": self.left_out},
                 "portability": self.portability, "batch_size": self.batch_size,
                 "families": {"CounterFact (probability comparison)": ["efficacy", "paraphrase", "neighborhood"],
                              "EasyEdit (token accuracy)": ["reliability", "generalization", "locality",
@@ -223,11 +223,10 @@ class EditMeasure(Measure):
     def prefixed(self, prefix: str) -> EditMeasure:
         from dataclasses import replace
 
-        def prefix_all(f):
-            return replace(f, prompt=prefix + f.prompt, paraphrases=tuple(prefix + p for p in f.paraphrases),
-                           neighborhood=tuple(prefix + p for p in f.neighborhood))
         out = copy.copy(self)
-        out.facts, out.given = [prefix_all(f) for f in self.facts], [prefix_all(f) for f in self.given]
+        out.facts = [replace(f, prompt=prefix + f.prompt, paraphrases=tuple(prefix + p for p in f.paraphrases),
+                             neighborhood=tuple(prefix + p for p in f.neighborhood)) for f in self.facts]
+        out.left_out = [prefix + p for p in self.left_out]
         out.portability = None if self.portability is None else [[(prefix + p, a) for p, a in qs]
                                                                  for qs in self.portability]
         return out
