@@ -168,6 +168,8 @@ def main() -> None:
     p.add_argument("--alphaedit", help="skip the calibration: 'threshold,alpha' for AlphaEdit")
     p.add_argument("--prompt-key", choices=["yes", "no"], help="skip the calibration: prompt_key for ROME, MEMIT and "
                    "AlphaEdit")
+    p.add_argument("--kl-factor", type=float, help="with --alphaedit and --prompt-key: MEMIT's and AlphaEdit's v* "
+                   "kl_factor as another run chose it on the validation sequence (default: OPT's)")
     p.add_argument("--windows", type=int, default=8, help="held-out windows of 128 tokens for perplexity")
     p.add_argument("--openings", type=int, default=8, help="neutral openings generated for fluency")
     p.add_argument("--n-boot", type=int, default=2000)
@@ -223,6 +225,9 @@ def main() -> None:
     if args.prompt_key is not None:
         for meth in ("rome", "memit", "alphaedit"):
             chosen[meth] = chosen.get(meth, {}) | {"prompt_key": args.prompt_key == "yes"}
+    if args.kl_factor is not None:
+        for meth in ("memit", "alphaedit"):
+            chosen[meth] = chosen.get(meth, {}) | {"kl_factor": args.kl_factor}
     keep = ("prompt_key", "threshold", "alpha", "kl_factor")
     result["chosen"] = {meth: {k: v for k, v in c.items() if k in keep} for meth, c in chosen.items()}
     print(f"chosen on validation facts: {result['chosen']}", flush=True)
