@@ -196,7 +196,8 @@ def main() -> None:
     else:
         top = result["given_layer"] = args.layer
     range_ = layer_range(top)
-    print(f"averaged trace over {len(train)} train facts: layer {top}; MEMIT/AlphaEdit layers {range_}", flush=True)
+    how = "given" if args.layer is not None else f"averaged trace over {len(train)} train facts"
+    print(f"{how}: layer {top}; MEMIT/AlphaEdit layers {range_}", flush=True)
     t = time.perf_counter()
     if any(x not in TRAINED for x in methods):
         moments = second_moments(m, sorted(set(range_)), max_tokens=args.stats_tokens, progress=True,
