@@ -654,17 +654,6 @@ def _with_ci(p: dict, key: str, fmt: str) -> str:
     return f"{p[key]:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
-def _neighbours(r: dict) -> tuple[int, int]:
-    """(neighbourhood prompts of the run's edited facts, those left once prompts naming an edited subject are out)."""
-    from mechanic.improve.edit_metrics import edited_apart
-    from mechanic.steer.edit import facts_from_task
-    from mechanic.tasks.builtin import load_task
-
-    want = set(r["facts"])
-    facts = [f for f in facts_from_task(load_task(r["suite"], split="test")) if f"{f.subject} ->{f.target_new}" in want]
-    return sum(len(f.neighborhood) for f in facts), sum(len(f.neighborhood) for f in edited_apart(facts))
-
-
 def editing_seq_lines(r: dict | None, meta: dict) -> list[str]:
     """Sequential editing: the five methods after every test fact, the curve's milestones, seconds per edit."""
     lines = ["", "## Sequential editing on SmolLM2: AlphaEdit, MEMIT, ROME, FT-L and LoRA", ""]
@@ -705,13 +694,6 @@ def editing_seq_lines(r: dict | None, meta: dict) -> list[str]:
                      f"{_with_ci(a, 'locality', 'pct')} | {_with_ci(a, 'ppl', 'num')} | {_with_ci(a, 'fluency', 'num')} |")
     for name, note in r.get("separate_runs", {}).items():
         lines += ["", f"{NAMES[name]} ran in {note}; its seconds per edit are slower than a run alone."]
-    if "neighbourhood" not in sc:
-        every, kept = _neighbours(r)
-        lines += ["", "NS and locality here count every neighbourhood prompt, also those that are other edited test "
-                  f"facts' own prompts (Lyon's prompt among Nantes' neighbours: {every - kept} of these {n} facts' "
-                  f"{every}): this run predates the scores leaving them out (mechanic.improve.edit_metrics."
-                  "edited_apart), so an edit's intended change counts as another's side effect. docs/RESULTS.md "
-                  "(fact-editing-at-scale) has the same test facts scored without them."]
     marks = sorted({p["edits"] for m in r["methods"].values() for p in m["curve"]})
     marks = [x for x in marks if x in (marks[0], marks[len(marks) // 4], marks[len(marks) // 2], marks[-1])]
     lines += ["", "ES / NS over the number of edits (the whole curve, every score, with CI bands: "
